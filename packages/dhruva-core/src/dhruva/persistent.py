@@ -1,0 +1,230 @@
+"""Persistent objects: subclass :class:`Persistent` and your instances persist.
+
+A persistent object tracks its own changes: setting or deleting an attribute
+tells its connection that it must be stored at the next commit. Changes made
+inside a plain container held by an attribute are invisible to it; call
+:meth:`PersistentObject._p_note_change` after such a change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+if os.environ.get("DHRUVA_PURE_PYTHON"):
+    from dhruva._persistent_py import (
+        GHOST,
+        SAVED,
+        UNSAVED,
+        ConnectionBase,
+        PersistentBase,
+        _delattribute,
+        _getattribute,
+        _setattribute,
+    )
+else:
+    try:  # TODO(#6): build the C accelerator dhruva._persistent
+        from dhruva._persistent import (  # type: ignore[import-not-found,no-redef]
+            GHOST,
+            SAVED,
+            UNSAVED,
+            ConnectionBase,
+            PersistentBase,
+            _delattribute,
+            _getattribute,
+            _setattribute,
+        )
+    except ImportError:
+        from dhruva._persistent_py import (
+            GHOST,
+            SAVED,
+            UNSAVED,
+            ConnectionBase,
+            PersistentBase,
+            _delattribute,
+            _getattribute,
+            _setattribute,
+        )
+
+__all__ = [
+    "GHOST",
+    "SAVED",
+    "UNSAVED",
+    "ComputedAttribute",
+    "ConnectionBase",
+    "Persistent",
+    "PersistentBase",
+    "PersistentObject",
+    "call_if_persistent",
+]
+
+
+def _has_attribute(obj: object, name: str) -> bool:
+    try:
+        _getattribute(obj, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def call_if_persistent(f: Callable[[Any], Any], x: object) -> Any:
+    """Return ``f(x)`` when ``x`` is persistent, else None."""
+    if isinstance(x, PersistentBase):
+        return f(x)
+    return None
+
+
+class PersistentObject(PersistentBase):
+    """A persistent object whose state lives in ``__slots__``.
+
+    Subclasses declare ``__slots__``; the stored state is a dict of the slots
+    that have values. Subclasses that also have a ``__dict__`` store both.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def _p_gen_data_slots(self) -> Iterator[str]:
+        """Yield the names of the data slots that hold a value."""
+        for cls in type(self).__mro__:
+            if cls is PersistentBase or cls is object:
+                continue
+            slots = cls.__dict__.get("__slots__", ())
+            if isinstance(slots, str):
+                slots = (slots,)
+            for name in slots:
+                if name in ("__weakref__", "__dict__"):
+                    continue
+                if name.startswith("__") and not name.endswith("__"):
+                    name = f"_{cls.__name__.lstrip('_')}{name}"
+                if _has_attribute(self, name):
+                    yield name
+
+    def __getstate__(self) -> Any:
+        if _getattribute(self, "_p_status") == GHOST:
+            self._p_load_state()
+        state: dict[str, Any] = {}
+        if _has_attribute(self, "__dict__"):
+            state.update(_getattribute(self, "__dict__"))
+        for name in self._p_gen_data_slots():
+            state[name] = _getattribute(self, name)
+        return state
+
+    def __setstate__(self, state: Any) -> None:
+        if _has_attribute(self, "__dict__"):
+            _getattribute(self, "__dict__").clear()
+        for name in list(self._p_gen_data_slots()):
+            _delattribute(self, name)
+        if state:
+            for key, value in state.items():
+                _setattribute(self, key, value)
+
+    def __repr__(self) -> str:
+        oid = _getattribute(self, "_p_oid")
+        identifier = f"@{id(self):x}" if oid is None else self._p_format_oid()
+        return f"<{type(self).__name__} {identifier}>"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Persistent objects are pickled by reference (see dhruva.serialize);
+        # copy.copy and plain pickle get an unsaved copy of the state.
+        if _getattribute(self, "_p_status") == GHOST:
+            self._p_load_state()
+        return (_reconstruct, (type(self),), self.__getstate__())
+
+    def _p_load_state(self) -> None:
+        """Load the stored state of a ghost."""
+        connection = _getattribute(self, "_p_connection")
+        if connection is None:
+            raise AttributeError(
+                f"{type(self).__name__} oid {self._p_format_oid()} is a ghost "
+                "with no connection to load its state from"
+            )
+        connection.load_state(self)
+        _setattribute(self, "_p_status", SAVED)
+
+    def _p_note_change(self) -> None:
+        """Mark this object changed, so the next commit stores it."""
+        if _getattribute(self, "_p_status") != UNSAVED:
+            self._p_set_status_unsaved()
+            connection = _getattribute(self, "_p_connection")
+            if connection is not None:
+                connection.note_change(self)
+
+    def _p_format_oid(self) -> str:
+        oid = _getattribute(self, "_p_oid")
+        return "None" if oid is None else str(int.from_bytes(oid, "big"))
+
+    def _p_set_status_ghost(self) -> None:
+        """Drop the loaded state; the next access loads it again."""
+        self.__setstate__({})
+        _setattribute(self, "_p_status", GHOST)
+
+    def _p_set_status_saved(self) -> None:
+        _setattribute(self, "_p_status", SAVED)
+
+    def _p_set_status_unsaved(self) -> None:
+        if _getattribute(self, "_p_status") == GHOST:
+            self._p_load_state()
+        _setattribute(self, "_p_status", UNSAVED)
+
+    def _p_is_ghost(self) -> bool:
+        return bool(_getattribute(self, "_p_status") == GHOST)
+
+    def _p_is_unsaved(self) -> bool:
+        return bool(_getattribute(self, "_p_status") == UNSAVED)
+
+    def _p_is_saved(self) -> bool:
+        return bool(_getattribute(self, "_p_status") == SAVED)
+
+
+def _reconstruct(cls: type) -> Any:
+    return cls.__new__(cls)
+
+
+class Persistent(PersistentObject):
+    """The usual persistent base class: the state is the instance ``__dict__``."""
+
+    def __getstate__(self) -> Any:
+        if _getattribute(self, "_p_status") == GHOST:
+            self._p_load_state()
+        return _getattribute(self, "__dict__")
+
+    def __setstate__(self, state: Any) -> None:
+        own = _getattribute(self, "__dict__")
+        own.clear()
+        if state:
+            own.update(state)
+
+
+class ComputedAttribute(PersistentObject):
+    """A cached value computed from other persistent objects.
+
+    It stores no state, but has an oid: calling :meth:`invalidate` in one
+    connection makes every other connection forget its cached value too.
+    """
+
+    __slots__ = ("value",)
+
+    def __getstate__(self) -> Any:
+        return None
+
+    def _p_load_state(self) -> None:
+        # There is no stored state to read.
+        _setattribute(self, "_p_status", SAVED)
+
+    def invalidate(self) -> None:
+        """Forget the value here and, after commit, in every connection."""
+        self.__setstate__(None)
+        self._p_note_change()
+
+    def get(self, compute: Callable[[], Any]) -> Any:
+        """Return the cached value, calling ``compute()`` when there is none."""
+        if _has_attribute(self, "value"):
+            return _getattribute(self, "value")
+        value = compute()
+        # Setting the slot directly keeps the object saved.
+        _setattribute(self, "value", value)
+        return value
