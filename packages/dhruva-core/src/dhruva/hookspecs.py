@@ -13,7 +13,6 @@ import pluggy
 
 if TYPE_CHECKING:
     import click
-
     from dhruva.registry import SerializerRegistry, StorageRegistry
 
 hookspec = pluggy.HookspecMarker("dhruva")

@@ -13,13 +13,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-
 from dhruva import hookspecs
 from dhruva.registry import PluginError, SerializerRegistry, StorageRegistry
 
 if TYPE_CHECKING:
     import click
-
     from dhruva.registry import StorageKind
     from dhruva.storage import Storage
 
