@@ -1,0 +1,229 @@
+"""``dhruva client`` (``dhruva -c``): a Python console on a database.
+
+The console's namespace holds ``connection`` (a
+:class:`~dhruva.connection.Connection`), ``root`` (its root object), ``get``
+(load an object by oid) and ``pp`` (pretty-print), as Durus's did. The current
+directory is importable, as in the Python REPL, so the classes of the stored
+objects can be imported from there.
+
+When standard input is not a terminal, what it holds runs as one script and the
+command exits: ``echo 'root["x"] = 1; connection.commit()' | dhruva -c``.
+"""
+
+from __future__ import annotations
+
+import code
+import os
+import pprint
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+from dhruva.cli_options import (
+    Address,
+    address_options,
+    cache_size_option,
+    cli_plugins,
+    describe_address,
+    library_errors,
+    make_address,
+    open_client_storage,
+    open_file_storage,
+    server_only_option,
+    storage_options,
+)
+from dhruva.utils import int8_to_str, str_to_int8
+
+if TYPE_CHECKING:
+    from dhruva.connection import Connection
+
+#: Where the interactive console keeps its input history.
+HISTORY_PATH = Path("~/.dhruva_history")
+
+#: The module name code typed at the console runs as.
+CONSOLE_MODULE = "__console__"
+
+
+@contextmanager
+def console_module(namespace: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Run the console in a module of its own, with the cwd on ``sys.path``.
+
+    Classes defined at the console then belong to a module that
+    ``sys.modules`` knows, as in Durus, and modules in the current directory
+    can be imported, as in the Python REPL. Both are undone on exit.
+    """
+    module = ModuleType(CONSOLE_MODULE)
+    vars(module).update(namespace)
+    previous = sys.modules.get(CONSOLE_MODULE)
+    sys.modules[CONSOLE_MODULE] = module
+    sys.path.insert(0, "")
+    try:
+        yield vars(module)
+    finally:
+        if "" in sys.path:
+            sys.path.remove("")
+        if previous is None:
+            sys.modules.pop(CONSOLE_MODULE, None)
+        else:
+            sys.modules[CONSOLE_MODULE] = previous
+
+
+def make_namespace(connection: Connection) -> dict[str, Any]:
+    """Return the names the console starts with."""
+    return {
+        "connection": connection,
+        "root": connection.get_root(),
+        "get": connection.get,
+        "pp": pprint.pprint,
+        "sys": sys,
+        "os": os,
+        "int8_to_str": int8_to_str,
+        "str_to_int8": str_to_int8,
+    }
+
+
+def run_script(source: str, namespace: dict[str, Any], filename: str) -> int:
+    """Run ``source`` in ``namespace``; print a traceback on error.
+
+    :return: the exit status: 0, 1 after an exception, or the script's own
+        ``sys.exit`` code.
+    """
+    try:
+        compiled = compile(source, filename, "exec")
+        exec(compiled, namespace)
+    except SystemExit as stop:
+        if stop.code is None:
+            return 0
+        if isinstance(stop.code, int):
+            return stop.code
+        click.echo(str(stop.code), err=True)
+        return 1
+    except BaseException as error:
+        # Show the user's frames, not this function's.
+        tb = error.__traceback__
+        if tb is not None and tb.tb_frame.f_code is run_script.__code__:
+            tb = tb.tb_next
+        traceback.print_exception(type(error), error, tb, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _configure_readline(namespace: dict[str, Any]) -> Any:
+    # Tab completion on the console's names and a history file, if available.
+    try:
+        import readline
+        import rlcompleter
+    except ImportError:
+        return None
+    readline.set_completer(rlcompleter.Completer(namespace).complete)
+    readline.parse_and_bind("tab: complete")
+    history = HISTORY_PATH.expanduser()
+    with suppress(OSError):
+        if history.exists():
+            readline.read_history_file(history)
+    return readline
+
+
+def interact(namespace: dict[str, Any], description: str) -> None:
+    """Run an interactive console on ``namespace`` until end of input."""
+    readline = _configure_readline(namespace)
+    banner = (
+        f"dhruva client on {description}\n"
+        "    connection -> the Connection (commit(), abort(), pack())\n"
+        "    root       -> the root object\n"
+        "    get(oid), pp(obj)"
+    )
+    try:
+        code.InteractiveConsole(namespace, filename="<console>").interact(
+            banner=banner, exitmsg=""
+        )
+    finally:
+        if readline is not None:
+            with suppress(OSError):
+                readline.write_history_file(HISTORY_PATH.expanduser())
+
+
+@click.command("client")
+@storage_options
+@address_options
+@cache_size_option
+@click.option(
+    "--startup",
+    type=click.Path(dir_okay=False, exists=True),
+    envvar="DHRUVASTARTUP",
+    default=None,
+    help="Python file to run in the console's namespace first "
+    "[default: $DHRUVASTARTUP].",
+)
+@server_only_option("gcbytes")
+@server_only_option("stop")
+@click.pass_context
+def client_command(
+    ctx: click.Context,
+    file: str | None,
+    storage: str | None,
+    readonly: bool,
+    repair: bool,
+    host: str,
+    port: int,
+    address: str | None,
+    cache_size: int,
+    startup: str | None,
+) -> None:
+    """Open a Python console with `connection` and `root` of a database.
+
+    With --file (or a --storage that keeps no file, such as memory) the
+    storage is opened directly and exclusively; otherwise the client talks to
+    the server at --host/--port or --address. Piped input runs as a script.
+    """
+    direct = file is not None or (
+        storage is not None
+        and not cli_plugins(ctx).get_storage_kind(storage).file_based
+    )
+    if direct:
+        opened = open_file_storage(
+            file, storage, readonly=readonly, repair=repair, ctx=ctx
+        )
+        description = file or f"a {storage} storage"
+    else:
+        if readonly or repair or storage is not None:
+            raise click.UsageError(
+                "--storage, --readonly and --repair apply to a file opened with "
+                "--file; for a server, give them to `dhruva -s`",
+                ctx=ctx,
+            )
+        where: Address = make_address(host, port, address)
+        opened = open_client_storage(where)
+        description = f"the server at {describe_address(where)}"
+
+    from dhruva.connection import Connection
+
+    with library_errors(f"opening {description}"):
+        connection = Connection(opened, cache_size=cache_size)
+    try:
+        with library_errors(f"reading the root of {description}"):
+            names = make_namespace(connection)
+        status = _run_console(names, description, startup)
+    finally:
+        connection.close()
+    if status:
+        ctx.exit(status)
+
+
+def _run_console(names: dict[str, Any], description: str, startup: str | None) -> int:
+    # A startup file first, then a script from a pipe or a console.
+    with console_module(names) as namespace:
+        if startup is not None:
+            source = Path(startup).read_text(encoding="utf-8")
+            status = run_script(source, namespace, startup)
+            if status:
+                return status
+        if sys.stdin.isatty():
+            interact(namespace, description)
+            return 0
+        return run_script(sys.stdin.read(), namespace, "<stdin>")
