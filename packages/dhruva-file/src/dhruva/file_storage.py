@@ -1,0 +1,540 @@
+"""FileStorage: object records in one append-only file, in Durus's SHELF-1 layout.
+
+Files written by Durus 4 open unchanged, and files dhruva appends to stay
+readable by Durus (see :mod:`dhruva.shelf` for the layout). Lookups go through
+the offset map on disk, so opening a large file reads only the transactions
+committed after its last pack.
+
+Every commit is written as one transaction and made durable with one
+``fsync`` before :meth:`FileStorage.end` returns. A crash mid-commit leaves an
+incomplete transaction at the end of the file; opening it for writing is then
+refused until it is opened with ``repair=True``, which cuts the tail off and
+saves it next to the file as ``<file>.torn-<offset>``.
+
+One process at a time may open a file for writing: it holds an exclusive
+``flock`` on the file (the lock Durus takes too) and writes its pid and host
+to ``<file>.lock`` so that a refused opener can be told who holds it.
+Read-only opens take no lock and never block.
+
+Limitations:
+
+- POSIX only (``fcntl``); a process can not open one file for writing twice.
+- A read-only storage sees the commits made before it was opened, not later
+  ones. TODO(#3): follow the file while another process appends.
+- Oids freed by a pack are never handed out again by dhruva (Durus reuses
+  them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO, Self
+
+from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
+from dhruva.record import ROOT_OID
+from dhruva.shelf import (
+    FIRST_TRANSACTION,
+    PREFIX,
+    OffsetMap,
+    TornTailError,
+    encode_empty_shelf,
+    encode_map,
+    encode_transaction,
+    read_record,
+    scan_transactions,
+)
+from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
+
+log = logging.getLogger(__name__)
+
+#: Records the packer copies between the points where it yields.
+_PACK_STEP = 1000
+
+
+class FileLockedError(StorageError):
+    """Another process has the file open for writing.
+
+    :param path: the database file.
+    :param holder: who holds the lock, as far as it can be told.
+    """
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(path, holder)
+        self.path = path
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} is open for writing in another process ({self.holder}); "
+            "close it there first, or open the file with readonly=True"
+        )
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a file's creation or renaming durable by syncing its directory."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(path: str, file: BinaryIO) -> str:
+    """Describe the process holding the lock on ``file``, as best we can."""
+    try:
+        with open(path + ".lock", encoding="utf-8") as f:
+            text = f.read().strip()
+        if text:
+            return text + f" (from {path}.lock)"
+    except OSError:
+        pass
+
+    # No note left: Linux lists flock holders with the file's inode.
+    inode = os.fstat(file.fileno()).st_ino
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                if (
+                    len(fields) > 5
+                    and fields[1] == "FLOCK"
+                    and fields[5].rsplit(":", 1)[-1] == str(inode)
+                ):
+                    return f"pid {fields[4]} on this host (from /proc/locks)"
+    except OSError:
+        pass
+    return "holder unknown: perhaps a Durus process, which leaves no note"
+
+
+class FileStorage(Storage):
+    """A storage in one SHELF-1 file; the format of Durus's FileStorage.
+
+    :param path: the database file; created when missing (unless read-only).
+        None makes a temporary file that is removed on :meth:`close`.
+    :param readonly: open without locking and refuse every write; the file
+        is never created or changed.
+    :param repair: cut an incomplete last transaction off the file instead
+        of refusing to open it.
+    :raises FileLockedError: when another process has the file open for
+        writing.
+    :raises TornTailError: when the file ends in an incomplete transaction
+        and ``repair`` is false.
+    :raises StorageError: when the file is missing (read-only) or not a
+        SHELF-1 file.
+    """
+
+    packable = True
+    iterable = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        readonly: bool = False,
+        repair: bool = False,
+    ) -> None:
+        self.readonly = readonly
+        #: True when the file is a temporary one, removed on close.
+        self.temporary = path is None
+        self._file: BinaryIO | None = None
+        self._wrote_lock_note = False
+        self._pending: dict[bytes, bytes] | None = None
+        self._invalid: set[bytes] = set()
+        self._pack_extra: set[bytes] | None = None
+        if readonly and repair:
+            raise StorageError(
+                f"{path}: repair=True needs a writable open; drop readonly=True"
+            )
+        if path is None:
+            if readonly:
+                raise StorageError("a temporary FileStorage can not be read-only")
+            fd, self.path = tempfile.mkstemp(prefix="dhruva-", suffix=".durus")
+            os.close(fd)
+        else:
+            self.path = os.fspath(path)
+        try:
+            self._open(repair)
+        except BaseException:
+            self._release()
+            raise
+        log.info(
+            "opened %s%s: %d records after the offset map, next oid %d",
+            self.path,
+            " read-only" if readonly else "",
+            len(self._index),
+            self._next_oid,
+        )
+
+    # --- opening and closing ---------------------------------------------------
+
+    def _open(self, repair: bool) -> None:
+        if self.readonly:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 (kept open)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"no database file {self.path}; check the path, or open it "
+                    "without readonly=True to create it"
+                ) from None
+        else:
+            self._file = self._open_locked(self.path)
+            if not self.temporary:
+                self._write_lock_note()
+
+        size = os.fstat(self._file.fileno()).st_size
+        if size == 0:
+            if self.readonly:
+                raise StorageError(
+                    f"{self.path} is empty; it is not a database yet (open it "
+                    "without readonly=True to create one)"
+                )
+            self._write_new_shelf()
+        self._load_layout(repair)
+
+    def _open_locked(self, path: str) -> BinaryIO:
+        """Open ``path`` for writing (creating it) and lock it, or raise."""
+        for _attempt in range(3):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            file = os.fdopen(fd, "r+b")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    file.close()
+                    raise
+                holder = _lock_holder(path, file)
+                file.close()
+                raise FileLockedError(path, holder) from None
+
+            # A pack in another process may have renamed a new file over the
+            # one we opened before we got the lock: then lock the new one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return file
+            file.close()
+        raise StorageError(f"{path} keeps being replaced while opening it; retry")
+
+    def _write_lock_note(self) -> None:
+        note = f"pid {os.getpid()} on host {socket.gethostname()}\n"
+        try:
+            with open(self.path + ".lock", "w", encoding="utf-8") as f:
+                f.write(note)
+            self._wrote_lock_note = True
+        except OSError as e:
+            log.debug("could not write %s.lock: %s", self.path, e)
+
+    def _write_new_shelf(self) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.write(encode_empty_shelf())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        _fsync_directory(self.path)
+        log.info("created %s", self.path)
+
+    def _load_layout(self, repair: bool) -> None:
+        """Read the prefix and offset map, then index the later transactions."""
+        file = self._file
+        assert file is not None
+        size = os.fstat(file.fileno()).st_size
+        file.seek(0)
+        head = file.read(FIRST_TRANSACTION + 8)
+        if not head.startswith(PREFIX):
+            raise StorageError(
+                f"{self.path} is not a FileStorage (SHELF-1) file: it starts with "
+                f"{head[:8]!r}; open it with the storage kind that wrote it"
+            )
+        if len(head) < FIRST_TRANSACTION + 8:
+            raise StorageError(
+                f"{self.path} ends at byte offset {size}, inside its first "
+                "transaction; the file is damaged: restore it from a backup"
+            )
+        map_start = FIRST_TRANSACTION + 8 + int.from_bytes(head[-8:], "big")
+        self._map = OffsetMap.read(file, self.path, map_start, size)
+
+        scan = scan_transactions(file, self._map.end, size)
+        if scan.torn_at is not None:
+            error = TornTailError(self.path, scan.torn_at, size, scan.reason)
+            if self.readonly:
+                log.warning("%s; reading up to the incomplete transaction", error)
+            elif repair:
+                self._cut_tail(scan.torn_at, size, scan.reason)
+            else:
+                log.error("%s", error)
+                raise error
+        self._index = scan.index
+        self._end = scan.end
+        highest = max((int.from_bytes(oid, "big") for oid in self._index), default=-1)
+        self._next_oid = max(self._map.count, highest + 1)
+
+    def _cut_tail(self, offset: int, size: int, reason: str) -> None:
+        """Save the bytes from ``offset`` aside, then truncate the file there."""
+        file = self._file
+        assert file is not None
+        aside = f"{self.path}.torn-{offset}"
+        file.seek(offset)
+        with open(aside, "wb") as f:
+            f.write(file.read())
+            f.flush()
+            os.fsync(f.fileno())
+        file.truncate(offset)
+        file.flush()
+        os.fsync(file.fileno())
+        log.warning(
+            "%s: cut an incomplete last transaction (%s) at byte offset %d, "
+            "%d bytes; they are saved in %s",
+            self.path,
+            reason,
+            offset,
+            size - offset,
+            aside,
+        )
+
+    def _release(self) -> None:
+        """Give back the lock note, the lock and the file; remove a temp file."""
+        if self._wrote_lock_note:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + ".lock")
+            self._wrote_lock_note = False
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+            if self.temporary:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+    def close(self) -> None:
+        """Release the file and its lock; a temporary file is removed."""
+        if self._file is not None:
+            self._release()
+            log.info("closed %s", self.path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def get_filename(self) -> str:
+        """Return the path of the database file."""
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+    # --- reading -----------------------------------------------------------------
+
+    def _live_file(self) -> BinaryIO:
+        if self._file is None:
+            raise StorageError(f"{self.path} is closed; open a new FileStorage")
+        return self._file
+
+    def _position(self, oid: bytes) -> int | None:
+        position = self._index.get(oid)
+        if position is None and len(oid) == 8:
+            position = self._map.get(int.from_bytes(oid, "big"))
+        return position
+
+    def load(self, oid: bytes) -> bytes:
+        file = self._live_file()
+        position = self._position(oid)
+        if position is None:
+            raise DhruvaKeyError(oid)
+        return read_record(file, self.path, oid, position)
+
+    def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
+        index = dict(self._index)
+        for number, position in self._map.items():
+            oid = number.to_bytes(8, "big")
+            if oid not in index:
+                yield oid, position
+        yield from index.items()
+
+    def gen_oid_record(
+        self, start_oid: bytes | None = None, batch_size: int = 100
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(oid, record)``: every current record, or those reachable
+        from ``start_oid`` when it is given."""
+        if start_oid is not None:
+            yield from gen_reachable_records(self, start_oid, batch_size)
+            return
+        file = self._live_file()
+        for oid, position in list(self._gen_positions()):
+            yield oid, read_record(file, self.path, oid, position)
+
+    def get_size(self) -> int:
+        """Return the number of current records."""
+        self._live_file()
+        return sum(1 for _ in self._gen_positions())
+
+    # --- writing -----------------------------------------------------------------
+
+    def _check_writable(self, what: str) -> None:
+        if self.readonly:
+            raise ReadOnlyError(
+                f"{what}: {self.path} was opened read-only; open it without "
+                "readonly=True to change it"
+            )
+        self._live_file()
+
+    def new_oid(self) -> bytes:
+        """Return the next unused oid; the first of a new file is the root's."""
+        self._check_writable("new_oid()")
+        oid = self._next_oid.to_bytes(8, "big")
+        self._next_oid += 1
+        return oid
+
+    def begin(self) -> None:
+        self._check_writable("begin()")
+        self._pending = {}
+
+    def store(self, oid: bytes, record: bytes) -> None:
+        self._check_writable("store()")
+        if self._pending is None:
+            raise StorageError(f"{self.path}: store() called without begin()")
+        if record[:8] != oid:
+            raise StorageError(
+                f"{self.path}: the record stored for oid "
+                f"{int.from_bytes(oid, 'big')} names another oid"
+            )
+        self._pending[oid] = record
+
+    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
+        """Write the commit as one transaction and fsync it before returning."""
+        self._check_writable("end()")
+        file = self._live_file()
+        pending, self._pending = self._pending or {}, None
+        if not pending:
+            return
+        data, _count = encode_transaction(iter(pending.items()))
+
+        # One write, one fsync; on failure cut back whatever reached the file.
+        start = self._end
+        try:
+            file.seek(start)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as e:
+            try:
+                file.truncate(start)
+                file.flush()
+            except OSError:
+                pass
+            raise StorageError(
+                f"{self.path}: writing a transaction at byte offset {start} "
+                f"failed ({e}); nothing was committed"
+            ) from e
+
+        position = start + 8
+        for oid, record in pending.items():
+            self._index[oid] = position
+            position += 16 + len(record)
+            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
+        self._end = start + len(data)
+        if self._pack_extra is not None:
+            self._pack_extra.update(pending)
+        log.debug(
+            "%s: committed %d records at byte offset %d", self.path, len(pending), start
+        )
+
+    def sync(self) -> list[bytes]:
+        """Return the oids a pack removed since the last call."""
+        result = list(self._invalid)
+        self._invalid.clear()
+        return result
+
+    # --- packing -----------------------------------------------------------------
+
+    def pack(self) -> None:
+        """Rewrite the file with only the records reachable from the root."""
+        for _step in self.get_packer():
+            pass
+
+    def get_packer(self) -> Iterator[None]:
+        """Return a generator that packs a step at each ``next()``.
+
+        Commits may happen between steps; their records are carried over into
+        the packed file. The packed file replaces the old one by an atomic
+        rename, so a crash leaves one or the other, never neither.
+        """
+        self._check_writable("pack()")
+        if self._pack_extra is not None:
+            raise StorageError(f"{self.path}: a pack is running already")
+        return self._packer()
+
+    def _packer(self) -> Iterator[None]:
+        if self._position(ROOT_OID) is None:
+            log.info("%s has no root object; nothing to pack", self.path)
+            return
+        log.info("packing %s", self.path)
+        self._pack_extra = set()
+        pack_path = self.path + ".pack"
+        new: BinaryIO | None = None
+        try:
+            new = open(pack_path, "w+b")  # noqa: SIM115 (becomes self._file)
+            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            old_oids = {oid for oid, _position in self._gen_positions()}
+
+            # The reachable records, as the first transaction.
+            new.write(PREFIX + bytes(8))
+            offsets: dict[int, int] = {}
+            position = len(PREFIX) + 8
+            for i, (oid, record) in enumerate(gen_reachable_records(self)):
+                new.write((8 + len(record)).to_bytes(8, "big") + oid + record)
+                offsets[int.from_bytes(oid, "big")] = position
+                position += 16 + len(record)
+                if i % _PACK_STEP == _PACK_STEP - 1:
+                    yield None
+            map_start = position
+            new.seek(len(PREFIX))
+            new.write((map_start - len(PREFIX) - 8).to_bytes(8, "big"))
+
+            # The map covers every oid ever handed out, so none is reused.
+            new.seek(map_start)
+            count = max(max(offsets) + 2, self._next_oid)
+            new.write(encode_map(map_start, count, offsets))
+            yield None
+
+            # Records committed while packing, and what they reach anew.
+            extra = self._pack_extra
+            seen = {n.to_bytes(8, "big") for n in offsets} - extra
+            carried: dict[bytes, bytes] = {}
+            for start in sorted(extra):
+                for oid, record in gen_reachable_records(self, start):
+                    if oid not in seen:
+                        seen.add(oid)
+                        carried[oid] = record
+            if carried:
+                new.write(encode_transaction(iter(carried.items()))[0])
+            new.flush()
+            os.fsync(new.fileno())
+
+            # Swap the files: after the rename the lock on `new` guards the path.
+            os.replace(pack_path, self.path)
+            _fsync_directory(self.path)
+            old, self._file = self._file, new
+            new = None
+            assert old is not None
+            old.close()
+            self._load_layout(repair=False)
+            self._next_oid = max(self._next_oid, count)
+            self._invalid.update(old_oids - seen)
+        finally:
+            self._pack_extra = None
+            if new is not None:
+                new.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(pack_path)
+        log.info(
+            "packed %s: %d records kept, %d removed",
+            self.path,
+            len(seen),
+            len(old_oids - seen),
+        )
