@@ -1,0 +1,78 @@
+"""Tests of the dhruva-file plugin: registration, recognition, lazy import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from dhruva import _file_plugin
+from dhruva.file_storage import FileStorage
+from dhruva.plugins import Plugins, get_plugin_manager, open_storage
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage_testing import commit, make_record
+
+
+@pytest.fixture
+def plugins():
+    pm = get_plugin_manager()
+    pm.register(_file_plugin, name="file")
+    return Plugins(pm)
+
+
+def test_file_storage_kind_is_registered(plugins):
+    kind = plugins.get_storage_kind("file")
+    assert kind.file_based
+    assert kind.distribution == "dhruva-file"
+    assert kind.plugin == "file"
+    assert kind.description
+
+
+def test_opener_opens_a_file_storage(plugins, tmp_path):
+    path = str(tmp_path / "db")
+    kind = plugins.get_storage_kind("file")
+    storage = kind.open(path, readonly=False, repair=False)
+    try:
+        assert isinstance(storage, FileStorage)
+        commit(storage, make_record(ROOT_OID, b"root"))
+    finally:
+        storage.close()
+    storage = kind.open(path, readonly=True, repair=False)
+    try:
+        assert storage.readonly
+        assert unpack_record(storage.load(ROOT_OID))[1] == b"root"
+    finally:
+        storage.close()
+
+
+def test_shelf_files_are_recognized(plugins, tmp_path):
+    shelf = tmp_path / "db"
+    FileStorage(shelf).close()
+    assert plugins.recognize(str(shelf)) == "file"
+
+    # FileStorage2 files belong to another storage kind (issue #3).
+    dfs = tmp_path / "db2"
+    dfs.write_bytes(b"DFS20\0" + bytes(8))
+    assert (
+        _file_plugin.dhruva_recognize_storage(path=str(dfs), header=b"DFS20\0") is None
+    )
+
+
+def test_installed_entry_point_opens_shelf_files(tmp_path):
+    path = tmp_path / "db"
+    FileStorage(path).close()
+    storage = open_storage(path)
+    try:
+        assert isinstance(storage, FileStorage)
+    finally:
+        storage.close()
+
+
+def test_plugin_module_does_not_import_the_storage():
+    code = (
+        "import sys, dhruva._file_plugin; print('dhruva.file_storage' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
