@@ -31,6 +31,9 @@ class ConnectionBase:
 
     __slots__ = ("transaction_serial",)
 
+    #: Counts commits and aborts; objects stamp it on access.
+    transaction_serial: int
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         instance = object.__new__(cls)
         instance.transaction_serial = 1

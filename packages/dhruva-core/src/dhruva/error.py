@@ -8,6 +8,7 @@ answer is ``connection.abort()`` and running the transaction again.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 def _format_oid(oid: bytes | int) -> str:
@@ -62,7 +63,7 @@ class ConflictError(DhruvaError):
         self.classes = list(classes)
         super().__init__(self.oids, self.classes)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.oids, self.classes))
 
     def __str__(self) -> str:

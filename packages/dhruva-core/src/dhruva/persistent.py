@@ -28,7 +28,7 @@ if os.environ.get("DHRUVA_PURE_PYTHON"):
     )
 else:
     try:  # TODO(#6): build the C accelerator dhruva._persistent
-        from dhruva._persistent import (  # type: ignore[import-not-found,no-redef]
+        from dhruva._persistent import (  # type: ignore[import-untyped,no-redef,unused-ignore]
             GHOST,
             SAVED,
             UNSAVED,
@@ -180,7 +180,7 @@ class PersistentObject(PersistentBase):
         return bool(_getattribute(self, "_p_status") == SAVED)
 
 
-def _reconstruct(cls: type) -> Any:
+def _reconstruct(cls: Any) -> Any:
     return cls.__new__(cls)
 
 

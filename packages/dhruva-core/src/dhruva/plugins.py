@@ -168,7 +168,7 @@ def open_storage(
     storage: str | None = None,
     **options: Any,
 ) -> Storage:
-    """Open a storage through the installed plugins; see :meth:`Plugins.open_storage`."""
+    """Open a storage through the installed plugins (see Plugins.open_storage)."""
     return get_plugins().open_storage(path, storage, **options)
 
 

@@ -1,0 +1,399 @@
+"""The Connection: where persistent objects meet their storage.
+
+A connection loads objects on demand, keeps them in its cache, notes which ones
+change, and stores those on :meth:`Connection.commit`. :meth:`Connection.abort`
+drops uncommitted changes. Either one also brings in the changes other clients
+committed meanwhile.
+
+Conflicts follow Durus: a commit fails with :class:`WriteConflictError` when
+another client changed an object this transaction read or wrote; a load fails
+with :class:`ReadConflictError` when it would mix states from before and after
+another client's commit. After either, call :meth:`Connection.abort` and run the
+transaction again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from dhruva.cache import Cache
+from dhruva.error import (
+    ConflictError,
+    DhruvaKeyError,
+    ReadConflictError,
+    StorageError,
+    WriteConflictError,
+)
+from dhruva.persistent import (
+    GHOST,
+    ConnectionBase,
+    PersistentBase,
+    _getattribute,
+    _setattribute,
+)
+from dhruva.persistent_dict import PersistentDict
+from dhruva.record import ROOT_OID, pack_record, unpack_record
+from dhruva.serialize import ObjectReader, ObjectWriter
+from dhruva.storage import Storage
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ROOT_OID",
+    "Connection",
+    "gen_every_instance",
+    "touch_every_reference",
+]
+
+
+def _as_oid(oid: bytes | int) -> bytes:
+    if isinstance(oid, int):
+        return oid.to_bytes(8, "big")
+    return oid
+
+
+class Connection(ConnectionBase):
+    """A connection to a storage, with an object cache.
+
+    :param storage: a :class:`~dhruva.storage.Storage`, or a file path opened
+        through the installed plugins (the kind recognized from the file's first
+        bytes; a new file gets a FileStorage).
+    :param cache_size: the target number of loaded objects to keep.
+    :param root_class: the class of a new root object (default PersistentDict);
+        when given, an existing root must be of this class.
+    """
+
+    def __init__(
+        self,
+        storage: Storage | str | os.PathLike[str],
+        cache_size: int = 100000,
+        root_class: type | None = None,
+    ) -> None:
+        if isinstance(storage, str | os.PathLike):
+            from dhruva.plugins import open_storage
+
+            storage = open_storage(storage)
+        if not isinstance(storage, Storage):
+            raise TypeError(
+                f"Connection needs a dhruva Storage or a file path, "
+                f"not {type(storage).__name__}"
+            )
+        #: The storage this connection reads and writes.
+        self.storage = storage
+        self.cache = Cache(cache_size)
+        self.reader = ObjectReader(self)
+        #: Objects changed in this transaction, by oid.
+        self.changed: dict[bytes, Any] = {}
+        #: Oids known to be stale; cleared by abort().
+        self.invalid_oids: set[bytes] = set()
+        self.new_oid = storage.new_oid
+        self.root = self._open_root(root_class)
+
+    def _open_root(self, root_class: type | None) -> Any:
+        try:
+            record = self.storage.load(ROOT_OID)
+        except KeyError:
+            record = None
+        if record is not None:
+            cls = self.reader.get_class(unpack_record(record)[1])
+            if root_class is not None and cls is not root_class:
+                raise StorageError(
+                    f"the root object is a {cls.__module__}.{cls.__qualname__}, "
+                    f"not the {root_class.__module__}.{root_class.__qualname__} "
+                    "asked for; leave root_class out to open it"
+                )
+            # A ghost: the state is loaded at first use, so a connection that
+            # has not read the root cannot conflict on it.
+            return self.cache.get_instance(ROOT_OID, cls, self)
+        if self.storage.readonly:
+            raise StorageError("the storage is empty and read-only: it has no root")
+        oid = self.storage.new_oid()
+        if oid != ROOT_OID:
+            raise StorageError(
+                f"the storage has no root object but handed out oid "
+                f"{int.from_bytes(oid, 'big')} first; it is not a valid database"
+            )
+        cls = root_class or PersistentDict
+        root = self.cache.get_instance(ROOT_OID, cls, self)
+        _setattribute(root, "_p_status", 0)
+        cls.__init__(root)
+        root._p_note_change()
+        self.commit()
+        return root
+
+    # --- access --------------------------------------------------------------
+
+    def get_storage(self) -> Storage:
+        return self.storage
+
+    def get_root(self) -> Any:
+        """Return the root object."""
+        return self.root
+
+    def get_cache(self) -> Cache:
+        return self.cache
+
+    def get_cache_count(self) -> int:
+        """Return the number of objects in the cache, ghosts included."""
+        return self.cache.get_count()
+
+    def get_cache_size(self) -> int:
+        """Return the target number of loaded objects."""
+        return self.cache.get_size()
+
+    def set_cache_size(self, size: int) -> None:
+        self.cache.set_size(size)
+
+    def get_transaction_serial(self) -> int:
+        """Return the number of commits and aborts so far, plus one."""
+        return int(self.transaction_serial)
+
+    def get_load_count(self) -> int:
+        """Return how many object states were loaded from the storage."""
+        return self.reader.get_load_count()
+
+    def get_stored_pickle(self, oid: bytes) -> bytes:
+        """Return the record data stored for ``oid``.
+
+        :raises ReadConflictError: when the stored state is newer than what
+            this transaction has already read.
+        """
+        if oid in self.invalid_oids:
+            raise ReadConflictError([oid])
+        try:
+            record = self.storage.load(oid)
+        except ReadConflictError:
+            self._handle_invalidations(self.storage.sync(), read_oid=oid)
+            record = self.storage.load(oid)
+        record_oid, data, _refs = unpack_record(record)
+        if record_oid != oid:
+            raise StorageError(
+                f"the storage returned the record of oid "
+                f"{int.from_bytes(record_oid, 'big')} for oid "
+                f"{int.from_bytes(oid, 'big')}: the database is damaged"
+            )
+        return data
+
+    def get(self, oid: bytes | int) -> Any:
+        """Return the object with ``oid`` (an 8-byte oid or an int), or None."""
+        oid = _as_oid(oid)
+        obj = self.cache.get(oid)
+        if obj is not None:
+            return obj
+        try:
+            data = self.get_stored_pickle(oid)
+        except KeyError:
+            return None
+        obj = self.cache.get_instance(oid, self.reader.get_class(data), self)
+        self._set_state(obj, data)
+        return obj
+
+    __getitem__ = get
+
+    def _set_state(self, obj: Any, data: bytes) -> None:
+        state = self.reader.get_state(data)
+        obj.__setstate__(state)
+        _setattribute(obj, "_p_status", 0)
+
+    def load_state(self, obj: Any) -> None:
+        """Load the stored state of the ghost ``obj``."""
+        if self.storage is None:
+            raise StorageError("the connection is closed")
+        oid = _getattribute(obj, "_p_oid")
+        try:
+            data = self.get_stored_pickle(oid)
+        except DhruvaKeyError:
+            # The record is gone, removed by a pack after this ghost was made.
+            raise ReadConflictError([oid], [type(obj).__name__]) from None
+        self._set_state(obj, data)
+
+    def get_crawler(
+        self, start_oid: bytes = ROOT_OID, batch_size: int = 100
+    ) -> Iterator[Any]:
+        """Yield loaded objects reachable from ``start_oid``, nearest first.
+
+        Loads in batches, so it also warms the cache quickly.
+        """
+        for oid, record in self.storage.gen_oid_record(
+            start_oid=start_oid, batch_size=batch_size
+        ):
+            obj = self.cache.get(oid)
+            if obj is None or _getattribute(obj, "_p_status") == GHOST:
+                data = unpack_record(record)[1]
+                if obj is None:
+                    obj = self.cache.get_instance(
+                        oid, self.reader.get_class(data), self
+                    )
+                self._set_state(obj, data)
+            yield obj
+
+    # --- change tracking (called by persistent objects) -----------------------
+
+    def note_access(self, obj: Any) -> None:
+        _setattribute(obj, "_p_serial", self.transaction_serial)
+        self.cache.note_access(obj)
+
+    def note_change(self, obj: Any) -> None:
+        self.changed[_getattribute(obj, "_p_oid")] = obj
+
+    # --- transactions ---------------------------------------------------------
+
+    def shrink_cache(self) -> None:
+        """Ghost least recently used objects beyond the cache size target."""
+        self.cache.shrink(self.transaction_serial)
+
+    def _sync(self) -> None:
+        # Ghost every object another client changed, so it loads anew.
+        self.invalid_oids.update(self.storage.sync())
+        for oid in self.invalid_oids:
+            obj = self.cache.get(oid)
+            if obj is not None and _getattribute(obj, "_p_status") != GHOST:
+                obj._p_set_status_ghost()
+        self.invalid_oids.clear()
+
+    def abort(self) -> None:
+        """Drop uncommitted changes and bring in other clients' commits."""
+        for obj in self.changed.values():
+            if _getattribute(obj, "_p_oid") is not None:
+                obj._p_set_status_ghost()
+        self.changed.clear()
+        self._sync()
+        self.transaction_serial += 1
+        self.shrink_cache()
+
+    def commit(self) -> None:
+        """Store every changed object, and the new objects they reach.
+
+        :raises WriteConflictError: when another client changed an object this
+            transaction read or wrote; nothing is stored, and the changes stay
+            until :meth:`abort`.
+        """
+        if self.changed:
+            if self.invalid_oids:
+                raise WriteConflictError(sorted(self.invalid_oids))
+            self._commit_changes()
+        else:
+            self._sync()
+        self.transaction_serial += 1
+        self.shrink_cache()
+
+    def _commit_changes(self) -> None:
+        writer = ObjectWriter(self)
+        records: list[tuple[bytes, bytes]] = []
+        stored: list[Any] = []
+        try:
+            # Serialize changed objects, then the new ones they reach.
+            pending = list(self.changed.values())
+            while pending:
+                obj = pending.pop()
+                oid = _getattribute(obj, "_p_oid")
+                data, refs = writer.get_state(obj)
+                records.append((oid, pack_record(oid, data, refs)))
+                stored.append(obj)
+                pending.extend(writer.new_objects)
+                writer.new_objects.clear()
+        except BaseException:
+            self._forget_new_objects(stored)
+            raise
+        finally:
+            writer.close()
+
+        try:
+            self.storage.begin()
+            for oid, record in records:
+                self.storage.store(oid, record)
+            self.storage.end(self._handle_invalidations)
+        except BaseException:
+            self._forget_new_objects(stored)
+            raise
+
+        for obj in stored:
+            oid = _getattribute(obj, "_p_oid")
+            if self.cache.get(oid) is not obj:
+                self.cache[oid] = obj
+            _setattribute(obj, "_p_status", 0)
+        self.changed.clear()
+        log.debug("committed %d objects", len(records))
+
+    def _forget_new_objects(self, stored: Iterable[Any]) -> None:
+        # New objects given oids during a failed commit become new again.
+        for obj in stored:
+            oid = _getattribute(obj, "_p_oid")
+            if oid not in self.changed and self.cache.get(oid) is not obj:
+                _setattribute(obj, "_p_oid", None)
+                _setattribute(obj, "_p_connection", None)
+
+    def _handle_invalidations(
+        self, oids: Iterable[bytes], read_oid: bytes | None = None
+    ) -> None:
+        """Ghost what other clients changed; raise if this transaction used it."""
+        conflicts = []
+        for oid in oids:
+            obj = self.cache.get(oid)
+            if obj is None:
+                continue
+            if (
+                _getattribute(obj, "_p_serial") == self.transaction_serial
+                or oid in self.changed
+            ):
+                conflicts.append(obj)
+                self.invalid_oids.add(oid)
+            elif _getattribute(obj, "_p_status") != GHOST:
+                obj._p_set_status_ghost()
+        if conflicts:
+            names = [type(obj).__name__ for obj in conflicts]
+            oids_in_conflict = [_getattribute(obj, "_p_oid") for obj in conflicts]
+            error: ConflictError
+            if read_oid is None:
+                error = WriteConflictError(oids_in_conflict, names)
+            else:
+                error = ReadConflictError(oids_in_conflict, names)
+            log.debug("conflict: %s", error)
+            raise error
+
+    def pack(self) -> None:
+        """Drop uncommitted changes, then remove unreachable records."""
+        self.abort()
+        self.storage.pack()
+
+    def close(self) -> None:
+        """Drop uncommitted changes and close the storage."""
+        if self.storage is not None:
+            self.abort()
+            self.storage.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def touch_every_reference(connection: Connection, *words: str | bytes) -> None:
+    """Mark changed every object whose stored class or state mentions a word.
+
+    Use it after moving or renaming a class, so the next commit rewrites every
+    record that names the old one.
+    """
+    needles = [w.encode() if isinstance(w, str) else w for w in words]
+    reader = ObjectReader(connection)
+    for oid, record in connection.storage.gen_oid_record():
+        data = unpack_record(record)[1]
+        state = reader.get_state_pickle(data)
+        if any(word in data or word in state for word in needles):
+            connection.get(oid)._p_note_change()
+
+
+def gen_every_instance(connection: Connection, *classes: type) -> Iterator[Any]:
+    """Yield every stored object that is an instance of one of ``classes``."""
+    for oid, record in connection.storage.gen_oid_record():
+        cls = connection.reader.get_class(unpack_record(record)[1])
+        if issubclass(cls, classes):
+            yield connection.get(oid)
+
+
+def is_persistent(obj: object) -> bool:
+    return isinstance(obj, PersistentBase)

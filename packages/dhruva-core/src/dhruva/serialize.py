@@ -1,0 +1,232 @@
+"""Turning persistent objects into object records and back, with pickle.
+
+The record data is two pickles written by one pickler: the object's class,
+then its state (zlib-compressed when that is smaller). A reference to another
+persistent object is a pickle persistent id ``(oid, class)``. This is the
+layout Durus writes, so Durus databases load unchanged.
+
+Classes stored under a ``durus.*`` module name load as the dhruva class of the
+same name (``durus.persistent_dict.PersistentDict`` loads as
+:class:`dhruva.persistent_dict.PersistentDict`).
+
+Limitations:
+    Records dhruva writes name dhruva's own classes by their ``dhruva.*``
+    modules, so Durus itself cannot load those objects.
+    TODO(#4): write Durus names for the built-in classes, and the serializer
+    plugins (msgspec, dill) with their record tags.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from dhruva.error import InvalidObjectReference, StorageError
+from dhruva.persistent import GHOST, PersistentBase, _setattribute
+from dhruva.record import pack_record, unpack_record
+
+if TYPE_CHECKING:
+    from dhruva.connection import Connection
+
+log = logging.getLogger(__name__)
+
+#: Pickle protocol of the records written; 2 is what Durus reads and writes.
+PICKLE_PROTOCOL = 2
+
+#: States shorter than this are stored uncompressed.
+COMPRESS_THRESHOLD = 64
+
+_ZLIB_START = 0x78
+
+#: Module renames applied when loading classes, oldest name first.
+MODULE_RENAMES = {"durus": "dhruva"}
+
+
+def extract_class_name(record: bytes) -> str:
+    """Return ``module.Class`` of the object in a record, without unpickling."""
+    _oid, data, _refs = unpack_record(record)
+    return _class_name_of_data(data)
+
+
+def _class_name_of_data(data: bytes) -> str:
+    # Protocol 2 writes a class as: PROTO 2, GLOBAL "module\nname\n", ...
+    if data[:3] == b"\x80\x02c":
+        parts = data[3:].split(b"\n", 2)
+        if len(parts) == 3:
+            return f"{parts[0].decode('latin-1')}.{parts[1].decode('latin-1')}"
+    try:
+        cls = _RenamingUnpickler(io.BytesIO(data)).load()
+        return f"{cls.__module__}.{cls.__qualname__}"
+    except Exception:
+        return "?"
+
+
+def rename_module(module: str) -> str:
+    """Return the module name a stored class name should be looked up under."""
+    head, _, rest = module.partition(".")
+    new_head = MODULE_RENAMES.get(head)
+    if new_head is None:
+        return module
+    return f"{new_head}.{rest}" if rest else new_head
+
+
+class _RenamingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(rename_module(module), name)
+
+
+class ObjectWriter:
+    """Serializes the objects of one commit for a connection.
+
+    New persistent objects reached from the states written are given oids and
+    collected, so that the connection stores them in the same commit.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.new_objects: list[PersistentBase] = []
+        self._refs: set[bytes] = set()
+        self._setup_pickler()
+
+    def _setup_pickler(self) -> None:
+        self._buffer = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buffer, PICKLE_PROTOCOL)
+        self._pickler.persistent_id = self._persistent_id  # type: ignore[method-assign,assignment,unused-ignore]
+        self._written = 0
+
+    def _persistent_id(self, obj: Any) -> tuple[bytes, type] | None:
+        if not isinstance(obj, PersistentBase):
+            return None
+        oid = obj._p_oid
+        if oid is None:
+            oid = self.connection.new_oid()
+            _setattribute(obj, "_p_oid", oid)
+            _setattribute(obj, "_p_connection", self.connection)
+            self.new_objects.append(obj)
+        elif obj._p_connection is not self.connection:
+            raise InvalidObjectReference(
+                f"{obj!r} belongs to another connection; it cannot be stored "
+                "in this one. Copy its state into a new object instead"
+            )
+        self._refs.add(oid)
+        return oid, type(obj)
+
+    def get_state(self, obj: PersistentBase) -> tuple[bytes, bytes]:
+        """Return ``(data, refs)`` for ``obj``'s record."""
+        if self._written > 1 << 20:
+            self._setup_pickler()  # a large memo makes clear_memo slow
+        else:
+            self._buffer.seek(0)
+            self._buffer.truncate()
+            self._pickler.clear_memo()
+        self._refs.clear()
+        self._pickler.dump(type(obj))
+        class_end = self._buffer.tell()
+        self._pickler.dump(obj.__getstate__())
+        written = self._buffer.getvalue()
+        state = written[class_end:]
+        if len(state) >= COMPRESS_THRESHOLD:
+            compressed = zlib.compress(state)
+            if len(compressed) < len(state):
+                state = compressed
+        data = written[:class_end] + state
+        self._written += len(data)
+        self._refs.discard(obj._p_oid)
+        return data, b"".join(sorted(self._refs))
+
+    def get_record(self, obj: PersistentBase) -> bytes:
+        """Return the whole object record for ``obj``."""
+        data, refs = self.get_state(obj)
+        return pack_record(obj._p_oid, data, refs)
+
+    def close(self) -> None:
+        """Drop the pickler (it holds references to what it wrote)."""
+        self._pickler = None  # type: ignore[assignment]
+        self.new_objects = []
+
+
+class ObjectReader:
+    """Loads classes and states from record data for a connection."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.load_count = 0
+
+    def _unpickler(self, stream: io.BytesIO) -> pickle.Unpickler:
+        get_instance = self.connection.cache.get_instance
+        connection = self.connection
+
+        def persistent_load(oid_class: Any) -> Any:
+            oid, cls = oid_class
+            return get_instance(oid, cls, connection)
+
+        unpickler = _RenamingUnpickler(stream)
+        unpickler.persistent_load = persistent_load  # type: ignore[method-assign,assignment,unused-ignore]
+        return unpickler
+
+    def get_class(self, data: bytes) -> type[Any]:
+        """Return the class an object record's data names."""
+        return _load_class(data)
+
+    def get_ghost(self, data: bytes) -> Any:
+        """Return a new ghost of the class named by ``data``."""
+        cls: Any = self.get_class(data)
+        instance = cls.__new__(cls)
+        _setattribute(instance, "_p_status", GHOST)
+        return instance
+
+    def _split(self, data: bytes) -> tuple[io.BytesIO, pickle.Unpickler]:
+        stream = io.BytesIO(data)
+        unpickler = self._unpickler(stream)
+        unpickler.load()  # the class
+        position = stream.tell()
+        if position < len(data) and data[position] == _ZLIB_START:
+            try:
+                state = zlib.decompress(data[position:])
+            except zlib.error:
+                pass  # a pickle opcode that happens to be 0x78: read it as is
+            else:
+                stream.seek(position)
+                stream.truncate()
+                stream.write(state)
+                stream.seek(position)
+        return stream, unpickler
+
+    def get_state(self, data: bytes, load: bool = True) -> Any:
+        """Return the state stored in ``data`` (its pickle when not ``load``)."""
+        self.load_count += 1
+        stream, unpickler = self._split(data)
+        if not load:
+            return stream.read()
+        return unpickler.load()
+
+    def get_state_pickle(self, data: bytes) -> bytes:
+        """Return the (uncompressed) pickle of the state in ``data``."""
+        result: bytes = self.get_state(data, load=False)
+        return result
+
+    def get_load_count(self) -> int:
+        return self.load_count
+
+
+def _load_class(data: bytes) -> type[Any]:
+    try:
+        cls = _RenamingUnpickler(io.BytesIO(data)).load()
+    except (AttributeError, ImportError) as exc:
+        raise StorageError(
+            f"cannot load class {_class_name_of_data(data)}: {exc}. Make the "
+            "module that defines it importable (on sys.path)"
+        ) from exc
+    if not isinstance(cls, type):
+        raise StorageError(f"record data starts with {cls!r}, not a class")
+    return cls
+
+
+def gen_class_names(records: Iterator[bytes]) -> Iterator[str]:
+    """Yield the class name of each record."""
+    for record in records:
+        yield extract_class_name(record)

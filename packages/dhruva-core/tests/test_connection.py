@@ -1,0 +1,307 @@
+import gc
+
+import pytest
+from dhruva.connection import ROOT_OID, Connection, gen_every_instance
+from dhruva.error import (
+    InvalidObjectReference,
+    ReadConflictError,
+    StorageError,
+    WriteConflictError,
+)
+from dhruva.persistent import ComputedAttribute, Persistent
+from dhruva.persistent_dict import PersistentDict
+from dhruva.storage import MemoryStorage, get_census
+
+
+class Item(Persistent):
+    def __init__(self, name="", value=None):
+        self.name = name
+        self.value = value
+
+
+def reopen(storage):
+    return Connection(storage)
+
+
+def test_new_storage_gets_a_persistent_dict_root():
+    connection = Connection(MemoryStorage())
+    root = connection.get_root()
+    assert isinstance(root, PersistentDict)
+    assert root._p_oid == ROOT_OID
+    assert connection.get(0) is root
+
+
+def test_committed_objects_load_in_a_new_connection():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["item"] = Item("a", [1, 2, {"x": (3, 4)}])
+    root["item"].child = Item("child")
+    connection.commit()
+
+    again = reopen(storage).get_root()
+    assert again["item"].name == "a"
+    assert again["item"].value == [1, 2, {"x": (3, 4)}]
+    assert again["item"].child.name == "child"
+
+
+def test_abort_reverts_changes_and_forgets_new_objects():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["item"] = Item("kept")
+    connection.commit()
+    root["item"].name = "changed"
+    root["extra"] = Item("new")
+    connection.abort()
+    assert root["item"].name == "kept"
+    assert "extra" not in root
+    assert not connection.changed
+
+
+def test_changes_inside_plain_containers_need_note_change():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["item"] = item = Item("x", [])
+    connection.commit()
+    item.value.append(1)
+    connection.commit()
+    assert reopen(storage).get_root()["item"].value == []
+    item.value.append(2)
+    item._p_note_change()
+    connection.commit()
+    assert reopen(storage).get_root()["item"].value == [1, 2]
+
+
+def test_states_move_through_ghost_saved_unsaved():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = Item("x")
+    connection.commit()
+
+    fresh = Connection(storage)
+    item = fresh.get_root()["item"]
+    assert item._p_is_ghost()
+    assert item.name == "x"
+    assert item._p_is_saved()
+    item.name = "y"
+    assert item._p_is_unsaved()
+    assert item._p_oid in fresh.changed
+    del item.name
+    fresh.commit()
+    assert item._p_is_saved()
+    assert not hasattr(reopen(storage).get_root()["item"], "name")
+
+
+def test_cache_shrinks_to_its_target_size():
+    storage = MemoryStorage()
+    connection = Connection(storage, cache_size=10)
+    root = connection.get_root()
+    for i in range(100):
+        root[i] = Item(str(i))
+    connection.commit()
+
+    reader = Connection(storage, cache_size=10)
+    items = [reader.get_root()[i] for i in range(100)]
+    for item in items:
+        assert item.name
+    reader.abort()
+    loaded = [item for item in items if not item._p_is_ghost()]
+    assert len(loaded) <= 10
+    assert [item.name for item in items] == [str(i) for i in range(100)]
+
+
+def test_unreferenced_objects_leave_the_cache():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = Item("x")
+    connection.commit()
+    reader = Connection(storage, cache_size=1)
+    reader.get_root()["item"].name  # noqa: B018
+    reader.get_root()._p_set_status_ghost()
+    reader.abort()
+    gc.collect()
+    assert reader.get_cache_count() <= 2
+
+
+def test_storing_an_object_of_another_connection_is_refused():
+    first = Connection(MemoryStorage())
+    first.get_root()["item"] = item = Item()
+    first.commit()
+    second = Connection(MemoryStorage())
+    second.get_root()["stolen"] = item
+    with pytest.raises(InvalidObjectReference):
+        second.commit()
+
+
+def test_root_class_is_checked():
+    storage = MemoryStorage()
+    Connection(storage)
+    with pytest.raises(StorageError, match="PersistentDict"):
+        Connection(storage, root_class=Item)
+
+
+def test_custom_root_class():
+    storage = MemoryStorage()
+    root = Connection(storage, root_class=Item).get_root()
+    assert isinstance(root, Item)
+    assert Connection(storage).get_root().name == ""
+
+
+def test_census_and_every_instance():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    for i in range(3):
+        connection.get_root()[i] = Item(str(i))
+    connection.commit()
+    census = get_census(storage)
+    assert census[f"{Item.__module__}.Item"] == 3
+    assert census["dhruva.persistent_dict.PersistentDict"] == 1
+    names = sorted(item.name for item in gen_every_instance(connection, Item))
+    assert names == ["0", "1", "2"]
+
+
+def test_crawler_loads_everything_reachable():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["a"] = Item("a", Item("b"))
+    connection.commit()
+    fresh = Connection(storage)
+    crawled = list(fresh.get_crawler())
+    assert len(crawled) == 3
+    assert all(not obj._p_is_ghost() for obj in crawled)
+
+
+def test_pack_removes_garbage_and_keeps_reachable():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["keep"] = Item("keep")
+    root["drop"] = Item("drop")
+    connection.commit()
+    del root["drop"]
+    connection.commit()
+    assert storage.get_size() == 3
+    connection.pack()
+    assert storage.get_size() == 2
+    assert reopen(storage).get_root()["keep"].name == "keep"
+
+
+def test_computed_attribute_caches_until_invalidated():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["total"] = total = ComputedAttribute()
+    connection.commit()
+    calls = []
+    assert total.get(lambda: calls.append(1) or 42) == 42
+    assert total.get(lambda: calls.append(1) or 43) == 42
+    assert total._p_is_saved()
+    total.invalidate()
+    connection.commit()
+    assert total.get(lambda: 7) == 7
+    assert len(calls) == 1
+
+
+class SharedStorage(MemoryStorage):
+    """Two clients over one MemoryStorage, with per-client invalidations."""
+
+
+class _Hub:
+    def __init__(self):
+        self.storage = MemoryStorage()
+        self.clients = []
+
+
+class HubClient(MemoryStorage):
+    invalidating = True
+
+    def __init__(self, hub):
+        self.hub = hub
+        hub.clients.append(self)
+        self.invalid = set()
+        self._transaction = None
+
+    def new_oid(self):
+        return self.hub.storage.new_oid()
+
+    def load(self, oid):
+        if oid in self.invalid:
+            raise ReadConflictError([oid])
+        return self.hub.storage.load(oid)
+
+    def begin(self):
+        self._transaction = {}
+
+    def end(self, handle_invalidations=None):
+        if self.invalid and handle_invalidations:
+            invalid, self.invalid = list(self.invalid), set()
+            handle_invalidations(invalid)
+        transaction, self._transaction = self._transaction, None
+        self.hub.storage.records.update(transaction)
+        for client in self.hub.clients:
+            if client is not self:
+                client.invalid.update(transaction)
+
+    def sync(self):
+        invalid, self.invalid = list(self.invalid), set()
+        return invalid
+
+
+def two_clients():
+    hub = _Hub()
+    first = Connection(HubClient(hub))
+    first.get_root()["item"] = Item("start")
+    first.commit()
+    second = Connection(HubClient(hub))
+    return first, second
+
+
+def test_other_clients_commits_are_seen_after_abort_or_commit():
+    first, second = two_clients()
+    assert second.get_root()["item"].name == "start"
+    first.get_root()["item"].name = "changed"
+    first.commit()
+    second.abort()
+    assert second.get_root()["item"].name == "changed"
+
+
+def test_write_conflict_then_abort_and_retry():
+    first, second = two_clients()
+    second.get_root()["item"].name  # noqa: B018 - read in this transaction
+    first.get_root()["item"].name = "first"
+    first.commit()
+    second.get_root()["item"].name = "second"
+    with pytest.raises(WriteConflictError) as info:
+        second.commit()
+    assert info.value.retryable
+    assert "Item" in str(info.value)
+    second.abort()
+    assert second.get_root()["item"].name == "first"
+    second.get_root()["item"].name = "second"
+    second.commit()
+    first.abort()
+    assert first.get_root()["item"].name == "second"
+
+
+def test_read_conflict_when_loading_stale_state():
+    first, second = two_clients()
+    root = second.get_root()
+    item = root["item"]
+    item._p_set_status_ghost()
+    root["other"] = 1  # the root is read (and written) in this transaction
+    first.get_root()["x"] = 2
+    first.get_root()["item"].name = "new"
+    first.commit()
+    with pytest.raises(ReadConflictError):
+        item.name  # noqa: B018
+
+
+def test_new_connection_has_no_conflict_on_an_unread_root():
+    first, second = two_clients()
+    first.get_root()["x"] = 1
+    first.commit()
+    second.get_root()["y"] = 2
+    second.commit()
+    first.abort()
+    assert first.get_root()["x"] == 1 and first.get_root()["y"] == 2
