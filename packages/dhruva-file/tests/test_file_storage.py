@@ -198,8 +198,10 @@ def test_commits_during_an_incremental_pack_are_kept(tmp_path):
         packer = s.get_packer()
         next(packer)
         commit(s, make_record(root, b"r2", [a, late]), make_record(late, b"late"))
+        allocated_while_packing = s.new_oid()
         for _step in packer:
             pass
+        assert s.new_oid() > allocated_while_packing
         assert unpack_record(s.load(late))[1] == b"late"
         assert unpack_record(s.load(root))[1] == b"r2"
         with pytest.raises(KeyError):
@@ -358,6 +360,7 @@ def test_a_cut_last_transaction_is_refused_then_repaired(three_commits, keep, ca
     assert "repair=True" in message and "--repair" in message
     assert info.value.offset == start
     assert open_fds() == fds
+    assert not Path(f"{path}.lock").exists()
 
     # The refused open released its lock: a repairing open in this process works.
     with caplog.at_level(logging.WARNING, logger="dhruva.file_storage"):

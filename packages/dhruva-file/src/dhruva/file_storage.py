@@ -523,8 +523,9 @@ class FileStorage(Storage):
             new = None
             assert old is not None
             old.close()
+            handed_out = self._next_oid
             self._load_layout(repair=False)
-            self._next_oid = max(self._next_oid, count)
+            self._next_oid = max(self._next_oid, handed_out)
             self._invalid.update(old_oids - seen)
         finally:
             self._pack_extra = None
