@@ -1,0 +1,526 @@
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
+from dhruva.record import ROOT_OID, pack_record, split_oids, unpack_record
+from dhruva.sqlite_storage import SQLITE_HEADER, SqliteStorage
+from dhruva.storage_testing import (
+    BasicStorageContract,
+    DurableStorageContract,
+    IterableStorageContract,
+    PackableStorageContract,
+    ReadOnlyStorageContract,
+    commit,
+    make_record,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+SHARED = REPO / ".." / "shared"
+DURUS_FIXTURE = SHARED / "fixtures" / "durus-4" / "legacy-sqlite.sqlite"
+
+
+def oid(number: int) -> bytes:
+    return number.to_bytes(8, "big")
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A plain read-only SQLite connection, the way another program sees the file."""
+    return sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+
+
+class TestSqliteStorageContract(
+    BasicStorageContract,
+    IterableStorageContract,
+    DurableStorageContract,
+    PackableStorageContract,
+    ReadOnlyStorageContract,
+):
+    @pytest.fixture
+    def path(self, tmp_path):
+        return tmp_path / "db.sqlite"
+
+    @pytest.fixture
+    def storage(self, path):
+        s = SqliteStorage(path)
+        yield s
+        s.close()
+
+    @pytest.fixture
+    def reopen(self, path):
+        return lambda s: (s.close(), SqliteStorage(path))[1]
+
+    @pytest.fixture
+    def open_readonly(self, path):
+        return lambda s: (s.close(), SqliteStorage(path, readonly=True))[1]
+
+
+# --- oids ---------------------------------------------------------------------
+
+
+def test_new_file_hands_out_the_root_oid_first(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        assert s.new_oid() == ROOT_OID
+        assert s.new_oid() == oid(1)
+
+
+def test_oids_are_not_reused_after_reopen(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        used = [s.new_oid() for _ in range(5)]
+        commit(s, *(make_record(o, b"first %d" % i) for i, o in enumerate(used)))
+    with SqliteStorage(path) as s:
+        fresh = s.new_oid()
+        assert fresh not in used
+        commit(s, make_record(fresh, b"new"))
+        for i, o in enumerate(used):
+            assert unpack_record(s.load(o))[1] == b"first %d" % i
+
+
+def test_oids_are_not_reused_after_pack_and_reopen(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        root, kept, newest = (s.new_oid() for _ in range(3))
+        commit(s, make_record(root, b"r", [kept]), make_record(kept))
+        commit(s, make_record(newest, b"garbage, the newest record"))
+        s.pack()
+        with pytest.raises(DhruvaKeyError):
+            s.load(newest)
+    with SqliteStorage(path) as s:
+        assert s.new_oid() not in {root, kept, newest}
+
+
+def test_oids_skip_records_another_program_inserted_while_closed(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        commit(s, make_record(s.new_oid(), b"root"))
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("INSERT INTO objects VALUES (1000, x'00', x'')")
+    con.close()
+    with SqliteStorage(path) as s:
+        assert int.from_bytes(s.new_oid(), "big") == 1001
+
+
+def test_commit_refused_when_another_program_took_its_new_oids(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        commit(s, make_record(s.new_oid(), b"root"))
+        mine = s.new_oid()
+        other = sqlite3.connect(path)
+        with other:
+            other.execute(
+                "INSERT INTO objects VALUES (?, x'6f74686572', x'')",
+                (int.from_bytes(mine, "big"),),
+            )
+        other.close()
+
+        with pytest.raises(StorageError, match="another program"):
+            commit(s, make_record(mine, b"mine"))
+        assert unpack_record(s.load(mine))[1] == b"other"
+
+        # Running the transaction again with a new oid works.
+        again = s.new_oid()
+        assert again != mine
+        commit(s, make_record(again, b"mine"))
+        assert unpack_record(s.load(again))[1] == b"mine"
+
+
+# --- transactions -----------------------------------------------------------------
+
+
+def test_a_commit_is_all_or_nothing(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        a, b = s.new_oid(), s.new_oid()
+        commit(s, make_record(a, b"before"))
+        # Another program's trigger makes the second insert fail.
+        other = sqlite3.connect(path)
+        with other:
+            other.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON objects "
+                f"WHEN NEW.id = {int.from_bytes(b, 'big')} "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        other.close()
+
+        with pytest.raises(StorageError, match="db"):
+            commit(s, make_record(a, b"after"), make_record(b, b"b"))
+        assert unpack_record(s.load(a))[1] == b"before"
+        with pytest.raises(DhruvaKeyError):
+            s.load(b)
+
+
+def test_commit_waits_for_a_busy_file_then_names_it(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path, timeout=0.2) as s:
+        a = s.new_oid()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StorageError, match=str(path)):
+                commit(s, make_record(a, b"blocked"))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        with pytest.raises(DhruvaKeyError):
+            s.load(a)
+        commit(s, make_record(a, b"later"))
+        assert unpack_record(s.load(a))[1] == b"later"
+
+
+def test_store_checks_the_record_oid(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        s.begin()
+        with pytest.raises(StorageError, match="oid 1"):
+            s.store(oid(1), make_record(oid(2)))
+
+
+def test_bulk_load_of_many_oids_and_a_missing_one(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        oids = [s.new_oid() for _ in range(1200)]
+        commit(s, *(make_record(o, o) for o in oids))
+        wanted = oids[::-1]
+        assert [unpack_record(r)[1] for r in s.bulk_load(wanted)] == wanted
+        with pytest.raises(DhruvaKeyError):
+            list(s.bulk_load([oids[0], oid(99999)]))
+
+
+def test_every_record_is_listed_across_batches(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        oids = [s.new_oid() for _ in range(25)]
+        commit(s, *(make_record(o, b"x", [oids[0]]) for o in oids))
+        listed = list(s.gen_oid_record(batch_size=7))
+        assert [o for o, _r in listed] == oids
+        assert all(split_oids(unpack_record(r)[2]) == [oids[0]] for _o, r in listed)
+        assert s.get_size() == 25
+
+
+def test_incremental_pack_keeps_what_is_committed_while_it_runs(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        root, a, garbage, late = (s.new_oid() for _ in range(4))
+        commit(
+            s,
+            make_record(root, b"root", [a]),
+            make_record(a),
+            make_record(garbage),
+        )
+        packer = s.get_packer()
+        assert packer is not None
+        next(packer)
+        # Mid-pack, the root starts referring to a new record.
+        commit(s, make_record(root, b"root", [a, late]), make_record(late, b"late"))
+        for _step in packer:
+            pass
+        assert unpack_record(s.load(late))[1] == b"late"
+        assert unpack_record(s.load(a))[0] == a
+        with pytest.raises(DhruvaKeyError):
+            s.load(garbage)
+
+
+def test_pack_without_a_root_removes_nothing(tmp_path):
+    with SqliteStorage(tmp_path / "db") as s:
+        s.new_oid()
+        a = s.new_oid()
+        commit(s, make_record(a))
+        s.pack()
+        assert s.get_size() == 1
+
+
+# --- opening and read-only ----------------------------------------------------------
+
+
+def test_readonly_never_creates_a_file(tmp_path):
+    path = tmp_path / "missing.sqlite"
+    with pytest.raises(StorageError, match="missing.sqlite"):
+        SqliteStorage(path, readonly=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_readonly_never_changes_the_file_or_its_folder(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        a = s.new_oid()
+        commit(s, make_record(a, b"a"))
+    before = sorted(os.listdir(tmp_path))
+    content, mtime = path.read_bytes(), path.stat().st_mtime_ns
+
+    with SqliteStorage(path, readonly=True) as ro:
+        assert unpack_record(ro.load(a))[1] == b"a"
+        assert ro.get_size() == 1
+        for call in (ro.new_oid, ro.begin, ro.pack, ro.get_packer):
+            with pytest.raises(ReadOnlyError, match="read-only"):
+                call()
+        with pytest.raises(ReadOnlyError):
+            ro.store(a, make_record(a, b"changed"))
+        with pytest.raises(ReadOnlyError):
+            ro.end()
+
+    assert sorted(os.listdir(tmp_path)) == before
+    assert path.read_bytes() == content
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_readonly_of_an_empty_file_is_refused(tmp_path):
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with pytest.raises(StorageError, match="empty"):
+        SqliteStorage(path, readonly=True)
+    assert path.read_bytes() == b""
+
+
+def test_empty_file_is_initialized(tmp_path):
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with SqliteStorage(path) as s:
+        root = s.new_oid()
+        assert root == ROOT_OID
+        commit(s, make_record(root, b"root"))
+    assert path.read_bytes().startswith(SQLITE_HEADER)
+    with SqliteStorage(path, readonly=True) as s:
+        assert unpack_record(s.load(ROOT_OID))[1] == b"root"
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path, readonly):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"SHELF-1\nnot a SQLite database at all" * 100)
+    with pytest.raises(StorageError, match="notes.txt.*not a SQLite database"):
+        SqliteStorage(path, readonly=readonly)
+    assert path.read_bytes() == b"SHELF-1\nnot a SQLite database at all" * 100
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_sqlite_file_of_another_application_is_refused(tmp_path, readonly):
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("CREATE TABLE customers (id integer primary key, name text)")
+    con.close()
+    content = path.read_bytes()
+    with pytest.raises(StorageError, match="app.db.*customers"):
+        SqliteStorage(path, readonly=readonly)
+    assert path.read_bytes() == content
+    con = raw(path)
+    assert con.execute("SELECT name FROM sqlite_master").fetchall() == [("customers",)]
+    con.close()
+
+
+def test_closed_storage_says_so(tmp_path):
+    s = SqliteStorage(tmp_path / "db")
+    s.close()
+    s.close()
+    with pytest.raises(StorageError, match="closed"):
+        s.load(ROOT_OID)
+
+
+def test_file_keeps_the_durus_layout_and_journal_mode(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        root = s.new_oid()
+        commit(s, make_record(root, b"data", [oid(7)]))
+    con = raw(path)
+    try:
+        columns = [
+            (name, kind)
+            for _c, name, kind, *_ in con.execute("PRAGMA table_info(objects)")
+        ]
+        assert columns == [("id", "INTEGER"), ("data", "BLOB"), ("refs", "BLOB")]
+        assert con.execute("SELECT id, data, refs FROM objects").fetchall() == [
+            (0, b"data", oid(7))
+        ]
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        con.close()
+
+
+# --- a second writer --------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from dhruva.error import StorageError
+    from dhruva.record import pack_record
+    from dhruva.sqlite_storage import SqliteStorage
+
+    path, timeout = sys.argv[1], float(sys.argv[2])
+    print("opening", flush=True)
+    try:
+        s = SqliteStorage(path, timeout=timeout)
+    except StorageError as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(0)
+    oid = s.new_oid()
+    s.begin()
+    s.store(oid, pack_record(oid, b"from the child", b""))
+    s.end()
+    s.close()
+    print("committed:", int.from_bytes(oid, "big"), flush=True)
+    """
+)
+
+
+@pytest.fixture
+def start_child():
+    """Start the writer script in a real second process; stop it afterwards."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(path: Path, timeout: float) -> subprocess.Popen[str]:
+        child = _spawn(path, timeout)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+
+
+def _spawn(path: Path, timeout: float) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), str(timeout)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "opening\n"
+    return child
+
+
+def test_second_writer_process_is_refused_and_no_commit_is_lost(tmp_path, start_child):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        root, a = s.new_oid(), s.new_oid()
+        commit(s, make_record(root, b"root", [a]), make_record(a, b"a"))
+
+        child = start_child(path, timeout=0.3)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert out.startswith("refused:")
+        assert str(path) in out and "another process" in out
+
+        b = s.new_oid()
+        commit(s, make_record(a, b"a again", [b]), make_record(b, b"b"))
+
+    with SqliteStorage(path, readonly=True) as s:
+        assert unpack_record(s.load(root))[1] == b"root"
+        assert unpack_record(s.load(a))[1] == b"a again"
+        assert unpack_record(s.load(b))[1] == b"b"
+        assert s.get_size() == 3
+
+
+def test_second_writer_process_waits_for_the_first_to_close(tmp_path, start_child):
+    path = tmp_path / "db"
+    s = SqliteStorage(path)
+    try:
+        root, a = s.new_oid(), s.new_oid()
+        commit(s, make_record(root, b"root", [a]), make_record(a, b"a"))
+        child = start_child(path, timeout=120)
+        b = s.new_oid()
+        commit(s, make_record(b, b"parent, while the child waits"))
+    finally:
+        s.close()
+
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert out.startswith("committed:"), out
+    child_oid = oid(int(out.split()[-1]))
+    assert child_oid not in {root, a, b}
+
+    with SqliteStorage(path, readonly=True) as s:
+        assert unpack_record(s.load(a))[1] == b"a"
+        assert unpack_record(s.load(b))[1] == b"parent, while the child waits"
+        assert unpack_record(s.load(child_oid))[1] == b"from the child"
+
+
+def test_second_writer_in_the_same_process_is_refused(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as s:
+        with pytest.raises(StorageError, match="another process"):
+            SqliteStorage(path, timeout=0)
+        a = s.new_oid()
+        commit(s, make_record(a, b"still works"))
+        with SqliteStorage(path, readonly=True) as ro:
+            assert unpack_record(ro.load(a))[1] == b"still works"
+
+
+# --- a file Durus wrote -------------------------------------------------------------
+
+
+@pytest.fixture
+def durus_copy(tmp_path):
+    if not DURUS_FIXTURE.exists():
+        pytest.skip(f"the shared Durus fixtures are not here: {DURUS_FIXTURE}")
+    copy = tmp_path / "legacy-sqlite.sqlite"
+    copy.write_bytes(DURUS_FIXTURE.read_bytes())
+    copy.chmod(0o644)
+    return copy
+
+
+def original_records(path: Path) -> dict[bytes, bytes]:
+    con = raw(path)
+    try:
+        return {
+            oid(number): pack_record(oid(number), data, refs)
+            for number, data, refs in con.execute("SELECT id, data, refs FROM objects")
+        }
+    finally:
+        con.close()
+
+
+def test_durus_file_opens_and_new_records_overwrite_nothing(durus_copy):
+    before = original_records(durus_copy)
+    newest = max(before)
+
+    with SqliteStorage(durus_copy) as s:
+        reachable = dict(s.gen_oid_record(start_oid=ROOT_OID))
+        assert set(reachable) < set(before)
+        assert all(before[o] == r for o, r in reachable.items())
+        assert s.get_size() == len(before)
+
+        fresh = s.new_oid()
+        assert fresh not in before
+        assert fresh > newest
+        root_oid, data, refs = unpack_record(s.load(ROOT_OID))
+        s.begin()
+        s.store(fresh, pack_record(fresh, b"a dhruva record", b""))
+        s.store(ROOT_OID, pack_record(ROOT_OID, data, refs + fresh))
+        s.end()
+        assert s.load(newest) == before[newest]
+
+    with SqliteStorage(durus_copy) as s:
+        assert s.new_oid() > fresh
+        assert s.load(newest) == before[newest]
+        assert unpack_record(s.load(fresh))[1] == b"a dhruva record"
+        assert unpack_record(s.load(ROOT_OID)) == (ROOT_OID, data, refs + fresh)
+        everything = dict(s.gen_oid_record())
+        assert set(everything) == set(before) | {fresh}
+        for o, record in before.items():
+            if o != ROOT_OID:
+                assert everything[o] == record
+
+    # What Durus reads is still there, in its layout.
+    after = original_records(durus_copy)
+    assert after[newest] == before[newest]
+    assert len(after) == len(before) + 1
+
+
+def test_durus_file_packs_to_what_is_reachable(durus_copy):
+    before = original_records(durus_copy)
+    with SqliteStorage(durus_copy) as s:
+        reachable = {o for o, _r in s.gen_oid_record(start_oid=ROOT_OID)}
+        assert len(reachable) < len(before), "the fixture should hold garbage"
+        s.pack()
+        assert s.get_size() == len(reachable)
+        assert {o for o, _r in s.gen_oid_record()} == reachable
+        assert s.new_oid() > max(before)
+    with SqliteStorage(durus_copy, readonly=True) as s:
+        for o in reachable:
+            assert s.load(o) == before[o]
