@@ -23,7 +23,7 @@ _delattribute = object.__delattr__
 _getattribute = object.__getattribute__
 
 # Attributes that a ghost can answer without loading its state.
-_GHOST_SAFE = frozenset({"__class__", "__repr__", "__setstate__", "__dict__"})
+_GHOST_SAFE = frozenset({"__class__", "__repr__", "__setstate__"})
 
 
 class ConnectionBase:
