@@ -117,14 +117,16 @@ class DhruvaGroup(click.Group):
 
 
 def _configure_logging(ctx: click.Context, level_name: str | None) -> None:
-    # Only the command line adds a handler; it goes away with the command.
+    # Only the command line adds a handler; it goes away with the command. It
+    # sits on the root logger, which the command owns while it runs, so that a
+    # later logging.basicConfig() call (in a plugin's command) adds no second one.
     if level_name is None:
         level_name = "INFO" if ctx.invoked_subcommand == "server" else "WARNING"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logger = logging.getLogger("dhruva")
+    logger = logging.getLogger()
     old_level = logger.level
     logger.setLevel(level_name)
     logger.addHandler(handler)

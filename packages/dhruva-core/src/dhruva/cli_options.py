@@ -8,7 +8,6 @@ same click errors.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterator
@@ -166,16 +165,25 @@ def server_only_option(name: str) -> Callable[[F], F]:
 
 
 def make_address(host: str, port: int, address: str | None) -> Address:
-    """Return the server address the options name."""
-    return address if address is not None else (host, port)
+    """Return the server address the options name.
+
+    ``--address`` is a unix socket path, or ``HOST:PORT`` (``[v6]:PORT``) as
+    the server command accepts it; without it, ``--host`` and ``--port``.
+    """
+    if address is None:
+        return (host, port)
+    head, sep, tail = address.rpartition(":")
+    if sep and tail.isdigit() and "/" not in address:
+        return (head.strip("[]") or host, int(tail))
+    return address
 
 
 def describe_address(address: Address) -> str:
-    """Return ``address`` as a user reads it: ``host:port`` or the socket path."""
+    """Return ``address`` as a user writes it: ``host:port`` or the socket path."""
     if isinstance(address, str):
-        return f"unix socket {address}"
+        return address
     host, port = address
-    return f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @contextmanager
@@ -234,27 +242,13 @@ def open_client_storage(address: Address) -> Storage:
     where = describe_address(address)
     try:
         client: Storage = client_storage.ClientStorage(address=address)
-    except ConnectionError as error:
+    except DhruvaError as error:
+        # dhruva-net's message names the address and how to start a server.
+        raise click.ClickException(str(error)) from error
+    except OSError as error:
         raise click.ClickException(
-            f"no dhruva server answers at {where} ({error.strerror or error}); "
-            "start one with `dhruva -s`, or check --host, --port and --address"
-        ) from error
-    except (DhruvaError, OSError) as error:
-        raise click.ClickException(
-            f"cannot connect to the dhruva server at {where}: {error}"
+            f"cannot connect to a dhruva server at {where}: "
+            f"{error.strerror or error}; start one with `dhruva -s`, or check "
+            "--host, --port and --address"
         ) from error
     return client
-
-
-def with_library_errors(what: str) -> Callable[[F], F]:
-    """Decorate a command so library errors become click errors."""
-
-    def decorator(func: F) -> F:
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with library_errors(what):
-                return func(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorator
