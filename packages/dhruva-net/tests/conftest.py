@@ -1,0 +1,98 @@
+"""Fixtures that run a real ``dhruva server`` process on loopback or a unix socket."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+#: Runs the plugin's click command on its own, as `dhruva server` would.
+SERVER_SNIPPET = "from dhruva._net_plugin import server_command; server_command()"
+
+READY = re.compile(r"ready on (\S+)")
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess and what the tests need to reach it."""
+
+    process: subprocess.Popen[bytes]
+    address: tuple[str, int] | str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        """Stop the process (SIGTERM, then SIGKILL) and return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def start_server(log_path: Path, *args: str) -> ServerProcess:
+    """Start `dhruva server ARGS` and wait (generously) until it is listening."""
+    log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes it
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SNIPPET, *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    log_file.close()
+    deadline = time.monotonic() + 30
+    while True:
+        match = READY.search(log_path.read_text())
+        if match:
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            pytest.fail(f"server did not start:\n{log_path.read_text()}")
+        time.sleep(0.02)
+    text = match.group(1)
+    host, _sep, port = text.rpartition(":")
+    address: tuple[str, int] | str = (host, int(port)) if port.isdigit() else text
+    return ServerProcess(process, address, log_path)
+
+
+@pytest.fixture
+def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start server processes on demand; every one is killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def run(*args: str) -> ServerProcess:
+        server = start_server(tmp_path / f"server{len(started)}.log", *args)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def memory_server(run_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """A server of a MemoryStorage on a free loopback port."""
+    return run_server("--storage", "memory", "--port", "0")
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A unix socket path short enough for the 108-byte limit."""
+    with tempfile.TemporaryDirectory(prefix="dhruva-") as tmp:
+        yield os.path.join(tmp, "server.sock")

@@ -1,0 +1,238 @@
+"""ClientStorage against a real server process, on loopback and a unix socket."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from dhruva.client_storage import ClientStorage
+from dhruva.error import (
+    DhruvaKeyError,
+    ReadConflictError,
+    StorageError,
+    WriteConflictError,
+)
+from dhruva.net_protocol import MAX_RECORD_SIZE
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage_testing import (
+    BasicStorageContract,
+    InvalidatingStorageContract,
+    IterableStorageContract,
+    PackableStorageContract,
+    commit,
+    make_record,
+    new_oids,
+)
+
+
+class TestClientStorageOverTCP(
+    BasicStorageContract,
+    IterableStorageContract,
+    InvalidatingStorageContract,
+    PackableStorageContract,
+):
+    @pytest.fixture
+    def storage(self, memory_server):
+        client = ClientStorage(address=memory_server.address)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def second_client(self, memory_server):
+        client = ClientStorage(address=memory_server.address)
+        yield client
+        client.close()
+
+
+class TestClientStorageOverUnixSocket(
+    BasicStorageContract, IterableStorageContract, InvalidatingStorageContract
+):
+    @pytest.fixture
+    def server(self, run_server, socket_path):
+        return run_server("--storage", "memory", "--address", socket_path)
+
+    @pytest.fixture
+    def storage(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def second_client(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+
+@pytest.fixture
+def clients(memory_server):
+    a = ClientStorage(address=memory_server.address)
+    b = ClientStorage(address=memory_server.address)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def data_of(storage, oid):
+    return unpack_record(storage.load(oid))[1]
+
+
+def test_capabilities_come_from_the_served_storage(clients):
+    a, _b = clients
+    assert a.invalidating and a.packable and a.iterable and not a.readonly
+
+
+def test_load_of_an_oid_another_client_changed_is_a_read_conflict(clients):
+    a, b = clients
+    (x,) = new_oids(a, 1)
+    commit(a, make_record(x, b"one"))
+    assert b.sync() == [x]
+    assert data_of(b, x) == b"one"
+
+    commit(a, make_record(x, b"two"))
+    with pytest.raises(ReadConflictError) as info:
+        b.load(x)
+    assert info.value.oids == [x]
+    with pytest.raises(ReadConflictError):
+        list(b.bulk_load([x]))
+
+    # After sync the client may read the new state.
+    assert b.sync() == [x]
+    assert data_of(b, x) == b"two"
+    assert b.sync() == []
+
+
+def test_commit_over_invalidations_is_refused_and_nothing_is_written(clients):
+    a, b = clients
+    x, y = new_oids(a, 2)
+    commit(a, make_record(x, b"a's"))
+    b.sync()
+    commit(a, make_record(x, b"a's again"))
+
+    seen = []
+
+    def handle_invalidations(oids):
+        seen.extend(oids)
+        raise WriteConflictError(oids)
+
+    b.begin()
+    z = b.new_oid()
+    b.store(x, make_record(x, b"b's"))
+    b.store(z, make_record(z, b"b's new object"))
+    with pytest.raises(WriteConflictError):
+        b.end(handle_invalidations)
+    assert seen == [x]
+    assert data_of(a, x) == b"a's again"
+    with pytest.raises(DhruvaKeyError):
+        a.load(z)
+
+    # Having handled them, b commits; its unused oid is handed out again.
+    assert b.new_oid() == z
+    b.begin()
+    b.store(z, make_record(z, b"second try"))
+    b.end(handle_invalidations)
+    assert a.sync() == [z]
+    assert data_of(a, z) == b"second try"
+
+
+def test_invalidations_that_do_not_matter_let_the_commit_through(clients):
+    a, b = clients
+    x, y = new_oids(a, 2)
+    commit(a, make_record(x, b"x"), make_record(y, b"y"))
+    b.sync()
+    commit(a, make_record(x, b"x2"))
+
+    seen = []
+    b.begin()
+    b.store(y, make_record(y, b"y from b"))
+    b.end(seen.extend)
+    assert seen == [x]
+    assert a.sync() == [y]
+    assert data_of(a, y) == b"y from b"
+    assert b.sync() == []
+
+
+def test_invalidations_without_a_handler_are_returned_by_the_next_sync(clients):
+    a, b = clients
+    (x,) = new_oids(a, 1)
+    (y,) = new_oids(b, 1)
+    commit(a, make_record(x, b"x"))
+    commit(b, make_record(y, b"y"))
+    assert b.sync() == [x]
+    assert a.sync() == [y]
+    assert data_of(a, y) == b"y"
+
+
+def test_bulk_load_of_many_oids_keeps_order_and_stream(clients):
+    a, b = clients
+    oids = new_oids(a, 2500)
+    commit(a, *(make_record(oid, oid) for oid in oids))
+    b.sync()
+    assert [unpack_record(r)[1] for r in b.bulk_load(oids[::-1])] == oids[::-1]
+
+    missing = (10**9).to_bytes(8, "big")
+    with pytest.raises(DhruvaKeyError):
+        list(b.bulk_load([oids[0], missing, oids[1]]))
+    assert data_of(b, oids[1]) == oids[1]
+
+
+def test_a_client_cannot_commit_an_oid_handed_to_another(clients):
+    a, b = clients
+    (x,) = new_oids(a, 1)
+    with pytest.raises(StorageError, match="handed to client"):
+        commit(b, make_record(x, b"stolen"))
+    commit(a, make_record(x, b"mine"))
+    assert data_of(a, x) == b"mine"
+
+
+def test_a_record_too_big_for_a_frame_is_refused_before_sending(clients):
+    a, _b = clients
+    (x,) = new_oids(a, 1)
+    a.begin()
+    with pytest.raises(StorageError, match=f"oid {int.from_bytes(x, 'big')}"):
+        a.store(x, b"\0" * (MAX_RECORD_SIZE + 1))
+
+
+def test_size_and_full_scan_in_small_batches(clients):
+    a, b = clients
+    oids = new_oids(a, 7)
+    commit(a, make_record(ROOT_OID, b"root"), *(make_record(o) for o in oids))
+    assert b.get_size() == 8
+    scanned = [oid for oid, _record in b.gen_oid_record(batch_size=3)]
+    assert sorted(scanned) == sorted([ROOT_OID, *oids])
+
+
+def test_gcbytes_packs_the_storage_after_that_many_bytes(run_server):
+    server = run_server("--storage", "memory", "--port", "0", "--gcbytes", "2000")
+    client = ClientStorage(address=server.address)
+    try:
+        (garbage,) = new_oids(client, 1)
+        commit(client, make_record(ROOT_OID, b"root"), make_record(garbage))
+        assert data_of(client, garbage) == b"data"
+        commit(client, make_record(ROOT_OID, b"x" * 3000))
+
+        # The pack runs in the server after the commit; allow it plenty of time.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.load(garbage)
+            except DhruvaKeyError:
+                break
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert "pack finished" in server.log()
+    finally:
+        client.close()
+
+
+def test_use_after_close_names_the_fix(memory_server):
+    client = ClientStorage(address=memory_server.address)
+    client.close()
+    client.close()
+    with pytest.raises(StorageError, match="closed"):
+        client.load(ROOT_OID)
+
+
+def test_no_server_is_a_storage_error_naming_the_address(socket_path):
+    with pytest.raises(StorageError, match="cannot connect.*server.sock"):
+        ClientStorage(address=socket_path)
