@@ -29,6 +29,20 @@ GROUP = "dhruva"
 #: The storage kind a new file gets when none is named.
 DEFAULT_STORAGE = "file"
 
+#: Storage kinds of dhruva's own distributions, for "install this" messages.
+KNOWN_STORAGES = {
+    "file": "dhruva-file",
+    "file2": "dhruva-file",
+    "sqlite": "dhruva-sqlite",
+}
+
+#: File headers of those kinds, for files no installed plugin recognizes.
+KNOWN_HEADERS = {
+    b"SHELF-1": "file",
+    b"DFS20": "file2",
+    b"SQLite format 3\0": "sqlite",
+}
+
 
 def get_plugin_manager() -> pluggy.PluginManager:
     """Return a new plugin manager that knows the hook specs, with no plugins."""
@@ -91,6 +105,12 @@ class Plugins:
         if name in self.storages:
             return self.storages[name]
         names = self.storages.names()
+        if name in KNOWN_STORAGES:
+            package = KNOWN_STORAGES[name]
+            raise PluginError(
+                f"storage {name!r} comes with {package}, which is not installed: "
+                f"pip install {package} (installed storages: {', '.join(names)})"
+            )
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise PluginError(
@@ -112,6 +132,10 @@ class Plugins:
         if not header:
             return None
         name = self.pm.hook.dhruva_recognize_storage(path=path, header=header)
+        if name is None:
+            for start, known in KNOWN_HEADERS.items():
+                if header.startswith(start):
+                    return known  # get_storage_kind names the package
         if name is None:
             raise PluginError(
                 f"{path} is not a database any installed storage recognizes "
