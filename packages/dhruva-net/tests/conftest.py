@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-#: Runs the plugin's click command on its own, as `dhruva server` would.
-SERVER_SNIPPET = "from dhruva._net_plugin import server_command; server_command()"
+#: `dhruva server`, through the core command line that loads the plugin.
+SERVER_COMMAND = [sys.executable, "-m", "dhruva.cli", "server"]
 
 READY = re.compile(r"ready on (\S+)")
 
@@ -48,7 +48,7 @@ def start_server(log_path: Path, *args: str) -> ServerProcess:
     """Start `dhruva server ARGS` and wait (generously) until it is listening."""
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes it
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SNIPPET, *args],
+        [*SERVER_COMMAND, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )

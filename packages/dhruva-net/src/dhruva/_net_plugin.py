@@ -1,4 +1,4 @@
-"""The built-in plugin of dhruva-net: the ``dhruva server`` command.
+"""The built-in plugin of dhruva-net: the ``dhruva server`` command (``dhruva -s``).
 
 It registers no storage kind: a ClientStorage is opened by address (see
 :mod:`dhruva.client_storage`), not by file name.
@@ -6,142 +6,108 @@ It registers no storage kind: a ClientStorage is opened by address (see
 
 from __future__ import annotations
 
-import logging
-import signal
-from typing import Any
+from typing import TYPE_CHECKING
 
-import click
 from dhruva.hookspecs import hookimpl
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import click
 
 
-def _parse_address(host: str, port: int, address: str | None) -> tuple[str, int] | str:
-    """Return the server address the options name.
+def make_server_command() -> click.Command:
+    """Return the ``server`` click command; imports happen only when called."""
+    import logging
+    import signal
 
-    ``--address`` is ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or a unix socket
-    path; without it, ``--host`` and ``--port``.
-    """
-    if address is None:
-        return (host, port)
-    head, sep, tail = address.rpartition(":")
-    if sep and tail.isdigit() and "/" not in address:
-        return (head.strip("[]") or host, int(tail))
-    return address
+    import click
+    from dhruva.cli_options import (
+        address_options,
+        cache_size_option,
+        cli_plugins,
+        describe_address,
+        library_errors,
+        make_address,
+        open_file_storage,
+        storage_options,
+    )
 
+    @click.command("server")
+    @storage_options
+    @address_options
+    @cache_size_option
+    @click.option(
+        "--gcbytes",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Pack the storage after this many bytes of commits; 0 never.",
+    )
+    @click.option(
+        "--stop",
+        is_flag=True,
+        default=False,
+        help="Stop the server running at the address, and exit.",
+    )
+    @click.pass_context
+    def server_command(
+        ctx: click.Context,
+        file: str | None,
+        storage: str | None,
+        readonly: bool,
+        repair: bool,
+        host: str,
+        port: int,
+        address: str | None,
+        cache_size: int,
+        gcbytes: int,
+        stop: bool,
+    ) -> None:
+        """Serve a storage to clients until stopped (``dhruva -s``).
 
-@click.command("server")
-@click.option(
-    "--file",
-    "path",
-    type=click.Path(dir_okay=False),
-    help="The database file to serve; without it, a temporary FileStorage.",
-)
-@click.option(
-    "--storage", "storage_name", help="The storage kind (see `dhruva plugins`)."
-)
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface to listen on."
-)
-@click.option(
-    "--port",
-    type=int,
-    default=2972,
-    show_default=True,
-    help="TCP port; 0 picks a free one.",
-)
-@click.option(
-    "--address",
-    help="HOST:PORT, or the path of a unix socket; overrides --host and --port.",
-)
-@click.option(
-    "--gcbytes",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Pack after this many bytes of commits; 0 never.",
-)
-@click.option("--readonly", is_flag=True, help="Open the storage read-only.")
-@click.option(
-    "--repair", is_flag=True, help="Repair a damaged end of the file on open."
-)
-@click.option(
-    "--stop", is_flag=True, help="Stop the server running at the address, and exit."
-)
-@click.option(
-    "--cache-size",
-    type=int,
-    default=None,
-    help="Accepted for symmetry with the client commands; the server has no cache.",
-)
-def server_command(
-    path: str | None,
-    storage_name: str | None,
-    host: str,
-    port: int,
-    address: str | None,
-    gcbytes: int,
-    readonly: bool,
-    repair: bool,
-    stop: bool,
-    cache_size: int | None,
-) -> None:
-    """Serve a storage to ClientStorage clients until stopped.
-
-    Stops on SIGTERM, SIGINT (Ctrl-C) or `dhruva server --stop`.
-    """
-    from dhruva.error import DhruvaError
-    from dhruva.net_protocol import format_address
-
-    # The CLI configures logging; this only helps when the command runs alone.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server_address = _parse_address(host, port, address)
-
-    if stop:
-        from dhruva.client_storage import stop_server
-
-        try:
-            stop_server(server_address)
-        except DhruvaError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(f"stopped the server at {format_address(server_address)}")
-        return
-
-    storage = _open_storage(path, storage_name, readonly=readonly, repair=repair)
-    try:
-        from dhruva.storage_server import StorageServer
-
-        server = StorageServer(storage, address=server_address, gcbytes=gcbytes)
-        server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
-    except DhruvaError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        storage.close()
-
-
-def _open_storage(
-    path: str | None, storage_name: str | None, *, readonly: bool, repair: bool
-) -> Any:
-    from dhruva.error import DhruvaError
-    from dhruva.plugins import get_plugins
-
-    plugins = get_plugins()
-    if path is None and storage_name is None:
-        storage_name = "file"
-        if "file" not in plugins.storages:
-            raise click.ClickException(
-                "no --file given, so the server would serve a temporary "
-                "FileStorage, but the file storage is not installed; install "
-                "it with `pip install dhruva-file`, or give --storage memory"
-            )
-    try:
-        return plugins.open_storage(
-            path, storage_name, readonly=readonly, repair=repair
+        Without --file it serves a new temporary FileStorage. It stops on
+        SIGTERM, SIGINT (Ctrl-C) or `dhruva server --stop`. --cache-size is
+        accepted for symmetry with the other commands: the server keeps no
+        object cache.
+        """
+        # The dhruva command line has configured logging already; this only
+        # helps when the command runs on its own.
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    except DhruvaError as exc:
-        raise click.ClickException(str(exc)) from exc
+        where = make_address(host, port, address)
+
+        if stop:
+            from dhruva.client_storage import stop_server
+
+            with library_errors(f"stopping the server at {describe_address(where)}"):
+                stop_server(where)
+            click.echo(f"stopped the server at {describe_address(where)}")
+            return
+
+        if file is None and storage is None:
+            storage = "file"
+            if storage not in cli_plugins(ctx).storages:
+                raise click.ClickException(
+                    "without --file the server serves a temporary FileStorage, "
+                    "but the file storage is not installed: `pip install "
+                    "dhruva-file`, or give --storage (e.g. --storage memory)"
+                )
+        opened = open_file_storage(
+            file, storage, readonly=readonly, repair=repair, ctx=ctx
+        )
+        try:
+            from dhruva.storage_server import StorageServer
+
+            with library_errors(f"serving on {describe_address(where)}"):
+                server = StorageServer(opened, address=where, gcbytes=gcbytes)
+                server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
+        finally:
+            opened.close()
+
+    return server_command
 
 
 @hookimpl
 def dhruva_register_commands(cli: click.Group) -> None:
-    cli.add_command(server_command)
+    cli.add_command(make_server_command())

@@ -292,17 +292,17 @@ class StorageServer:
             return False
         version, _flags = parse_hello(payload)
 
-        # Always answer with our own hello, so the client can name both versions.
-        writer.write(frame(hello(self._flags())))
-        await writer.drain()
         if version != PROTOCOL_VERSION:
             log.warning(
-                "refused client %s: %s",
+                "refusing client %s: %s",
                 peer,
                 version_mismatch(version, PROTOCOL_VERSION),
             )
-            return False
-        return True
+
+        # Always answer with our own hello, so the client can name both versions.
+        writer.write(frame(hello(self._flags())))
+        await writer.drain()
+        return version == PROTOCOL_VERSION
 
     def _flags(self) -> int:
         storage = self.storage

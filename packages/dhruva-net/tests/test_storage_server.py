@@ -1,0 +1,277 @@
+"""The server process: bad input, versions, stopping, sockets, stalled clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from dhruva import client_storage
+from dhruva.client_storage import ClientStorage, stop_server, wait_for_server
+from dhruva.error import ProtocolError, StorageError
+from dhruva.net_protocol import (
+    CMD_LOAD,
+    CMD_STAGE,
+    MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    STATUS_ERROR,
+    frame,
+    hello,
+    parse_hello,
+    socket_address,
+    unpack_error,
+)
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage_testing import commit, make_record
+
+
+def raw_connection(address, timeout=10.0):
+    family, target = socket_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(target)
+    return sock
+
+
+def read_frame(sock):
+    """Return the next payload, or None when the server closed the connection."""
+    data = b""
+    while len(data) < 4:
+        chunk = sock.recv(4 - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    (size,) = struct.unpack(">I", data)
+    payload = b""
+    while len(payload) < size:
+        chunk = sock.recv(size - len(payload))
+        assert chunk, "connection closed inside a frame"
+        payload += chunk
+    return payload
+
+
+def shake_hands(sock):
+    sock.sendall(frame(hello()))
+    assert parse_hello(read_frame(sock))[0] == PROTOCOL_VERSION
+
+
+def assert_server_still_serves(address):
+    client = ClientStorage(address=address)
+    try:
+        commit(client, make_record(ROOT_OID, b"still serving"))
+        assert unpack_record(client.load(ROOT_OID))[1] == b"still serving"
+    finally:
+        client.close()
+
+
+def expect_protocol_error_then_close(sock):
+    reply = read_frame(sock)
+    assert reply is not None and reply[:1] == STATUS_ERROR
+    error = unpack_error(reply[1:])
+    assert isinstance(error, ProtocolError)
+    assert read_frame(sock) is None
+    return error
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff",  # a frame far over the limit
+        b"\0\0\0\0",  # an empty frame
+        b"GET / HTTP/1.0\r\n\r\n",  # somebody else's protocol
+    ],
+)
+def test_garbage_before_the_hello_is_refused_and_logged(memory_server, garbage):
+    with raw_connection(memory_server.address) as sock:
+        sock.sendall(garbage)
+        error = expect_protocol_error_then_close(sock)
+    assert "dhruva" in str(error)
+    assert "closing the connection from 127.0.0.1" in memory_server.log()
+    assert_server_still_serves(memory_server.address)
+
+
+def test_frame_over_the_limit_after_the_hello(memory_server):
+    with raw_connection(memory_server.address) as sock:
+        shake_hands(sock)
+        sock.sendall(struct.pack(">I", MAX_FRAME_SIZE + 1))
+        error = expect_protocol_error_then_close(sock)
+    assert str(MAX_FRAME_SIZE) in str(error)
+    assert_server_still_serves(memory_server.address)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"?", "unknown command code"),
+        (CMD_LOAD + b"short", "8-byte oid"),
+        (CMD_STAGE + struct.pack(">I", 500) + b"\0" * 20, "claims 500 bytes"),
+    ],
+)
+def test_malformed_command_closes_only_that_connection(memory_server, payload, message):
+    bystander = ClientStorage(address=memory_server.address)
+    try:
+        with raw_connection(memory_server.address) as sock:
+            shake_hands(sock)
+            sock.sendall(frame(payload))
+            error = expect_protocol_error_then_close(sock)
+        assert message in str(error)
+        assert message in memory_server.log()
+        commit(bystander, make_record(ROOT_OID, b"bystander"))
+        assert unpack_record(bystander.load(ROOT_OID))[1] == b"bystander"
+    finally:
+        bystander.close()
+    assert_server_still_serves(memory_server.address)
+
+
+def test_a_client_of_another_version_gets_a_clear_error(memory_server, monkeypatch):
+    monkeypatch.setattr(client_storage, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    with pytest.raises(ProtocolError) as info:
+        ClientStorage(address=memory_server.address)
+    message = str(info.value)
+    assert f"client speaks version {PROTOCOL_VERSION + 1}" in message
+    assert f"server version {PROTOCOL_VERSION}" in message
+    assert "version mismatch" in memory_server.log()
+    monkeypatch.undo()
+    assert_server_still_serves(memory_server.address)
+
+
+def test_the_server_answers_an_old_client_with_its_version_and_closes(memory_server):
+    with raw_connection(memory_server.address) as sock:
+        sock.sendall(frame(hello(version=PROTOCOL_VERSION + 7)))
+        assert parse_hello(read_frame(sock))[0] == PROTOCOL_VERSION
+        assert read_frame(sock) is None
+
+
+def fake_server(behaviour):
+    """Listen on loopback; run ``behaviour(conn)`` for one connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def run():
+        conn, _addr = listener.accept()
+        with conn:
+            behaviour(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        lambda conn: conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n"),
+        lambda conn: conn.recv(100),  # reads the hello, says nothing, hangs up
+        lambda conn: time.sleep(2),  # says nothing at all
+    ],
+    ids=["http", "hangs-up", "silent"],
+)
+def test_a_peer_that_is_not_a_dhruva_server_is_a_protocol_error(behaviour, monkeypatch):
+    monkeypatch.setattr(client_storage, "CONNECT_TIMEOUT", 0.5)
+    listener, thread = fake_server(behaviour)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="dhruva"):
+            ClientStorage(address=listener.getsockname())
+        assert time.monotonic() - started < 10
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_stop_command_ends_the_server(memory_server):
+    stop_server(memory_server.address)
+    assert memory_server.process.wait(20) == 0
+    assert "stopped" in memory_server.log()
+    with pytest.raises(StorageError, match="cannot connect"):
+        ClientStorage(address=memory_server.address)
+
+
+def test_sigterm_ends_the_server_cleanly(memory_server):
+    client = ClientStorage(address=memory_server.address)
+    try:
+        memory_server.process.send_signal(signal.SIGTERM)
+        assert memory_server.process.wait(20) == 0
+        assert "stopping on signal SIGTERM" in memory_server.log()
+        with pytest.raises(StorageError, match="lost the connection"):
+            client.load(ROOT_OID)
+    finally:
+        client.close()
+
+
+def test_unix_socket_serves_and_is_removed_at_stop(run_server, socket_path):
+    server = run_server("--storage", "memory", "--address", socket_path)
+    assert server.address == socket_path
+    assert_server_still_serves(socket_path)
+    stop_server(socket_path)
+    assert server.process.wait(20) == 0
+    assert not os.path.exists(socket_path)
+
+
+def test_a_stale_unix_socket_file_is_replaced(run_server, socket_path):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(socket_path)
+    stale.close()  # the file stays, nobody listens
+    server = run_server("--storage", "memory", "--address", socket_path)
+    assert_server_still_serves(server.address)
+
+
+def test_a_unix_socket_in_use_or_a_regular_file_is_refused(run_server, socket_path):
+    run_server("--storage", "memory", "--address", socket_path)
+    second = _start_failing(run_server, socket_path)
+    assert "already listening" in second
+
+    regular = socket_path + ".txt"
+    with open(regular, "w") as f:
+        f.write("not a socket")
+    third = _start_failing(run_server, regular)
+    assert "is not a unix socket" in third
+
+
+def test_a_port_in_use_is_refused(memory_server, run_server):
+    host, port = memory_server.address
+    message = _start_failing(run_server, f"{host}:{port}")
+    assert f"cannot listen on {host}:{port}" in message
+
+
+def _start_failing(run_server, address):
+    """Run a server that must fail to start; return what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "server", "--storage", "memory"]
+        + ["--address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0, done.stderr
+    return done.stderr
+
+
+def test_a_stalled_client_does_not_stall_the_others(memory_server):
+    with raw_connection(memory_server.address) as stalled:
+        shake_hands(stalled)
+        stalled.sendall(struct.pack(">I", 100) + CMD_LOAD)  # then nothing more
+        other = ClientStorage(address=memory_server.address, timeout=20)
+        try:
+            started = time.monotonic()
+            for i in range(20):
+                commit(other, make_record(ROOT_OID, b"%d" % i))
+            assert unpack_record(other.load(ROOT_OID))[1] == b"19"
+            assert time.monotonic() - started < 10
+        finally:
+            other.close()
+
+
+def test_wait_for_server(memory_server, socket_path):
+    wait_for_server(memory_server.address, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="no dhruva server"):
+        wait_for_server(socket_path, timeout=0.3)
+    assert time.monotonic() - started < 10
