@@ -269,8 +269,9 @@ class ClientStorage(Storage):
         ]
 
     def begin(self) -> None:
+        # Oids handed out since the last end() stay listed: a Connection takes
+        # them for new objects before it calls begin().
         self._records = {}
-        self._transaction_new_oids = []
 
     def store(self, oid: bytes, record: bytes) -> None:
         if len(oid) != 8:

@@ -1,0 +1,136 @@
+"""Connections on ClientStorages of one server: Durus's multi-client semantics."""
+
+from __future__ import annotations
+
+import pytest
+from dhruva.client_storage import ClientStorage
+from dhruva.connection import Connection
+from dhruva.error import ReadConflictError, WriteConflictError
+from dhruva.persistent_dict import PersistentDict
+
+
+@pytest.fixture
+def connections(memory_server):
+    first = Connection(ClientStorage(address=memory_server.address))
+    second = Connection(ClientStorage(address=memory_server.address))
+    yield first, second
+    first.close()
+    second.close()
+
+
+def test_each_connection_sees_the_others_commits(connections):
+    first, second = connections
+    first.get_root()["greeting"] = "hello"
+    first.commit()
+
+    second.abort()
+    assert second.get_root()["greeting"] == "hello"
+    second.get_root()["answer"] = 42
+    second.commit()
+
+    first.commit()  # nothing changed: brings in the other's commit
+    assert first.get_root()["answer"] == 42
+    assert dict(first.get_root()) == {"greeting": "hello", "answer": 42}
+
+
+def test_new_objects_of_both_connections_get_distinct_oids(connections):
+    first, second = connections
+    first.get_root()["a"] = PersistentDict(name="first")
+    first.commit()
+    second.abort()
+    second.get_root()["b"] = PersistentDict(name="second")
+    second.commit()
+    first.abort()
+    root = first.get_root()
+    assert root["a"]._p_oid != root["b"]._p_oid
+    assert (root["a"]["name"], root["b"]["name"]) == ("first", "second")
+
+
+def test_writing_what_another_connection_changed_is_a_write_conflict(connections):
+    first, second = connections
+    first.get_root()["count"] = 0
+    first.commit()
+    second.abort()
+    assert second.get_root()["count"] == 0
+
+    first.get_root()["count"] = 1
+    first.commit()
+    second.get_root()["count"] = 100
+    with pytest.raises(WriteConflictError) as info:
+        second.commit()
+    assert info.value.oids == [b"\0" * 8]
+
+    # Nothing of the refused commit was written; after abort it runs again.
+    first.abort()
+    assert first.get_root()["count"] == 1
+    second.abort()
+    assert second.get_root()["count"] == 1
+    second.get_root()["count"] += 1
+    second.commit()
+    first.abort()
+    assert first.get_root()["count"] == 2
+
+
+def test_a_commit_untouched_by_the_others_changes_goes_through(connections):
+    first, second = connections
+    root = first.get_root()
+    root["left"] = PersistentDict()
+    root["right"] = PersistentDict()
+    first.commit()
+    second.abort()
+    second.get_root()["right"]["seen"] = True  # loads root and right
+
+    first.get_root()["left"]["x"] = 1  # a different object
+    first.commit()
+    second.commit()
+    first.abort()
+    assert first.get_root()["right"]["seen"] is True
+    assert second.get_root()["left"]["x"] == 1
+
+
+def test_loading_past_another_commit_this_transaction_read_is_a_read_conflict(
+    connections,
+):
+    first, second = connections
+    first.get_root()["a"] = PersistentDict(v=1)
+    first.get_root()["b"] = PersistentDict(v=1)
+    first.commit()
+    second.abort()
+    assert second.get_root()["a"]["v"] == 1  # read in this transaction
+    b = second.get_root()["b"]  # still a ghost
+
+    first.get_root()["a"]["v"] = 2
+    first.get_root()["b"]["v"] = 2
+    first.commit()
+    with pytest.raises(ReadConflictError):
+        b["v"]
+    second.abort()
+    assert (second.get_root()["a"]["v"], second.get_root()["b"]["v"]) == (2, 2)
+
+
+def test_loading_a_ghost_another_client_changed_brings_in_the_new_state(
+    connections,
+):
+    first, second = connections
+    first.get_root()["child"] = PersistentDict(value=1)
+    first.commit()
+    second.abort()
+    child = second.get_root()["child"]  # a ghost, never read
+
+    first.get_root()["child"]["value"] = 2
+    first.commit()
+    assert child["value"] == 2
+
+
+def test_pack_through_a_connection_keeps_reachable_objects(connections):
+    first, second = connections
+    first.get_root()["kept"] = PersistentDict(x=1)
+    first.get_root()["dropped"] = PersistentDict(y=2)
+    first.commit()
+    del first.get_root()["dropped"]
+    first.commit()
+    size_before = first.get_storage().get_size()
+    second.pack()
+    assert first.get_storage().get_size() == size_before - 1
+    second.abort()
+    assert second.get_root()["kept"]["x"] == 1
