@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -181,6 +183,51 @@ def test_two_clients_share_a_server_on_a_temporary_file(
     # The server logs at INFO to stderr, each message once.
     ready = [line for line in server.output().splitlines() if "ready" in line]
     assert len(ready) == 1, server.output()
+
+
+def test_interactive_client_on_a_terminal(
+    tmp_path: Path, start_server: Callable[..., Server]
+) -> None:
+    server = start_server()
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*dhruva_command(), "-c", *address_options(server.address)],
+        cwd=tmp_path,
+        env={**os.environ, "HOME": str(tmp_path)},
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    try:
+        shown = read_until(controller, ">>> ")
+        for line in ('root["typed"] = "at the console"', "connection.commit()", "root"):
+            os.write(controller, line.encode() + b"\n")
+            shown += read_until(controller, ">>> ")
+        # Control-D ends the client, as in the Python REPL.
+        os.write(controller, b"\x04")
+        assert process.wait(timeout=STARTUP_SECONDS) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STARTUP_SECONDS)
+        os.close(controller)
+
+    assert "connection" in shown and "root" in shown  # the banner
+    assert "<PersistentDict 0>" in shown
+    assert client(tmp_path, server, 'print(root["typed"])') == "at the console\n"
+
+
+def read_until(fd: int, prompt: str) -> str:
+    """Read from a pseudo-terminal until ``prompt`` ends what it showed."""
+    shown = b""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not shown.endswith(prompt.encode()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            pytest.fail(f"no {prompt!r} on the terminal; it showed {shown!r}")
+        shown += os.read(fd, 65536)
+    return shown.decode(errors="replace")
 
 
 def test_abort_reverts_uncommitted_changes(
