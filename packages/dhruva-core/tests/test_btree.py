@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import json
 import pickle
 import random
+import shutil
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,10 @@ from dhruva.btree import (
     BTree,
     EmptyBTreeError,
 )
+from dhruva.connection import Connection
 from dhruva.error import DhruvaError
+from dhruva.record import pack_record
+from dhruva.storage import MemoryStorage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -502,3 +509,109 @@ def _child_towards(node: BNode, key: int) -> BNode:
     position = sum(1 for k in keys if k < key)
     assert node.nodes is not None
     return node.nodes[position]
+
+
+# ---- through a Connection ----------------------------------------------
+
+SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
+FIXTURES = SHARED / "fixtures" / "durus-4"
+
+
+def test_a_big_tree_survives_commit_and_reopen() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    tree = BTree()
+    expected = {key: f"value {key}" for key in range(10_000)}
+    tree.update(expected)
+    connection.get_root()["tree"] = tree
+    connection.commit()
+
+    fresh = Connection(storage)
+    loaded = fresh.get_root()["tree"]
+    assert type(loaded) is BTree and type(loaded.root) is BNode16
+    assert len(loaded) == 10_000
+    assert loaded[1234] == "value 1234" and 10_000 not in loaded
+    assert loaded.get_min_item() == (0, "value 0")
+    assert loaded.get_max_item() == (9999, "value 9999")
+    assert list(loaded.items_range(10, 13)) == [(k, f"value {k}") for k in (10, 11, 12)]
+    check_tree(loaded, expected)
+
+    # Changes made through the second connection reach a third one.
+    del loaded[5]
+    loaded[10_000] = "new"
+    fresh.commit()
+    del expected[5]
+    expected[10_000] = "new"
+    check_tree(Connection(storage).get_root()["tree"], expected)
+
+
+def open_durus_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Load the Durus 4.3 SQLite fixture's records into a MemoryStorage."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"the shared Durus fixtures are not at {FIXTURES}")
+    for name in ("legacy-sqlite.sqlite", "legacy_model.py", "manifest.json"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+
+    storage = MemoryStorage()
+    database = sqlite3.connect(tmp_path / "legacy-sqlite.sqlite")
+    try:
+        rows = database.execute("select id, data, refs from objects").fetchall()
+    finally:
+        database.close()
+    storage.begin()
+    for number, data, refs in rows:
+        oid = number.to_bytes(8, "big")
+        storage.store(oid, pack_record(oid, bytes(data), bytes(refs or b"")))
+    storage.end()
+    highest = max(number for number, _, _ in rows)
+    while int.from_bytes(storage.new_oid(), "big") < highest:
+        pass
+    return storage, manifest["legacy-sqlite.sqlite"]
+
+
+def test_durus_4_3_trees_read_right_without_being_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, expected = open_durus_fixture(tmp_path, monkeypatch)
+    connection = Connection(storage)
+    root = connection.get_root()
+    numbers = root["numbers"]
+    assert type(numbers) is BTree
+    assert "_count" not in numbers.root.__getstate__()  # Durus 4.3 wrote none
+
+    assert len(numbers) == expected["numbers_len"]
+    assert numbers.get_min_item()[0] == expected["numbers_min"]
+    assert numbers.get_max_item()[0] == expected["numbers_max"]
+    assert sum(numbers.values()) == pytest.approx(expected["numbers_sum"])
+    assert len(root["people"]) == expected["people_len"]
+    assert len(root["by_name"]) == expected["by_name_len"]
+    assert sorted(root["evens"]) == expected["evens"]
+    assert list(root["log"]) == expected["log"]
+    check_tree(numbers, dict(numbers.items()))
+    assert not any(node._p_is_unsaved() for node in all_nodes(numbers))
+
+
+def test_durus_4_3_trees_stay_right_after_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, expected_values = open_durus_fixture(tmp_path, monkeypatch)
+    connection = Connection(storage)
+    numbers = connection.get_root()["numbers"]
+    expected = dict(numbers.items())
+    rng = random.Random(7)
+
+    # Change the tree before anything computed its counts.
+    for key in rng.sample(sorted(expected), 700):
+        del numbers[key]
+        del expected[key]
+    for key in range(-500, 0):
+        numbers[key] = float(key)
+        expected[key] = float(key)
+    connection.commit()
+
+    reopened = Connection(storage).get_root()["numbers"]
+    assert len(reopened) == expected_values["numbers_len"] - 200
+    check_tree(reopened, expected, counts=False)
+    check_tree(reopened, expected)

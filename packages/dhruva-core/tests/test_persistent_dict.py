@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from dhruva.connection import Connection
 from dhruva.persistent_dict import PersistentDict
+from dhruva.storage import MemoryStorage
 
 
 def saved(**items: Any) -> PersistentDict:
@@ -167,3 +169,18 @@ def test_reading_does_not_mark_the_dict_changed(
     d = saved(a=1, b=2)
     read(d)
     assert d._p_is_saved()
+
+
+def test_survives_commit_and_reopen() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    d = PersistentDict(a=[1], b={"c": 2})
+    connection.get_root()["d"] = d
+    connection.commit()
+    d["e"] = 3
+    connection.commit()
+
+    loaded = Connection(storage).get_root()["d"]
+    assert type(loaded) is PersistentDict
+    assert loaded == {"a": [1], "b": {"c": 2}, "e": 3}
+    assert loaded._p_is_saved()

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from dhruva.connection import Connection
 from dhruva.persistent_list import PersistentList
+from dhruva.storage import MemoryStorage
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -199,3 +201,16 @@ def test_reading_does_not_mark_the_list_changed(
     p = saved(3, 1, 2)
     read(p)
     assert p._p_is_saved()
+
+
+def test_survives_commit_and_reopen() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    p = PersistentList([1, "two"])
+    connection.get_root()["p"] = p
+    connection.commit()
+    p += [3.0]
+    connection.commit()
+
+    loaded = Connection(storage).get_root()["p"]
+    assert type(loaded) is PersistentList and loaded == [1, "two", 3.0]

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from dhruva.connection import Connection
 from dhruva.persistent_set import PersistentSet
+from dhruva.storage import MemoryStorage
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,3 +177,16 @@ def test_reading_does_not_mark_the_set_changed(
     s = saved(1, 2, 3)
     read(s)
     assert s._p_is_saved()
+
+
+def test_survives_commit_and_reopen() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    s = PersistentSet([1, 2])
+    connection.get_root()["s"] = s
+    connection.commit()
+    s |= {3}
+    connection.commit()
+
+    loaded = Connection(storage).get_root()["s"]
+    assert type(loaded) is PersistentSet and loaded == {1, 2, 3}
