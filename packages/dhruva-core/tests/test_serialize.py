@@ -1,4 +1,7 @@
 import pickle
+import subprocess
+import sys
+import textwrap
 import zlib
 
 from dhruva.connection import Connection
@@ -35,7 +38,7 @@ def test_durus_module_names_load_as_dhruva_classes():
     loaded = connection.get_root()
     assert type(loaded) is PersistentDict
     assert loaded["n"] == 1
-    assert extract_class_name(root) == "durus.persistent_dict.PersistentDict"
+    assert extract_class_name(root) == "dhruva.persistent_dict.PersistentDict"
 
 
 def test_uncompressed_durus_state_loads():
@@ -67,3 +70,85 @@ def test_written_records_list_their_references_and_compress_big_states():
     assert refs == child._p_oid
     assert len(data) < 1000
     assert get_census(storage) == {"dhruva.persistent_dict.PersistentDict": 2}
+
+
+FAKE_DURUS = {
+    "durus/__init__.py": "",
+    "durus/persistent.py": """
+        class PersistentObject:
+            def __setstate__(self, state):
+                self.__dict__.update(state or {})
+        class Persistent(PersistentObject):
+            pass
+        class ComputedAttribute(PersistentObject):
+            pass
+    """,
+    "durus/persistent_dict.py": """
+        from durus.persistent import Persistent
+        class PersistentDict(Persistent):
+            pass
+    """,
+    "durus/persistent_list.py": """
+        from durus.persistent import Persistent
+        class PersistentList(Persistent):
+            pass
+    """,
+    "durus/persistent_set.py": """
+        from durus.persistent import Persistent
+        class PersistentSet(Persistent):
+            pass
+    """,
+    "durus/btree.py": """
+        from durus.persistent import PersistentObject
+        class BTree(PersistentObject):
+            pass
+        class BNode(PersistentObject):
+            pass
+        class BNode16(BNode):
+            pass
+    """,
+}
+
+READ_LIKE_DURUS = """
+import io, pickle, sys, zlib
+
+def ref(oid_class):
+    oid, cls = oid_class
+    return ("ref", cls.__module__, cls.__name__)
+
+data = sys.stdin.buffer.read()
+stream = io.BytesIO(data)
+unpickler = pickle.Unpickler(stream)
+unpickler.persistent_load = ref
+cls = unpickler.load()
+state = data[stream.tell():]
+if state[:1] == b"x":
+    state = zlib.decompress(state)
+unpickler = pickle.Unpickler(io.BytesIO(state))
+unpickler.persistent_load = ref
+print(cls.__module__, cls.__name__)
+print(repr(unpickler.load()))
+"""
+
+
+def test_records_name_durus_classes_so_durus_can_load_them(tmp_path):
+    for name, text in FAKE_DURUS.items():
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["list"] = PersistentList([1])
+    connection.commit()
+    data = unpack_record(storage.load(ROOT_OID))[1]
+
+    result = subprocess.run(
+        [sys.executable, "-c", READ_LIKE_DURUS],
+        input=data,  # the root: a PersistentDict referring to a PersistentList
+        capture_output=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "durus.persistent_dict PersistentDict"
+    assert "'durus.persistent_list', 'PersistentList'" in lines[1]

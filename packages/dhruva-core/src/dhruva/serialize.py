@@ -9,15 +9,18 @@ Classes stored under a ``durus.*`` module name load as the dhruva class of the
 same name (``durus.persistent_dict.PersistentDict`` loads as
 :class:`dhruva.persistent_dict.PersistentDict`).
 
-Limitations:
-    Records dhruva writes name dhruva's own classes by their ``dhruva.*``
-    modules, so Durus itself cannot load those objects.
-    TODO(#4): write Durus names for the built-in classes, and the serializer
-    plugins (msgspec, dill) with their record tags.
+dhruva's own classes are written under their Durus names, so Durus can still
+load what dhruva stores in a Durus database: an object's own class as a plain
+global, and a class inside a state (the class of a referenced object) as
+``getattr(importlib.import_module("durus.module"), "Name")``, which both
+Durus and dhruva resolve without needing the other installed.
+
+TODO(#4): the serializer plugins (msgspec, dill) with their record tags.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import pickle
@@ -47,7 +50,10 @@ MODULE_RENAMES = {"durus": "dhruva"}
 
 
 def extract_class_name(record: bytes) -> str:
-    """Return ``module.Class`` of the object in a record, without unpickling."""
+    """Return ``module.Class`` of the object in a record, without unpickling.
+
+    Durus's own classes are named as their dhruva equivalents.
+    """
     _oid, data, _refs = unpack_record(record)
     return _class_name_of_data(data)
 
@@ -57,7 +63,8 @@ def _class_name_of_data(data: bytes) -> str:
     if data[:3] == b"\x80\x02c":
         parts = data[3:].split(b"\n", 2)
         if len(parts) == 3:
-            return f"{parts[0].decode('latin-1')}.{parts[1].decode('latin-1')}"
+            module = rename_module(parts[0].decode("latin-1"))
+            return f"{module}.{parts[1].decode('latin-1')}"
     try:
         cls = _RenamingUnpickler(io.BytesIO(data)).load()
         return f"{cls.__module__}.{cls.__qualname__}"
@@ -74,9 +81,75 @@ def rename_module(module: str) -> str:
     return f"{new_head}.{rest}" if rest else new_head
 
 
+def _import_renamed(module: str) -> Any:
+    return importlib.import_module(rename_module(module))
+
+
 class _RenamingUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if module == "importlib" and name == "import_module":
+            return _import_renamed
         return super().find_class(rename_module(module), name)
+
+
+#: The Durus modules that have dhruva equivalents, with their class names.
+_DURUS_CLASSES = {
+    "persistent": ("Persistent", "PersistentObject", "ComputedAttribute"),
+    "persistent_dict": ("PersistentDict",),
+    "persistent_list": ("PersistentList",),
+    "persistent_set": ("PersistentSet",),
+    "btree": ("BTree", "BNode") + tuple(f"BNode{2**i}" for i in range(2, 10)),
+}
+
+_durus_names: dict[type, tuple[str, str]] | None = None
+
+
+def durus_names() -> dict[type, tuple[str, str]]:
+    """Map each dhruva class Durus also has to its Durus ``(module, name)``."""
+    global _durus_names
+    if _durus_names is None:
+        names = {}
+        for module_name, class_names in _DURUS_CLASSES.items():
+            module = importlib.import_module(f"dhruva.{module_name}")
+            for class_name in class_names:
+                names[getattr(module, class_name)] = (
+                    f"durus.{module_name}",
+                    class_name,
+                )
+        _durus_names = names
+    return _durus_names
+
+
+class _ModuleRef:
+    """Stands for a module inside a pickle: ``importlib.import_module(name)``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _DurusNamingPickler(pickle.Pickler):
+    """Writes dhruva's classes under their Durus names (see the module doc)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type):
+            durus_name = durus_names().get(obj)
+            if durus_name is not None:
+                module, name = durus_name
+                return getattr, (_ModuleRef(module), name)
+        elif isinstance(obj, _ModuleRef):
+            return importlib.import_module, (obj.name,)
+        return NotImplemented
+
+
+def _class_header(cls: type) -> bytes | None:
+    # The class pickle Durus writes for its own classes: PROTO, GLOBAL, STOP.
+    durus_name = durus_names().get(cls)
+    if durus_name is None:
+        return None
+    module, name = durus_name
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."
 
 
 class ObjectWriter:
@@ -94,7 +167,7 @@ class ObjectWriter:
 
     def _setup_pickler(self) -> None:
         self._buffer = io.BytesIO()
-        self._pickler = pickle.Pickler(self._buffer, PICKLE_PROTOCOL)
+        self._pickler = _DurusNamingPickler(self._buffer, PICKLE_PROTOCOL)
         self._pickler.persistent_id = self._persistent_id  # type: ignore[method-assign,assignment,unused-ignore]
         self._written = 0
 
@@ -124,16 +197,21 @@ class ObjectWriter:
             self._buffer.truncate()
             self._pickler.clear_memo()
         self._refs.clear()
-        self._pickler.dump(type(obj))
-        class_end = self._buffer.tell()
+        header = _class_header(type(obj))
+        class_end = 0
+        if header is None:
+            self._pickler.dump(type(obj))
+            class_end = self._buffer.tell()
         self._pickler.dump(obj.__getstate__())
         written = self._buffer.getvalue()
+        if header is None:
+            header = written[:class_end]
         state = written[class_end:]
         if len(state) >= COMPRESS_THRESHOLD:
             compressed = zlib.compress(state)
             if len(compressed) < len(state):
                 state = compressed
-        data = written[:class_end] + state
+        data = header + state
         self._written += len(data)
         self._refs.discard(obj._p_oid)
         return data, b"".join(sorted(self._refs))
