@@ -1,4 +1,4 @@
-"""``dhruva -c`` and ``dhruva -p`` on databases that Durus 4 wrote.
+"""``dhruva -c`` and ``dhruva -p`` on database files, Durus-written ones too.
 
 A Durus user keeps the files and the application module (its imports changed
 from ``durus.`` to ``dhruva.``), runs ``dhruva -c --file`` in the folder that
@@ -24,11 +24,6 @@ FIXTURES = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "durus-4"
 )
 
-if not (FIXTURES / "manifest.json").exists():
-    pytest.skip(
-        f"the Durus-written fixtures are not at {FIXTURES.resolve()}",
-        allow_module_level=True,
-    )
 
 #: Printed by ``dhruva -c`` on a fixture: what manifest.json says it holds.
 SUMMARY = """\
@@ -115,6 +110,8 @@ def check(seen: dict[str, Any], name: str) -> None:
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """A folder with the application module, as a Durus user would have."""
+    if not (FIXTURES / "manifest.json").exists():
+        pytest.skip(f"the Durus-written fixtures are not at {FIXTURES.resolve()}")
     shutil.copy(FIXTURES / "legacy_model.py", tmp_path)
     return tmp_path
 
@@ -196,3 +193,27 @@ def test_server_serves_a_durus_file(folder: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("options", "header"),
+    [([], b"SHELF-1"), (["--storage", "sqlite"], b"SQLite format 3")],
+)
+def test_new_file_kind_is_recognized_when_opened_again(
+    tmp_path: Path, options: list[str], header: bytes
+) -> None:
+    # Without --storage a new file gets Durus's FileStorage format.
+    first = dhruva(
+        tmp_path,
+        "-c",
+        "--file",
+        "new.db",
+        *options,
+        input='root["n"] = 42\nconnection.commit()\n',
+    )
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "new.db").read_bytes().startswith(header)
+
+    again = dhruva(tmp_path, "-c", "--file", "new.db", input='print(root["n"])')
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "42\n"

@@ -20,6 +20,7 @@ import dhruva._core_plugin
 import pytest
 from click.testing import CliRunner, Result
 from dhruva.cli import make_cli, rewrite_durus_flags
+from dhruva.cli_options import make_address
 from dhruva.hookspecs import hookimpl
 from dhruva.plugins import Plugins, get_plugin_manager
 from dhruva.registry import StorageKind, StorageRegistry
@@ -372,3 +373,19 @@ def test_plugins_lists_the_installed_distributions() -> None:
     assert result.exit_code == 0, result.output
     assert "core (dhruva-core " in result.stdout
     assert "storage    memory" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "address", "expected"),
+    [
+        ("127.0.0.1", 2972, None, ("127.0.0.1", 2972)),
+        ("127.0.0.1", 2972, "/tmp/dhruva.sock", "/tmp/dhruva.sock"),
+        ("127.0.0.1", 2972, "localhost:4000", ("localhost", 4000)),
+        ("127.0.0.1", 2972, "[::1]:4000", ("::1", 4000)),
+        ("127.0.0.1", 2972, "relative.sock", "relative.sock"),
+    ],
+)
+def test_address_option_is_a_socket_path_or_host_and_port(
+    host: str, port: int, address: str | None, expected: object
+) -> None:
+    assert make_address(host, port, address) == expected
