@@ -129,7 +129,10 @@ def parse_hello(payload: bytes) -> tuple[int, int]:
         )
     magic, version, flags = _hello.unpack_from(payload, 1)
     if magic != MAGIC:
-        raise ProtocolError(f"bad hello magic {magic!r}; the peer is not dhruva-net")
+        raise ProtocolError(
+            f"bad hello magic {magic!r}; the peer is not a dhruva storage "
+            "server or client"
+        )
     return version, flags
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dhruva.client_storage import stop_server, wait_for_server
-from dhruva.error import ConflictError, ProtocolError, StorageError
+from dhruva.error import ConflictError, DhruvaError, ProtocolError, StorageError
 from dhruva.net_protocol import (
     CMD_ABANDON,
     CMD_BULK_LOAD,
@@ -335,8 +335,12 @@ class StorageServer:
             raise
         except asyncio.CancelledError:
             raise
+        except DhruvaError as exc:
+            # A refused request (read-only storage, say) ends only itself.
+            log.warning("command %r from %s refused: %s", code, client.peer, exc)
+            return [pack_error(exc)]
         except Exception as exc:
-            # A storage failure ends this request, not the connection.
+            # So does a storage failure, but its traceback belongs in the log.
             log.exception("command %r from %s failed", code, client.peer)
             return [pack_error(exc)]
 
