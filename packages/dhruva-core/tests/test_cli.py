@@ -202,9 +202,12 @@ def test_piped_client_commits_to_a_file_and_a_second_run_reads_it(
 def test_uncommitted_changes_are_not_kept(tmp_path: Path) -> None:
     path = tmp_path / "test.durus"
     client(path, 'root["kept"] = 1; connection.commit()', "--storage", "picklefile")
-    client(path, 'root["dropped"] = 2')
+    dropped = client(path, 'root["dropped"] = 2')
+    assert dropped.exit_code == 0
+    assert "1 changed object not committed" in dropped.stderr
     result = client(path, "print(sorted(root.keys()))")
     assert result.stdout == "['kept']\n"
+    assert result.stderr == ""
 
 
 def test_abort_reverts_to_the_last_commit(tmp_path: Path) -> None:
@@ -389,3 +392,12 @@ def test_address_option_is_a_socket_path_or_host_and_port(
     host: str, port: int, address: str | None, expected: object
 ) -> None:
     assert make_address(host, port, address) == expected
+
+
+def test_readonly_empty_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    result = client(path, "print(root)", "--storage", "picklefile", "--readonly")
+    assert result.exit_code == 1
+    assert f"opening {path}" in result.stderr
+    assert "read-only" in result.stderr
+    assert "Traceback" not in result.output

@@ -210,7 +210,11 @@ def pack_command(
     from dhruva.connection import Connection
 
     with library_errors(f"packing {description}"):
-        connection = Connection(opened, cache_size=cache_size)
+        try:
+            connection = Connection(opened, cache_size=cache_size)
+        except BaseException:
+            opened.close()
+            raise
         try:
             before = opened.get_size()
             connection.pack()

@@ -203,16 +203,32 @@ def client_command(
 
     from dhruva.connection import Connection
 
-    with library_errors(f"opening {description}"):
-        connection = Connection(opened, cache_size=cache_size)
+    try:
+        with library_errors(f"opening {description}"):
+            connection = Connection(opened, cache_size=cache_size)
+    except BaseException:
+        opened.close()
+        raise
     try:
         with library_errors(f"reading the root of {description}"):
             names = make_namespace(connection)
         status = _run_console(names, description, startup)
+        _warn_uncommitted(connection)
     finally:
         connection.close()
     if status:
         ctx.exit(status)
+
+
+def _warn_uncommitted(connection: Connection) -> None:
+    # As in Durus, what was not committed is dropped; but say so.
+    count = len(connection.changed)
+    if count:
+        click.echo(
+            f"warning: {count} changed object{'s' if count > 1 else ''} not "
+            "committed, so not saved (end with connection.commit() to keep them)",
+            err=True,
+        )
 
 
 def _run_console(names: dict[str, Any], description: str, startup: str | None) -> int:
