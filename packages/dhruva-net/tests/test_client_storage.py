@@ -16,6 +16,7 @@ from dhruva.net_protocol import MAX_RECORD_SIZE
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage_testing import (
     BasicStorageContract,
+    DurableStorageContract,
     InvalidatingStorageContract,
     IterableStorageContract,
     PackableStorageContract,
@@ -62,6 +63,47 @@ class TestClientStorageOverUnixSocket(
         client = ClientStorage(address=server.address)
         yield client
         client.close()
+
+
+class TestClientStorageOverFileStorage(
+    BasicStorageContract,
+    DurableStorageContract,
+    IterableStorageContract,
+    InvalidatingStorageContract,
+    PackableStorageContract,
+):
+    """A FileStorage served: its incremental packer runs between requests."""
+
+    @pytest.fixture
+    def path(self, tmp_path):
+        return str(tmp_path / "served.durus")
+
+    @pytest.fixture
+    def server(self, run_server, path):
+        return run_server("--file", path, "--port", "0")
+
+    @pytest.fixture
+    def storage(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def second_client(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def reopen(self, server, run_server, path):
+        def reopen(client):
+            client.stop_server()
+            assert server.process.wait(20) == 0
+            return ClientStorage(
+                address=run_server("--file", path, "--port", "0").address
+            )
+
+        return reopen
 
 
 @pytest.fixture
