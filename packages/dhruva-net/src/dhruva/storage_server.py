@@ -22,6 +22,11 @@ Limitations:
 
 - A commit's fsync, a non-incremental ``pack()`` and the start of a full scan
   block the event loop (and so every client) while they run.
+- The server answers only clients of its own protocol version.
+
+TODO(#5): a limit on the invalid set of an idle client (today it grows until
+the client syncs), on staged bytes per connection, an idle timeout, TLS and
+authentication; fsync off the event loop.
 """
 
 from __future__ import annotations
