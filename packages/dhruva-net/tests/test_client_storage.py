@@ -235,6 +235,16 @@ def test_a_record_too_big_for_a_frame_is_refused_before_sending(clients):
         a.store(x, b"\0" * (MAX_RECORD_SIZE + 1))
 
 
+def test_a_big_record_travels_whole(clients):
+    a, b = clients
+    (x,) = new_oids(a, 1)
+    data = bytes(range(256)) * 40000  # about 10 MB
+    commit(a, make_record(x, data))
+    b.sync()
+    assert data_of(b, x) == data
+    assert [unpack_record(r)[1] for r in b.bulk_load([x, x])] == [data, data]
+
+
 def test_size_and_full_scan_in_small_batches(clients):
     a, b = clients
     oids = new_oids(a, 7)

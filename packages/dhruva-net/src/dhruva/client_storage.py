@@ -177,10 +177,15 @@ class ClientStorage(Storage):
         return self._sock
 
     def _send(self, payload: bytes) -> None:
+        data = frame(payload)
+        sock = self._socket()
         try:
-            self._socket().sendall(frame(payload))
+            sock.sendall(data)
         except OSError as exc:
             raise self._lost(exc) from exc
+        except BaseException:
+            self.close()  # a frame cut short: the stream is out of step
+            raise
 
     def _receive(self) -> bytes:
         self._socket()
@@ -193,9 +198,15 @@ class ClientStorage(Storage):
                     return payload
         except OSError as exc:
             raise self._lost(exc) from exc
+        except BaseException:
+            # A bad header, an interrupt or a timeout mid-frame: nothing
+            # after it on this stream can be trusted.
+            self.close()
+            raise
         raise self._lost(None)
 
     def _lost(self, exc: OSError | None) -> StorageError:
+        self.close()
         why = f": {exc}" if exc else ""
         return StorageError(
             f"lost the connection to the dhruva server at "
