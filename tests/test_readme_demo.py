@@ -78,7 +78,11 @@ class Server:
     """A ``dhruva -s`` process."""
 
     def __init__(
-        self, address: tuple[str, int] | str, cwd: Path, *options: str
+        self,
+        address: tuple[str, int] | str,
+        cwd: Path,
+        *options: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.address = address
         self.log = cwd / f"server-{time.monotonic_ns()}.log"
@@ -89,6 +93,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + STARTUP_SECONDS
         while not answers(address):
@@ -115,8 +120,13 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``dhruva -s`` processes; all of them are killed at the end."""
     started: list[Server] = []
 
-    def start(*options: str, address: tuple[str, int] | str | None = None) -> Server:
-        server = Server(address or ("127.0.0.1", free_port()), tmp_path, *options)
+    def start(
+        *options: str,
+        address: tuple[str, int] | str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Server:
+        where = address or ("127.0.0.1", free_port())
+        server = Server(where, tmp_path, *options, env=env)
         started.append(server)
         return server
 
@@ -160,7 +170,10 @@ def library_client(server: Server) -> Any:
 def test_two_clients_share_a_server_on_a_temporary_file(
     tmp_path: Path, start_server: Callable[..., Server]
 ) -> None:
-    server = start_server()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = start_server(env={"TMPDIR": str(temporary)})
+    assert len(list(temporary.iterdir())) >= 1  # the server's temporary file
 
     client(tmp_path, server, 'root["greeting"] = "hello"\nconnection.commit()\n')
     seen = client(tmp_path, server, 'print(root["greeting"])\n')
@@ -179,6 +192,8 @@ def test_two_clients_share_a_server_on_a_temporary_file(
         watcher.close()
 
     stop(tmp_path, server)
+    # Not persistence: the temporary file is gone with the server.
+    assert list(temporary.iterdir()) == []
 
     # The server logs at INFO to stderr, each message once.
     ready = [line for line in server.output().splitlines() if "ready" in line]
