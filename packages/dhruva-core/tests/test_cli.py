@@ -19,11 +19,11 @@ import click
 import dhruva._core_plugin
 import pytest
 from click.testing import CliRunner, Result
-from dhruva.cli import make_cli, rewrite_durus_flags
+from dhruva.cli import main, make_cli, rewrite_durus_flags
 from dhruva.cli_options import make_address
 from dhruva.hookspecs import hookimpl
 from dhruva.plugins import Plugins, get_plugin_manager
-from dhruva.registry import StorageKind, StorageRegistry
+from dhruva.registry import PluginError, StorageKind, StorageRegistry
 from dhruva.storage import MemoryStorage
 
 MAGIC = b"TESTPICKLE\n"
@@ -401,3 +401,23 @@ def test_readonly_empty_file_is_an_error_not_a_traceback(tmp_path: Path) -> None
     assert f"opening {path}" in result.stderr
     assert "read-only" in result.stderr
     assert "Traceback" not in result.output
+
+
+class BrokenCommandsPlugin:
+    @hookimpl
+    def dhruva_register_commands(self, cli: click.Group) -> None:
+        raise PluginError("plugin 'broken' cannot add its commands: reinstall it")
+
+
+def test_a_plugin_failing_at_startup_is_reported_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins = make_plugins()
+    plugins.pm.register(BrokenCommandsPlugin(), "broken")
+    monkeypatch.setattr("dhruva.cli.get_plugins", lambda: plugins)
+    with pytest.raises(SystemExit) as stopped:
+        main(["plugins"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "plugin 'broken' cannot add its commands: reinstall it" in err
+    assert "Traceback" not in err

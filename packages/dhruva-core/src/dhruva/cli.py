@@ -295,7 +295,13 @@ def plugins_command(ctx: click.Context) -> None:
 
 def main(args: Sequence[str] | None = None) -> Any:
     """Run the ``dhruva`` command line (the console script)."""
-    return make_cli().main(args=args, prog_name="dhruva")
+    try:
+        cli = make_cli()
+    except click.ClickException as error:
+        # A plugin failed before click took over: report it as click would.
+        error.show()
+        sys.exit(error.exit_code)
+    return cli.main(args=args, prog_name="dhruva")
 
 
 if __name__ == "__main__":
