@@ -295,7 +295,7 @@ def test_unix_socket_address(
 def test_write_conflict_between_two_clients(
     tmp_path: Path, start_server: Callable[..., Server]
 ) -> None:
-    from dhruva.error import ConflictError
+    from dhruva.error import WriteConflictError
 
     server = start_server()
     client(tmp_path, server, 'root["n"] = 0\nconnection.commit()\n')
@@ -308,7 +308,7 @@ def test_write_conflict_between_two_clients(
         first_root["n"] = 1
         first.commit()
         second_root["n"] = 2
-        with pytest.raises(ConflictError):
+        with pytest.raises(WriteConflictError):
             second.commit()
 
         # The loser aborts, sees the winner's value, and may try again.
