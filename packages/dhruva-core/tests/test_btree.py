@@ -615,3 +615,26 @@ def test_durus_4_3_trees_stay_right_after_changes(
     assert len(reopened) == expected_values["numbers_len"] - 200
     check_tree(reopened, expected, counts=False)
     check_tree(reopened, expected)
+
+
+def test_changes_through_a_small_cache_that_ghosts_nodes() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage, cache_size=10)
+    tree = BTree(BNode4)
+    connection.get_root()["tree"] = tree
+    expected: dict[int, int] = {}
+    rng = random.Random(11)
+    for _ in range(15):
+        for _ in range(150):
+            key = rng.randrange(1500)
+            if rng.random() < 0.6:
+                tree[key] = expected[key] = rng.randrange(100)
+            elif key in expected:
+                del tree[key]
+                del expected[key]
+        connection.commit()  # shrinks the cache: most nodes become ghosts
+        assert any(obj._p_is_ghost() for obj in connection.get_cache())
+        probe = rng.randrange(1500)
+        assert tree.get(probe) == expected.get(probe)
+        assert len(tree) == len(expected)
+    check_tree(Connection(storage).get_root()["tree"], expected)

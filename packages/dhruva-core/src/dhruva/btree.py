@@ -51,7 +51,7 @@ from operator import itemgetter
 from typing import Any
 
 from dhruva.error import DhruvaError
-from dhruva.persistent import PersistentObject, _setattribute
+from dhruva.persistent import PersistentObject, _getattribute, _setattribute
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ __all__ = [
 Item = tuple[Any, Any]
 
 _first = itemgetter(0)
+
+# Hot paths read a node's first attribute normally, which loads a ghost and
+# records the access, and then read its other attributes directly: a node stays
+# loaded until the connection shrinks its cache at commit or abort.
+_note_change = PersistentObject._p_note_change
 
 
 class EmptyBTreeError(DhruvaError, AssertionError):
@@ -268,14 +273,15 @@ def _bump(node: BNode, delta: int) -> None:
     """Add ``delta`` to the count of ``node``, which is marked changed either way.
 
     Every node on the path of an insertion or deletion is written, so that
-    other connections drop any count they computed for it.
+    other connections drop any count they computed for it. ``node`` must have
+    been read already in this operation (so it is not a ghost).
     """
+    _note_change(node)
     try:
-        count = node._count
+        count = _getattribute(node, "_count")
     except AttributeError:
-        node._p_note_change()
-    else:
-        node._count = count + delta
+        return
+    _setattribute(node, "_count", count + delta)
 
 
 def _recount(node: BNode) -> None:
@@ -307,7 +313,7 @@ def _search(node: BNode, key: Any) -> Item | None:
         position = bisect_left(items, key, key=_first)
         if position < len(items) and items[position][0] == key:
             return items[position]
-        nodes = node.nodes
+        nodes = _getattribute(node, "nodes")
         if nodes is None:
             return None
         node = nodes[position]
@@ -362,18 +368,18 @@ def _forward(path: Path, leaf: BNode, start: int) -> Iterator[Item]:
     yield from items[start:] if start else items
     while path:
         parent, position = path.pop()
-        items = parent.items
+        items = _getattribute(parent, "items")
         if position < len(items):
             yield items[position]
             position += 1
             path.append((parent, position))
-            node = parent.nodes[position]  # type: ignore[index]
+            node = _getattribute(parent, "nodes")[position]
             nodes = node.nodes
             while nodes is not None:
                 path.append((node, 0))
                 node = nodes[0]
                 nodes = node.nodes
-            yield from node.items
+            yield from _getattribute(node, "items")
 
 
 def _backward(path: Path, leaf: BNode, end: int) -> Iterator[Item]:
@@ -384,15 +390,15 @@ def _backward(path: Path, leaf: BNode, end: int) -> Iterator[Item]:
         parent, position = path.pop()
         if position > 0:
             position -= 1
-            yield parent.items[position]
+            yield _getattribute(parent, "items")[position]
             path.append((parent, position))
-            node = parent.nodes[position]  # type: ignore[index]
+            node = _getattribute(parent, "nodes")[position]
             nodes = node.nodes
             while nodes is not None:
                 path.append((node, len(nodes) - 1))
                 node = nodes[-1]
                 nodes = node.nodes
-            yield from reversed(node.items)
+            yield from reversed(_getattribute(node, "items"))
 
 
 # ---- restructuring ------------------------------------------------------
@@ -529,7 +535,7 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
             position = bisect_left(items, key, key=_first)
             if position < len(items) and items[position][0] == key:
                 return items[position][1]
-            nodes = node.nodes
+            nodes = _getattribute(node, "nodes")
             if nodes is None:
                 raise KeyError(key)
             node = nodes[position]
@@ -670,21 +676,22 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
         # travel back up. Only a new key changes the counts on the path.
         path: list[BNode] = []
         node = root
+        items = root.items
         while True:
-            items = node.items
             position = bisect_left(items, key, key=_first)
             if position < len(items) and items[position][0] == key:
                 items[position] = item
-                node._p_note_change()
+                _note_change(node)
                 return
-            nodes = node.nodes
+            nodes = _getattribute(node, "nodes")
             if nodes is None:
                 items.insert(position, item)
-                node._p_note_change()
+                _note_change(node)
                 _setattribute(node, "_count", len(items))
                 break
             child = nodes[position]
-            if len(child.items) >= 2 * type(child).minimum_degree - 1:
+            child_items = child.items
+            if len(child_items) >= 2 * type(child).minimum_degree - 1:
                 _split_child(node, position, child)
                 middle = items[position][0]
                 if middle == key:
@@ -693,8 +700,10 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
                 if middle < key:
                     position += 1
                 child = nodes[position]
+                child_items = child.items
             path.append(node)
             node = child
+            items = child_items
         for node in path:
             _bump(node, 1)
 
