@@ -295,8 +295,10 @@ def test_min_and_max_of_an_empty_tree_raise_what_durus_raised(method: str) -> No
         getattr(tree, method)()
     with pytest.raises(DhruvaError):
         getattr(tree, method)()
-    with pytest.raises(EmptyBTreeError):
+    with pytest.raises(EmptyBTreeError) as raised:
         getattr(tree, method)()
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert type(copy) is EmptyBTreeError and str(copy) == str(raised.value)
 
 
 # ---- the mapping API ---------------------------------------------------

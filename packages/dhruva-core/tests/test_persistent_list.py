@@ -9,7 +9,7 @@ import pytest
 from dhruva.connection import Connection
 from dhruva.persistent_list import PersistentList
 from dhruva.storage import MemoryStorage
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
@@ -116,6 +116,7 @@ def test_pickle_round_trip() -> None:
     assert pickle.loads(pickle.dumps(p)) == p
 
 
+@settings(deadline=None)
 @given(
     items=st.lists(st.integers(), max_size=12),
     start=st.integers(-15, 15) | st.none(),

@@ -10,7 +10,7 @@ import pytest
 from dhruva.connection import Connection
 from dhruva.persistent_set import PersistentSet
 from dhruva.storage import MemoryStorage
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
@@ -96,6 +96,7 @@ OPERATORS = [operator.and_, operator.or_, operator.sub, operator.xor]
 IN_PLACE = [operator.iand, operator.ior, operator.isub, operator.ixor]
 
 
+@settings(deadline=None)
 @given(
     left=st.sets(st.integers(0, 20), max_size=10),
     right=st.sets(st.integers(0, 20), max_size=10),
