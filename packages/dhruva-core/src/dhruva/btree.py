@@ -75,6 +75,7 @@ __all__ = [
 Item = tuple[Any, Any]
 
 _first = itemgetter(0)
+_second = itemgetter(1)
 
 # Hot paths read a node's first attribute normally, which loads a ghost and
 # records the access, and then read its other attributes directly: a node stays
@@ -573,12 +574,10 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
     # -- iteration
 
     def __iter__(self) -> Iterator[Any]:
-        for item in _forward(*_leftmost_path(self.root)):
-            yield item[0]
+        return map(_first, _forward(*_leftmost_path(self.root)))
 
     def __reversed__(self) -> Iterator[Any]:
-        for item in _backward(*_rightmost_path(self.root)):
-            yield item[0]
+        return map(_first, _backward(*_rightmost_path(self.root)))
 
     def iteritems(self) -> Iterator[Item]:
         """Yield every ``(key, value)`` item in key order."""
@@ -590,8 +589,7 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
 
     def itervalues(self) -> Iterator[Any]:
         """Yield every value in key order."""
-        for item in _forward(*_leftmost_path(self.root)):
-            yield item[1]
+        return map(_second, _forward(*_leftmost_path(self.root)))
 
     def keys(self) -> BTreeKeysView:
         """Return a live view of the keys, in order (``len`` and ``in`` work)."""
@@ -868,8 +866,7 @@ class BTreeValuesView(ValuesView[Any]):
         return self._mapping.itervalues()
 
     def __reversed__(self) -> Iterator[Any]:
-        for item in self._mapping.items_backward():
-            yield item[1]
+        return map(_second, self._mapping.items_backward())
 
 
 class BTreeItemsView(ItemsView[Any, Any]):
