@@ -444,8 +444,11 @@ def _merge_children(parent: BNode, position: int) -> BNode:
 
 
 def _fill_child(parent: BNode, position: int) -> BNode:
-    """Give the small child ``position`` at least ``t`` items; return the node
-    that now holds its keys (a merge may put them into the left sibling)."""
+    """Top up the small child ``position`` of ``parent`` to at least ``t`` items.
+
+    :returns: the node that now holds the child's keys (a merge may move them
+        into the left sibling).
+    """
     items = parent.items
     nodes = parent.nodes
     assert nodes is not None
