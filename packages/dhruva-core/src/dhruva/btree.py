@@ -80,6 +80,7 @@ _second = itemgetter(1)
 # Hot paths read a node's first attribute normally, which loads a ghost and
 # records the access, and then read its other attributes directly: a node stays
 # loaded until the connection shrinks its cache at commit or abort.
+# TODO(#6): descend, insert and delete in C; the attribute hooks dominate here.
 _note_change = PersistentObject._p_note_change
 
 
