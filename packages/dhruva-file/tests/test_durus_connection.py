@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def legacy(tmp_path, monkeypatch) -> Path:
+def legacy(tmp_path, monkeypatch) -> Iterator[Path]:
     """A writable copy of the Durus file, with its model module importable."""
     monkeypatch.syspath_prepend(str(FIXTURES))
-    yield_path = tmp_path / NAME
-    shutil.copyfile(FIXTURES / NAME, yield_path)
-    yield yield_path
+    path = tmp_path / NAME
+    shutil.copyfile(FIXTURES / NAME, path)
+    yield path
     sys.modules.pop("legacy_model", None)
 
 
@@ -114,7 +115,7 @@ def test_people_digest_matches_the_manifest(legacy, manifest):
 
 
 def test_a_commit_appends_and_everything_reads_back_after_reopen(legacy, manifest):
-    from legacy_model import Person  # from the fixture folder
+    from legacy_model import Person  # type: ignore[import-not-found]
 
     size = legacy.stat().st_size
     connection = Connection(FileStorage(legacy))
