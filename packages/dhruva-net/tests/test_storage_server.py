@@ -275,3 +275,26 @@ def test_wait_for_server(memory_server, socket_path):
     with pytest.raises(StorageError, match="no dhruva server"):
         wait_for_server(socket_path, timeout=0.3)
     assert time.monotonic() - started < 10
+
+
+def test_wait_for_server_takes_durus_keywords(memory_server):
+    host, port = memory_server.address
+    wait_for_server(host=host, port=port, maxtries=10, sleeptime=0.1)
+
+
+def test_a_server_in_a_thread_of_this_process_stops_when_asked(socket_path):
+    from dhruva.storage import MemoryStorage
+    from dhruva.storage_server import StorageServer
+
+    server = StorageServer(MemoryStorage(), address=socket_path)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        wait_for_server(socket_path, timeout=20)
+        assert server.bound_address == socket_path
+        assert_server_still_serves(socket_path)
+    finally:
+        server.stop()
+        thread.join(20)
+    assert not thread.is_alive()
+    assert not os.path.exists(socket_path)

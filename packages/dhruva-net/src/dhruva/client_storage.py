@@ -388,12 +388,26 @@ def stop_server(
 
 
 def wait_for_server(
-    address: Address = (DEFAULT_HOST, DEFAULT_PORT), timeout: float = 30.0
+    address: Address | None = None,
+    timeout: float = 30.0,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    maxtries: int | None = None,
+    sleeptime: float | None = None,
 ) -> None:
     """Return once something accepts connections at ``address``.
 
+    :param address: ``(host, port)`` or a unix socket path; by default
+        ``(host, port)``.
+    :param timeout: seconds to keep trying.
+    :param maxtries: with ``sleeptime``, Durus's way to give the timeout
+        (their product); accepted so that Durus code keeps working.
     :raises StorageError: when nothing does within ``timeout`` seconds.
     """
+    address = resolve_address(host, port, address)
+    if maxtries is not None or sleeptime is not None:
+        timeout = (maxtries or 300) * (sleeptime if sleeptime is not None else 2)
     deadline = time.monotonic() + timeout
     while True:
         try:

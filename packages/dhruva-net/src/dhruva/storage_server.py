@@ -39,7 +39,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from dhruva.client_storage import stop_server, wait_for_server
@@ -155,7 +155,7 @@ class StorageServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._stop_requested = threading.Event()
-        self._handlers: dict[bytes, Callable[[_Client, bytes], list[bytes]]] = {
+        self._handlers: dict[bytes, Callable[[_Client, bytes], Iterable[bytes]]] = {
             CMD_NEW_OIDS: self._handle_new_oids,
             CMD_LOAD: self._handle_load,
             CMD_BULK_LOAD: self._handle_bulk_load,
@@ -190,14 +190,9 @@ class StorageServer:
 
     async def serve_async(self, stop_signals: Iterable[int] = ()) -> None:
         """The coroutine :meth:`serve` runs."""
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        if self._stop_requested.is_set():
-            self._stopping.set()
-        for signum in stop_signals:
-            self._loop.add_signal_handler(signum, self._on_signal, signum)
-
+        loop = asyncio.get_running_loop()
         sock = _listening_socket(self.address)
+        self.bound_address = _bound_address(sock, self.address)
         connections: set[asyncio.Task[None]] = set()
 
         async def on_connect(
@@ -213,34 +208,47 @@ class StorageServer:
             finally:
                 connections.discard(task)
 
-        if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(on_connect, sock=sock)
-        else:
-            server = await asyncio.start_server(on_connect, sock=sock)
-        self.bound_address = _bound_address(sock, self.address)
+        self._stopping = stopping = asyncio.Event()
+        self._loop = loop
+        if self._stop_requested.is_set():
+            stopping.set()
+        signals = list(stop_signals)
+        for signum in signals:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        server: asyncio.Server | None = None
         try:
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(on_connect, sock=sock)
+            else:
+                server = await asyncio.start_server(on_connect, sock=sock)
             log.info(
                 "dhruva storage server ready on %s (protocol version %d)",
                 format_address(self.bound_address),
                 PROTOCOL_VERSION,
             )
-            await self._stopping.wait()
+            await stopping.wait()
         finally:
-            server.close()
+            # Stop listening, end every connection and any pack under way.
+            if server is not None:
+                server.close()
+            else:
+                sock.close()
             for task in list(connections):
                 task.cancel()
             await asyncio.gather(*connections, return_exceptions=True)
             if self._pack_task is not None:
                 self._pack_task.cancel()
                 await asyncio.gather(self._pack_task, return_exceptions=True)
-            await server.wait_closed()
-            for signum in stop_signals:
-                self._loop.remove_signal_handler(signum)
+            if server is not None:
+                await server.wait_closed()
+            for signum in signals:
+                loop.remove_signal_handler(signum)
             _remove_socket_file(self.address)
             self._loop = self._stopping = None
+            self._stop_requested.clear()
             log.info(
                 "dhruva storage server on %s stopped",
-                format_address(self.bound_address or self.address),
+                format_address(self.bound_address),
             )
 
     def _on_signal(self, signum: int) -> None:
@@ -263,9 +271,10 @@ class StorageServer:
                 payload = await _read_frame(reader, MAX_FRAME_SIZE, peer)
                 if payload is None:
                     break
-                replies = await self._dispatch(client, payload)
-                if replies:
-                    writer.write(b"".join(frame(reply) for reply in replies))
+                # Replies go out one frame at a time, waiting whenever this
+                # client reads slower than the server writes.
+                for reply in await self._dispatch(client, payload):
+                    writer.write(frame(reply))
                     await writer.drain()
         except ProtocolError as exc:
             log.warning("closing the connection from %s: %s", peer, exc)
@@ -317,7 +326,7 @@ class StorageServer:
             | (FLAG_ITERABLE if storage.iterable else 0)
         )
 
-    async def _dispatch(self, client: _Client, payload: bytes) -> list[bytes]:
+    async def _dispatch(self, client: _Client, payload: bytes) -> Iterable[bytes]:
         """Run one command; return the reply payloads (none for some commands).
 
         :raises ProtocolError: for an unknown command or a malformed body; the
@@ -382,9 +391,20 @@ class StorageServer:
             raise ProtocolError(f"load: expected an 8-byte oid, got {len(body)} bytes")
         return [self._load_reply(client, body)]
 
-    def _handle_bulk_load(self, client: _Client, body: bytes) -> list[bytes]:
+    def _handle_bulk_load(self, client: _Client, body: bytes) -> Iterator[bytes]:
         oids = split_oid_list(body, "bulk_load")
-        return [self._load_reply(client, oid) for oid in oids]
+        return self._gen_load_replies(client, oids)
+
+    def _gen_load_replies(self, client: _Client, oids: list[bytes]) -> Iterator[bytes]:
+        # Loaded as they are sent, so a big batch is never all in memory. A
+        # commit in between puts its oids in the invalid set, which the
+        # following loads see: the batch stays consistent for this client.
+        for oid in oids:
+            try:
+                yield self._load_reply(client, oid)
+            except Exception as exc:
+                log.exception("bulk load of oid %s failed", int.from_bytes(oid, "big"))
+                yield pack_error(exc)
 
     def _sync_storage(self) -> None:
         # A storage shared with other processes may report their commits.
