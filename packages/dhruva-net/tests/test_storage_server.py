@@ -28,6 +28,8 @@ from dhruva.net_protocol import (
     unpack_error,
 )
 from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage import MemoryStorage
+from dhruva.storage_server import StorageServer
 from dhruva.storage_testing import commit, make_record
 
 
@@ -283,9 +285,6 @@ def test_wait_for_server_takes_durus_keywords(memory_server):
 
 
 def test_a_server_in_a_thread_of_this_process_stops_when_asked(socket_path):
-    from dhruva.storage import MemoryStorage
-    from dhruva.storage_server import StorageServer
-
     server = StorageServer(MemoryStorage(), address=socket_path)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -298,3 +297,59 @@ def test_a_server_in_a_thread_of_this_process_stops_when_asked(socket_path):
         thread.join(20)
     assert not thread.is_alive()
     assert not os.path.exists(socket_path)
+
+
+class SlowPackingStorage(MemoryStorage):
+    """A MemoryStorage whose incremental packer takes many slow steps."""
+
+    packing = False
+    loads_while_packing = 0
+
+    def get_packer(self):
+        def packer():
+            self.packing = True
+            for _ in range(400):
+                time.sleep(0.01)  # each step blocks the server briefly
+                yield None
+            self.pack()
+            self.packing = False
+
+        return packer()
+
+    def load(self, oid):
+        if self.packing:
+            self.loads_while_packing += 1
+        return super().load(oid)
+
+
+def test_clients_are_served_between_the_steps_of_an_incremental_pack(socket_path):
+    storage = SlowPackingStorage()
+    server = StorageServer(storage, address=socket_path)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    packer_client = None
+    try:
+        wait_for_server(socket_path, timeout=20)
+        packer_client = ClientStorage(address=socket_path)
+        commit(packer_client, make_record(ROOT_OID, b"root"))
+        packing = threading.Thread(target=packer_client.pack, daemon=True)
+        packing.start()
+
+        deadline = time.monotonic() + 20
+        while not storage.packing:
+            assert time.monotonic() < deadline and packing.is_alive()
+            time.sleep(0.005)
+        reader = ClientStorage(address=socket_path)
+        try:
+            assert unpack_record(reader.load(ROOT_OID))[1] == b"root"
+        finally:
+            reader.close()
+        assert storage.loads_while_packing == 1
+
+        packing.join(30)
+        assert not packing.is_alive() and not storage.packing
+    finally:
+        server.stop()
+        thread.join(20)
+        if packer_client is not None:
+            packer_client.close()
