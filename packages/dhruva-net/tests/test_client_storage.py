@@ -151,7 +151,7 @@ def test_commit_over_invalidations_is_refused_and_nothing_is_written(clients):
     b.sync()
     commit(a, make_record(x, b"a's again"))
 
-    seen = []
+    seen: list[bytes] = []
 
     def handle_invalidations(oids):
         seen.extend(oids)
@@ -184,7 +184,7 @@ def test_invalidations_that_do_not_matter_let_the_commit_through(clients):
     b.sync()
     commit(a, make_record(x, b"x2"))
 
-    seen = []
+    seen: list[bytes] = []
     b.begin()
     b.store(y, make_record(y, b"y from b"))
     b.end(seen.extend)
