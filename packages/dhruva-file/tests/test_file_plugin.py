@@ -50,12 +50,10 @@ def test_shelf_files_are_recognized(plugins, tmp_path):
     FileStorage(shelf).close()
     assert plugins.recognize(str(shelf)) == "file"
 
-    # FileStorage2 files belong to another storage kind (issue #3).
+    # FileStorage2 files belong to the file2 kind.
     dfs = tmp_path / "db2"
     dfs.write_bytes(b"DFS20\0" + bytes(8))
-    assert (
-        _file_plugin.dhruva_recognize_storage(path=str(dfs), header=b"DFS20\0") is None
-    )
+    assert plugins.recognize(str(dfs)) == "file2"
 
 
 def test_installed_entry_point_opens_shelf_files(tmp_path):

@@ -1,6 +1,7 @@
-"""The plugin of dhruva-file: registers FileStorage and recognizes its files.
+"""The plugin of dhruva-file: registers its file storages, recognizes their files.
 
-FileStorage itself is imported only when a file is opened.
+The kinds are ``file`` (FileStorage, "SHELF-1") and ``file2`` (FileStorage2,
+"DFS20"). The storages themselves are imported only when a file is opened.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dhruva.storage import Storage
 
 #: The first bytes of a FileStorage ("SHELF-1") file.
 SHELF_PREFIX = b"SHELF-1"
+
+#: The first bytes of a FileStorage2 ("DFS20") file.
+DFS20_PREFIX = b"DFS20"
 
 
 def _open_file(
@@ -31,6 +35,21 @@ def _open_file(
     return FileStorage(path, readonly=readonly, repair=repair)
 
 
+def _open_file2(
+    path: str | os.PathLike[str] | None,
+    *,
+    readonly: bool = False,
+    repair: bool = False,
+    **options: Any,
+) -> Storage:
+    from dhruva.file_storage2 import FileStorage2
+
+    if options:
+        names = ", ".join(sorted(options))
+        raise TypeError(f"the file2 storage takes no options {names}")
+    return FileStorage2(path, readonly=readonly, repair=repair)
+
+
 @hookimpl
 def dhruva_register_storages(registry: StorageRegistry) -> None:
     registry.add(
@@ -42,10 +61,21 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
             distribution="dhruva-file",
         )
     )
+    registry.add(
+        StorageKind(
+            name="file2",
+            open=_open_file2,
+            description="one file in Durus's FileStorage2 (DFS20) format",
+            file_based=True,
+            distribution="dhruva-file",
+        )
+    )
 
 
 @hookimpl
 def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
     if header.startswith(SHELF_PREFIX):
         return "file"
+    if header.startswith(DFS20_PREFIX):
+        return "file2"
     return None

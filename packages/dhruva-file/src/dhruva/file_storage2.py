@@ -1,0 +1,488 @@
+"""FileStorage2: object records in one file, in Durus's "DFS20" layout.
+
+Durus 3.7 made this its standard file format and later versions still read and
+write it; :class:`FileStorage2` opens such files unchanged and appends to them
+in the same layout, so that Durus can go on reading them. The layout is::
+
+    b"DFS20\\0" | int8 offset of the index record
+    transactions | the index record | transactions
+
+A transaction is a run of records, each ``int4 r`` followed by an ``r``-byte
+object record (see :mod:`dhruva.record`), ended by an int4 zero. The index
+record is ``int8 n`` followed by ``n`` bytes: a zlib-compressed pickle of a
+dict mapping oid bytes to the file offset of each record written before it.
+It is written when the file is created or packed; records committed later are
+found by scanning the transactions after it when the file is opened. The whole
+index is kept in memory.
+
+Everything else is :class:`~dhruva.file_storage.FileStorage`'s: one ``fsync``
+per commit before :meth:`~FileStorage2.end` returns, one writer at a time
+(``flock`` plus a ``<file>.lock`` note naming the holder), an incomplete last
+transaction refused at open unless ``repair=True`` cuts it off (saving it as
+``<file>.torn-<offset>``), read-only opens that never change the file, and a
+pack that writes a new file and renames it over the old one.
+
+Limitations:
+
+- The layout has no checksums. A last transaction cut short, zero-filled or
+  followed by garbage is found; bytes changed in place inside a record whose
+  lengths still add up are not.
+- Commits with no records write nothing (Durus writes an empty transaction, a
+  lone int4 zero). A file ending in more than one empty transaction is taken
+  for a zero-filled tail; repairing it cuts only empty transactions.
+- A record must be shorter than 4 GiB (the int4 length word);
+  :meth:`~FileStorage2.end` refuses a longer one and writes nothing.
+- Oids are never handed out twice by dhruva: a pack records the next oid
+  after the pickled index, where Durus's reader ignores it. Durus itself
+  reuses the oids a pack freed when it packs the file.
+- A read-only storage sees the commits made before it was opened, not later
+  ones. TODO(#3): follow the file while another process appends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import pickle
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO
+
+from dhruva.error import DhruvaKeyError, StorageError
+from dhruva.file_storage import _PACK_STEP, FileStorage, _fsync_directory
+from dhruva.record import ROOT_OID
+from dhruva.shelf import ScanResult, TornTailError
+from dhruva.storage import InvalidationHandler, gen_reachable_records
+
+log = logging.getLogger(__name__)
+
+#: The first bytes of every DFS20 file.
+MAGIC = b"DFS20\0"
+
+#: Offset of the first transaction's first byte in a new file, where Durus
+#: writes the (empty) index record.
+HEADER_SIZE = len(MAGIC) + 8
+
+#: Marks the next oid, written after the pickled index; pickle.loads (and so
+#: Durus) ignores bytes after the pickle's end.
+NEXT_OID_MARK = b"\0dhruva-next-oid"
+
+_int8 = struct.Struct(">Q")
+_int4 = struct.Struct(">I")
+
+#: The smallest object record: oid and data length.
+_MIN_RECORD = 12
+
+#: The index pickle is protocol 4, as Durus 4 writes it on Python 3.
+_PICKLE_PROTOCOL = 4
+
+
+def encode_index(index: Mapping[bytes, int], next_oid: int = 0) -> bytes:
+    """Return a whole index record (length word included).
+
+    :param index: record offsets by oid.
+    :param next_oid: the number of the next oid to hand out; it is written
+        only when it is above every oid in ``index``.
+    """
+    payload = pickle.dumps(dict(index), protocol=_PICKLE_PROTOCOL)
+    highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
+    if next_oid > highest + 1:
+        payload += NEXT_OID_MARK + _int8.pack(next_oid)
+    compressed = zlib.compress(payload)
+    return _int8.pack(len(compressed)) + compressed
+
+
+def encode_empty_file() -> bytes:
+    """Return the bytes of a new, empty DFS20 file (as Durus writes it)."""
+    return MAGIC + _int8.pack(HEADER_SIZE) + encode_index({})
+
+
+def encode_transaction(records: Mapping[bytes, bytes]) -> bytes:
+    """Return one transaction holding ``records`` (by oid), terminator included.
+
+    :raises StorageError: when a record does not fit its int4 length word.
+    """
+    parts = []
+    for oid, record in records.items():
+        if len(record) >= 1 << 32:
+            raise StorageError(
+                f"the record of oid {int.from_bytes(oid, 'big')} has "
+                f"{len(record)} bytes; a DFS20 record must be under 4 GiB: "
+                "split the object, or use FileStorage"
+            )
+        parts.append(_int4.pack(len(record)))
+        parts.append(record)
+    parts.append(_int4.pack(0))
+    return b"".join(parts)
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles an index dict, refusing every class but the bytes helper."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # A protocol 2 pickle from Python 3 spells bytes as _codecs.encode.
+        if (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} in an index record")
+
+
+def decode_index(payload: bytes) -> tuple[dict[bytes, int], int]:
+    """Return the offsets by oid and the next oid recorded (0 if none).
+
+    :param payload: the decompressed index pickle.
+    :raises ValueError: when the payload is not an index.
+    """
+    try:
+        loaded = _IndexUnpickler(io.BytesIO(payload), encoding="latin1").load()
+    except Exception as e:
+        raise ValueError(f"its pickle does not load ({e})") from e
+    if not isinstance(loaded, dict):
+        raise ValueError(f"it holds a {type(loaded).__name__}, not a dict")
+    index: dict[bytes, int] = {}
+    for key, offset in loaded.items():
+        # Python 2 wrote oids as str; Durus reads them as latin-1.
+        oid = key.encode("latin1") if isinstance(key, str) else key
+        if not isinstance(oid, bytes) or len(oid) != 8 or not isinstance(offset, int):
+            raise ValueError(f"it maps {key!r} to {offset!r}")
+        index[oid] = offset
+    next_oid = 0
+    if payload[-24:-8] == NEXT_OID_MARK:
+        (next_oid,) = _int8.unpack(payload[-8:])
+    return index, next_oid
+
+
+def scan_transactions(file: BinaryIO, start: int, file_size: int) -> ScanResult:
+    """Index the transactions from ``start`` to the end of the file.
+
+    Each record's lengths are checked, so that a transaction cut short,
+    filled with zeros, or followed by garbage is found. Scanning stops at
+    the first bad transaction; everything from there on is the torn tail.
+    """
+    result = ScanResult(index={}, end=start, transactions=0)
+    position = start
+    while position < file_size:
+        checked = _check_transaction(file, position, file_size)
+        if isinstance(checked, str):
+            result.torn_at = position
+            result.reason = checked
+            break
+        found, position = checked
+        result.index.update(found)
+        result.end = position
+        result.transactions += 1
+    return result
+
+
+def _check_transaction(
+    file: BinaryIO, position: int, file_size: int
+) -> tuple[dict[bytes, int], int] | str:
+    """Check the transaction at ``position``.
+
+    :return: the offsets of its records by oid and the offset after it, or
+        what is wrong with it.
+    """
+    found: dict[bytes, int] = {}
+    at = position
+    while True:
+        if file_size - at < 4:
+            return (
+                f"it has no end marker: the file ends {file_size - at} bytes "
+                f"after byte offset {at}"
+            )
+        file.seek(at)
+        (length,) = _int4.unpack(file.read(4))
+
+        # The end marker; zeros running on to the end are what a crash leaves.
+        if length == 0:
+            if at == position and file_size - at > 4 and _zeros_to_end(file, at):
+                return f"{file_size - at} zero bytes run to the end of the file"
+            return found, at + 4
+
+        if length < _MIN_RECORD or at + 4 + length > file_size:
+            return (
+                f"the record at byte offset {at} claims {length} bytes; "
+                f"{file_size - at - 4} follow"
+            )
+        head = file.read(_MIN_RECORD)
+        oid = head[:8]
+        (data_length,) = _int4.unpack_from(head, 8)
+        refs_length = length - _MIN_RECORD - data_length
+        if refs_length < 0 or refs_length % 8:
+            return f"the record at byte offset {at} is damaged"
+        if head == bytes(_MIN_RECORD) and file.read(refs_length) == bytes(refs_length):
+            return f"the record at byte offset {at} is zero-filled"
+        found[oid] = at
+        at += 4 + length
+
+
+def _zeros_to_end(file: BinaryIO, position: int) -> bool:
+    file.seek(position)
+    while chunk := file.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
+class FileStorage2(FileStorage):
+    """A storage in one DFS20 file; the format of Durus's FileStorage2.
+
+    It shares :class:`~dhruva.file_storage.FileStorage`'s locking, repair,
+    read-only and temporary-file handling; only the layout differs.
+
+    :param path: the database file; created when missing (unless read-only).
+        None makes a temporary file that is removed on :meth:`close`.
+    :param readonly: open without locking and refuse every write; the file
+        is never created or changed.
+    :param repair: cut an incomplete last transaction off the file instead
+        of refusing to open it.
+    :raises FileLockedError: when another process has the file open for
+        writing.
+    :raises TornTailError: when the file ends in an incomplete transaction
+        and ``repair`` is false.
+    :raises StorageError: when the file is missing (read-only), damaged, or
+        not a DFS20 file.
+    """
+
+    packable = True
+    iterable = True
+
+    # --- opening -------------------------------------------------------------------
+
+    def _write_new_shelf(self) -> None:
+        """Write an empty DFS20 file: the header and an empty index record."""
+        file = self._live_file()
+        file.seek(0)
+        file.write(encode_empty_file())
+        file.flush()
+        os.fsync(file.fileno())
+        _fsync_directory(self.path)
+        log.info("created %s", self.path)
+
+    def _damaged(self, what: str) -> StorageError:
+        message = f"{self.path}: {what}; the file is damaged: restore it from a backup"
+        log.error("%s", message)
+        return StorageError(message)
+
+    def _load_layout(self, repair: bool) -> None:
+        """Read the header and the index record, then scan the transactions
+        after it."""
+        file = self._live_file()
+        size = os.fstat(file.fileno()).st_size
+        file.seek(0)
+        head = file.read(HEADER_SIZE)
+        if not head.startswith(MAGIC):
+            raise StorageError(
+                f"{self.path} is not a FileStorage2 (DFS20) file: it starts with "
+                f"{head[:8]!r}; open it with the storage kind that wrote it"
+            )
+        if len(head) < HEADER_SIZE:
+            raise self._damaged(f"the file ends at byte offset {size}, in its header")
+
+        # The index record.
+        (index_at,) = _int8.unpack_from(head, len(MAGIC))
+        if not HEADER_SIZE <= index_at <= size - 8:
+            raise self._damaged(
+                f"the header puts the index record at byte offset {index_at}, "
+                f"outside the file's {size} bytes"
+            )
+        file.seek(index_at)
+        (length,) = _int8.unpack(file.read(8))
+        if index_at + 8 + length > size:
+            raise self._damaged(
+                f"the index record at byte offset {index_at} claims {length} "
+                f"bytes; {size - index_at - 8} follow"
+            )
+        try:
+            index, recorded_next = decode_index(zlib.decompress(file.read(length)))
+        except (ValueError, zlib.error) as e:
+            raise self._damaged(
+                f"the index record at byte offset {index_at} is unreadable: {e}"
+            ) from None
+        stray = [o for o in index.values() if not HEADER_SIZE <= o < index_at]
+        if stray:
+            raise self._damaged(
+                f"the index record at byte offset {index_at} points to byte "
+                f"offset {stray[0]}, which is not before it"
+            )
+
+        # The transactions committed after it.
+        scan = scan_transactions(file, index_at + 8 + length, size)
+        if scan.torn_at is not None:
+            error = TornTailError(self.path, scan.torn_at, size, scan.reason)
+            if self.readonly:
+                log.warning("%s; reading up to the incomplete transaction", error)
+            elif repair:
+                self._cut_tail(scan.torn_at, size, scan.reason)
+            else:
+                log.error("%s", error)
+                raise error
+        index.update(scan.index)
+        self._index = index
+        self._end = scan.end
+        highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
+        self._next_oid = max(recorded_next, highest + 1)
+        log.debug(
+            "%s: %d records, %d transactions after the index record",
+            self.path,
+            len(index),
+            scan.transactions,
+        )
+
+    # --- reading -------------------------------------------------------------------
+
+    def _position(self, oid: bytes) -> int | None:
+        return self._index.get(oid)
+
+    def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
+        yield from list(self._index.items())
+
+    def _read_record(self, file: BinaryIO, oid: bytes, offset: int) -> bytes:
+        file.seek(offset)
+        head = file.read(4)
+        if len(head) == 4:
+            (length,) = _int4.unpack(head)
+            record = file.read(length)
+            if length >= _MIN_RECORD and len(record) == length and record[:8] == oid:
+                return record
+        raise self._damaged(
+            f"the record of oid {int.from_bytes(oid, 'big')} at byte offset "
+            f"{offset} is not there"
+        )
+
+    def load(self, oid: bytes) -> bytes:
+        file = self._live_file()
+        position = self._index.get(oid)
+        if position is None:
+            raise DhruvaKeyError(oid)
+        return self._read_record(file, oid, position)
+
+    def gen_oid_record(
+        self, start_oid: bytes | None = None, batch_size: int = 100
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(oid, record)``: every current record, or those reachable
+        from ``start_oid`` when it is given."""
+        if start_oid is not None:
+            yield from gen_reachable_records(self, start_oid, batch_size)
+            return
+        file = self._live_file()
+        for oid, position in self._gen_positions():
+            yield oid, self._read_record(file, oid, position)
+
+    # --- writing -------------------------------------------------------------------
+
+    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
+        """Write the commit as one transaction and fsync it before returning."""
+        self._check_writable("end()")
+        file = self._live_file()
+        pending, self._pending = self._pending or {}, None
+        if not pending:
+            return
+        data = encode_transaction(pending)
+
+        # One write, one fsync; on failure cut back whatever reached the file.
+        start = self._end
+        try:
+            file.seek(start)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                file.truncate(start)
+                file.flush()
+            raise StorageError(
+                f"{self.path}: writing a transaction at byte offset {start} "
+                f"failed ({e}); nothing was committed"
+            ) from e
+
+        position = start
+        for oid, record in pending.items():
+            self._index[oid] = position
+            position += 4 + len(record)
+            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
+        self._end = start + len(data)
+        if self._pack_extra is not None:
+            self._pack_extra.update(pending)
+        log.debug(
+            "%s: committed %d records at byte offset %d", self.path, len(pending), start
+        )
+
+    # --- packing -------------------------------------------------------------------
+
+    def _packer(self) -> Iterator[None]:
+        if ROOT_OID not in self._index:
+            log.info("%s has no root object; nothing to pack", self.path)
+            return
+        log.info("packing %s", self.path)
+        self._pack_extra = set()
+        pack_path = self.path + ".pack"
+        new: BinaryIO | None = None
+        try:
+            new = open(pack_path, "w+b")  # noqa: SIM115 (becomes self._file)
+            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            old_oids = set(self._index)
+
+            # The reachable records, as one transaction.
+            new.write(MAGIC + bytes(8))
+            offsets: dict[bytes, int] = {}
+            position = HEADER_SIZE
+            for i, (oid, record) in enumerate(gen_reachable_records(self)):
+                new.write(_int4.pack(len(record)) + record)
+                offsets[oid] = position
+                position += 4 + len(record)
+                if i % _PACK_STEP == _PACK_STEP - 1:
+                    yield None
+            new.write(_int4.pack(0))
+            position += 4
+
+            # Records committed while packing, and what they reach anew.
+            extra = self._pack_extra
+            carried: dict[bytes, bytes] = {}
+            seen = set(offsets) - extra
+            for start in sorted(extra):
+                for oid, record in gen_reachable_records(self, start):
+                    if oid not in seen:
+                        seen.add(oid)
+                        carried[oid] = record
+            if carried:
+                for oid, record in carried.items():
+                    offsets[oid] = position
+                    position += 4 + len(record)
+                new.write(encode_transaction(carried))
+                position += 4
+
+            # The index of everything above; it records the next oid, so that
+            # the oids of dropped records are not handed out again.
+            new.write(encode_index(offsets, self._next_oid))
+            new.seek(len(MAGIC))
+            new.write(_int8.pack(position))
+            new.flush()
+            os.fsync(new.fileno())
+
+            # Swap the files: after the rename the lock on `new` guards the path.
+            os.replace(pack_path, self.path)
+            _fsync_directory(self.path)
+            old, self._file = self._file, new
+            new = None
+            assert old is not None
+            old.close()
+            handed_out = self._next_oid
+            self._load_layout(repair=False)
+            self._next_oid = max(self._next_oid, handed_out)
+            self._invalid.update(old_oids - set(offsets))
+        finally:
+            self._pack_extra = None
+            if new is not None:
+                new.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(pack_path)
+        log.info(
+            "packed %s: %d records kept, %d removed",
+            self.path,
+            len(offsets),
+            len(old_oids - set(offsets)),
+        )
