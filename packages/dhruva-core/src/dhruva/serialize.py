@@ -132,6 +132,12 @@ class _ModuleRef:
 class _DurusNamingPickler(pickle.Pickler):
     """Writes dhruva's classes under their Durus names (see the module doc)."""
 
+    #: The ObjectWriter whose persistent ids this pickler writes.
+    writer: ObjectWriter
+
+    def persistent_id(self, obj: Any) -> Any:
+        return self.writer._persistent_id(obj)
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type):
             durus_name = durus_names().get(obj)
@@ -168,7 +174,7 @@ class ObjectWriter:
     def _setup_pickler(self) -> None:
         self._buffer = io.BytesIO()
         self._pickler = _DurusNamingPickler(self._buffer, PICKLE_PROTOCOL)
-        self._pickler.persistent_id = self._persistent_id  # type: ignore[method-assign,assignment,unused-ignore]
+        self._pickler.writer = self
         self._written = 0
 
     def _persistent_id(self, obj: Any) -> tuple[bytes, type] | None:
@@ -227,6 +233,19 @@ class ObjectWriter:
         self.new_objects = []
 
 
+class _ConnectionUnpickler(_RenamingUnpickler):
+    """Resolves persistent ids to the connection's cached objects (or ghosts)."""
+
+    def __init__(self, stream: io.BytesIO, connection: Connection) -> None:
+        super().__init__(stream)
+        self._get_instance = connection.cache.get_instance
+        self._connection = connection
+
+    def persistent_load(self, pid: Any) -> Any:
+        oid, cls = pid
+        return self._get_instance(oid, cls, self._connection)
+
+
 class ObjectReader:
     """Loads classes and states from record data for a connection."""
 
@@ -235,16 +254,7 @@ class ObjectReader:
         self.load_count = 0
 
     def _unpickler(self, stream: io.BytesIO) -> pickle.Unpickler:
-        get_instance = self.connection.cache.get_instance
-        connection = self.connection
-
-        def persistent_load(oid_class: Any) -> Any:
-            oid, cls = oid_class
-            return get_instance(oid, cls, connection)
-
-        unpickler = _RenamingUnpickler(stream)
-        unpickler.persistent_load = persistent_load  # type: ignore[method-assign,assignment,unused-ignore]
-        return unpickler
+        return _ConnectionUnpickler(stream, self.connection)
 
     def get_class(self, data: bytes) -> type[Any]:
         """Return the class an object record's data names."""
