@@ -26,7 +26,12 @@ Limitations:
 
 - The layout has no checksums. A last transaction cut short, zero-filled or
   followed by garbage is found; bytes changed in place inside a record whose
-  lengths still add up are not.
+  lengths still add up are not. Neither are zeros that start exactly at a
+  record's length word (it reads as the end marker): such a transaction is
+  kept without its zeroed records, and only the zeros are cut. The other
+  way round, a complete transaction whose last record ends in a zero byte,
+  followed by a zero-filled tail, is cut with the tail (and saved with it).
+  TODO(#7): checksums, in a format Durus ignores.
 - Commits with no records write nothing (Durus writes an empty transaction, a
   lone int4 zero). A file ending in more than one empty transaction is taken
   for a zero-filled tail; repairing it cuts only empty transactions.
@@ -163,18 +168,36 @@ def scan_transactions(file: BinaryIO, start: int, file_size: int) -> ScanResult:
     the first bad transaction; everything from there on is the torn tail.
     """
     result = ScanResult(index={}, end=start, transactions=0)
+    done: list[tuple[int, dict[bytes, int]]] = []
     position = start
     while position < file_size:
         checked = _check_transaction(file, position, file_size)
         if isinstance(checked, str):
-            result.torn_at = position
-            result.reason = checked
+            result.torn_at, result.reason = position, checked
+            # A zeroed length word reads as an end marker: when the zeros
+            # start inside the record before it, that transaction is torn too.
+            if isinstance(checked, _ZeroTail) and done and done[-1][1]:
+                file.seek(position - 5)
+                if file.read(1) == b"\0":
+                    result.torn_at = done.pop()[0]
+                    result.reason = (
+                        "zeros run from inside its last record to the end of the "
+                        "file, past what may be a zeroed length word"
+                    )
             break
-        found, position = checked
+        found, after = checked
+        done.append((position, found))
+        position = after
+
+    for _start, found in done:
         result.index.update(found)
-        result.end = position
-        result.transactions += 1
+    result.transactions = len(done)
+    result.end = result.torn_at if result.torn_at is not None else position
     return result
+
+
+class _ZeroTail(str):
+    """A problem report: zeros run from a transaction's start to the file's end."""
 
 
 def _check_transaction(
@@ -199,7 +222,9 @@ def _check_transaction(
         # The end marker; zeros running on to the end are what a crash leaves.
         if length == 0:
             if at == position and file_size - at > 4 and _zeros_to_end(file, at):
-                return f"{file_size - at} zero bytes run to the end of the file"
+                return _ZeroTail(
+                    f"{file_size - at} zero bytes run to the end of the file"
+                )
             return found, at + 4
 
         if length < _MIN_RECORD or at + 4 + length > file_size:
