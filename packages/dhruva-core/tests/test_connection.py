@@ -1,7 +1,12 @@
 import gc
 
 import pytest
-from dhruva.connection import ROOT_OID, Connection, gen_every_instance
+from dhruva.connection import (
+    ROOT_OID,
+    Connection,
+    gen_every_instance,
+    touch_every_reference,
+)
 from dhruva.error import (
     InvalidObjectReference,
     ReadConflictError,
@@ -305,3 +310,26 @@ def test_new_connection_has_no_conflict_on_an_unread_root():
     second.commit()
     first.abort()
     assert first.get_root()["x"] == 1 and first.get_root()["y"] == 2
+
+
+def test_touch_every_reference_marks_records_naming_a_word():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["a"] = Item("needle-here")
+    root["b"] = Item("plain")
+    connection.commit()
+    fresh = Connection(storage)
+    touch_every_reference(fresh, "needle")
+    assert [obj.name for obj in fresh.changed.values()] == ["needle-here"]
+
+
+def test_load_count_counts_state_loads():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["a"] = Item("a")
+    connection.commit()
+    fresh = Connection(storage)
+    before = fresh.get_load_count()
+    fresh.get_root()["a"].name  # noqa: B018
+    assert fresh.get_load_count() == before + 2
