@@ -45,17 +45,7 @@ print(json.dumps({
 }))
 """
 
-FILES = [
-    "legacy-shelf.durus",
-    "legacy-sqlite.sqlite",
-    pytest.param(
-        "legacy-filestorage2.dfs20",
-        marks=pytest.mark.xfail(
-            reason="TODO(#3): FileStorage2 (DFS20) files cannot be opened yet",
-            strict=True,
-        ),
-    ),
-]
+FILES = ["legacy-shelf.durus", "legacy-sqlite.sqlite", "legacy-filestorage2.dfs20"]
 
 
 def dhruva(cwd: Path, *args: str, input: str = "") -> subprocess.CompletedProcess[str]:
