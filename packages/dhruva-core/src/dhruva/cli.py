@@ -9,6 +9,7 @@ work here and mean the subcommands ``dhruva server``, ``dhruva client`` and
     dhruva -c --file test.durus        # ... or on the file itself
     dhruva -s --stop                   # stop the server
     dhruva -p --file test.durus        # pack the file
+    dhruva migrate test.durus --rename old.mod.Cls=new.mod.Cls
 
 Plugins add subcommands through the ``dhruva_register_commands`` hook; the
 ``server`` subcommand comes from dhruva-net that way. ``dhruva plugins`` lists
@@ -36,6 +37,7 @@ from dhruva.cli_options import (
     make_address,
     open_client_storage,
     open_file_storage,
+    serializer_option,
     server_only_option,
     storage_options,
 )
@@ -165,6 +167,7 @@ def make_cli(plugins: Plugins | None = None) -> click.Group:
 
     cli.add_command(client_command)
     cli.add_command(pack_command)
+    cli.add_command(migrate_command)
     cli.add_command(plugins_command)
     with library_errors("loading the command-line plugins"):
         plugins.register_commands(cli)
@@ -225,6 +228,83 @@ def pack_command(
         click.echo(f"packed {description}: {before} objects before, {after} after")
     else:
         click.echo(f"packed {description}")
+
+
+# --- dhruva migrate ------------------------------------------------------------
+
+
+def _parse_renames(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    renames = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise click.BadParameter(
+                f"{value!r} is not OLD=NEW, e.g. myapp.models.User=myapp.users.User",
+                ctx=ctx,
+                param=param,
+            )
+        renames[old.strip()] = new.strip()
+    return renames
+
+
+@click.command("migrate")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--storage",
+    metavar="NAME",
+    default=None,
+    help="Storage kind; by default it is recognized from the file.",
+)
+@click.option(
+    "--rename",
+    "renames",
+    metavar="OLD=NEW",
+    multiple=True,
+    callback=_parse_renames,
+    help="A class moved or renamed: module.Old=module.New (repeatable).",
+)
+@serializer_option
+@click.pass_context
+def migrate_command(
+    ctx: click.Context,
+    file: str,
+    storage: str | None,
+    renames: dict[str, str],
+    serializer: str | None,
+) -> None:
+    """Rewrite the records of renamed classes in FILE.
+
+    Every record naming an OLD class (as its own class, or as the class of
+    an object or value it holds) is stored again naming NEW. With --serializer
+    every record is rewritten with that serializer. No server may be using
+    the file; the modules of the NEW classes must be importable.
+    """
+    if not renames and serializer is None:
+        raise click.UsageError("give --rename OLD=NEW, or --serializer NAME", ctx=ctx)
+    from dhruva.connection import Connection
+    from dhruva.migrate import migrate, oids_to_migrate
+
+    opened = open_file_storage(file, storage, ctx=ctx)
+    with library_errors(f"migrating {file}"):
+        try:
+            connection = Connection(
+                opened, renames=renames, serializer=serializer or "pickle"
+            )
+        except BaseException:
+            opened.close()
+            raise
+        try:
+            oids = oids_to_migrate(connection, renames, serializer is not None)
+            if sys.stdout.isatty():
+                with click.progressbar(length=len(oids), label="migrating") as bar:
+                    count = migrate(connection, oids, progress=bar.update)
+            else:
+                count = migrate(connection, oids)
+        finally:
+            connection.close()
+    click.echo(f"rewrote {count} record{'' if count == 1 else 's'} in {file}")
 
 
 # --- dhruva plugins -----------------------------------------------------------

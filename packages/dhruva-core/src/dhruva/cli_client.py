@@ -34,6 +34,7 @@ from dhruva.cli_options import (
     make_address,
     open_client_storage,
     open_file_storage,
+    serializer_option,
     server_only_option,
     storage_options,
 )
@@ -152,6 +153,7 @@ def interact(namespace: dict[str, Any], description: str) -> None:
 @storage_options
 @address_options
 @cache_size_option
+@serializer_option
 @click.option(
     "--startup",
     type=click.Path(dir_okay=False, exists=True),
@@ -173,6 +175,7 @@ def client_command(
     port: int,
     address: str | None,
     cache_size: int,
+    serializer: str | None,
     startup: str | None,
 ) -> None:
     """Open a Python console with `connection` and `root` of a database.
@@ -205,7 +208,9 @@ def client_command(
 
     try:
         with library_errors(f"opening {description}"):
-            connection = Connection(opened, cache_size=cache_size)
+            connection = Connection(
+                opened, cache_size=cache_size, serializer=serializer or "pickle"
+            )
     except BaseException:
         opened.close()
         raise

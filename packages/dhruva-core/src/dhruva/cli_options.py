@@ -60,6 +60,33 @@ def _check_storage_name(
     return value
 
 
+def _check_serializer_name(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    # An unknown name, or one whose library is missing, is a usage error.
+    if value is None:
+        return None
+    from dhruva.serializer import resolve_serializer
+
+    try:
+        resolve_serializer(value, cli_plugins(ctx))
+    except DhruvaError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+    return value
+
+
+def serializer_option(func: F) -> F:
+    """Add ``--serializer NAME``: what the connection writes records with."""
+    return click.option(
+        "--serializer",
+        metavar="NAME",
+        default=None,
+        callback=_check_serializer_name,
+        help="Serializer of the records written (see `dhruva plugins`) "
+        "[default: pickle]. Records are read by the one that wrote them.",
+    )(func)
+
+
 def storage_options(func: F) -> F:
     """Add ``--file``, ``--storage``, ``--readonly`` and ``--repair``."""
     decorators = [

@@ -5,6 +5,10 @@ change, and stores those on :meth:`Connection.commit`. :meth:`Connection.abort`
 drops uncommitted changes. Either one also brings in the changes other clients
 committed meanwhile.
 
+Records are written by the connection's serializer (``serializer="pickle"``,
+the default, or ``"msgspec"``, ``"dill"``...) and read by whichever serializer
+wrote each one (see :mod:`dhruva.serializer`).
+
 Conflicts follow Durus: a commit fails with :class:`WriteConflictError` when
 another client changed an object this transaction read or wrote; a load fails
 with :class:`ReadConflictError` when it would mix states from before and after
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from dhruva.cache import Cache
@@ -36,7 +40,14 @@ from dhruva.persistent import (
 )
 from dhruva.persistent_dict import PersistentDict
 from dhruva.record import ROOT_OID, pack_record, unpack_record
-from dhruva.serialize import ObjectReader, ObjectWriter
+from dhruva.serialize import ObjectReader
+from dhruva.serializer import (
+    DEFAULT_SERIALIZER,
+    LoadPolicy,
+    SerializationError,
+    Serializer,
+    resolve_serializer,
+)
 from dhruva.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,18 @@ class Connection(ConnectionBase):
     :param cache_size: the target number of loaded objects to keep.
     :param root_class: the class of a new root object (default PersistentDict);
         when given, an existing root must be of this class.
+    :param serializer: the name of the serializer this connection writes
+        records with (see ``dhruva plugins``), or a
+        :class:`~dhruva.serializer.Serializer`. Records are read by the
+        serializer that wrote them, whatever this is.
+    :param restricted: load pickle records in restricted mode (see
+        :mod:`dhruva.restricted`); dill records are then refused.
+    :param allowed_classes: classes (or ``"module.Class"`` names) restricted
+        mode loads besides persistent classes and safe builtins.
+    :param renames: ``{"old.module.Class": "new.module.Class"}``, applied to
+        the class names records hold when they are loaded.
+    :raises MissingSerializerError: when the serializer's library is not
+        installed (the message says how to install it).
     """
 
     def __init__(
@@ -71,7 +94,16 @@ class Connection(ConnectionBase):
         storage: Storage | str | os.PathLike[str],
         cache_size: int = 100000,
         root_class: type | None = None,
+        *,
+        serializer: str | Serializer = DEFAULT_SERIALIZER,
+        restricted: bool = False,
+        allowed_classes: Iterable[type | str] = (),
+        renames: Mapping[str, str] | None = None,
     ) -> None:
+        #: The serializer this connection writes records with.
+        self.serializer = resolve_serializer(serializer)
+        #: How classes named by records are found (renames, restricted mode).
+        self.load_policy = LoadPolicy(restricted, allowed_classes, renames or {})
         if isinstance(storage, str | os.PathLike):
             from dhruva.plugins import open_storage
 
@@ -194,7 +226,11 @@ class Connection(ConnectionBase):
     __getitem__ = get
 
     def _set_state(self, obj: Any, data: bytes) -> None:
-        state = self.reader.get_state(data)
+        try:
+            state = self.reader.get_state(data)
+        except SerializationError as error:
+            oid = int.from_bytes(_getattribute(obj, "_p_oid"), "big")
+            raise type(error)(f"loading oid {oid}: {error}") from error
         obj.__setstate__(state)
         _setattribute(obj, "_p_status", 0)
 
@@ -281,9 +317,10 @@ class Connection(ConnectionBase):
         self.shrink_cache()
 
     def _commit_changes(self) -> None:
-        writer = ObjectWriter(self)
+        writer = self.serializer.new_writer(self)
         records: list[tuple[bytes, bytes]] = []
         stored: list[Any] = []
+        pending: list[Any] = []
         try:
             # Serialize changed objects, then the new ones they reach.
             pending = list(self.changed.values())
@@ -296,7 +333,8 @@ class Connection(ConnectionBase):
                 pending.extend(writer.new_objects)
                 writer.new_objects.clear()
         except BaseException:
-            self._forget_new_objects(stored)
+            # New objects given oids so far, stored or not, become new again.
+            self._forget_new_objects(stored + pending + writer.new_objects)
             raise
         finally:
             writer.close()

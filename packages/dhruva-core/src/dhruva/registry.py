@@ -38,11 +38,24 @@ class StorageKind:
 
 @dataclass(frozen=True)
 class SerializerKind:
-    """One serializer a plugin offers (see issue #4)."""
+    """One serializer a plugin offers (see :mod:`dhruva.serializer`).
 
+    ``factory()`` returns a :class:`~dhruva.serializer.Serializer`; it imports
+    the serializer's library, and raises
+    :class:`~dhruva.serializer.MissingSerializerError` (naming ``install``)
+    when that is missing. Registering imports nothing.
+    """
+
+    #: The name users give with ``serializer=`` and ``--serializer``; records
+    #: written by it are tagged with it.
     name: str
-    factory: Callable[..., Any]
+    #: ``factory() -> Serializer``.
+    factory: Callable[[], Any]
+    #: One line for ``dhruva plugins``.
     description: str = ""
+    #: The command that installs what the serializer needs (for messages).
+    install: str = ""
+    #: Set by the registry: the plugin that added this serializer.
     plugin: str = field(default="", compare=False)
 
 

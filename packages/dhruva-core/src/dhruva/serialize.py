@@ -15,7 +15,13 @@ global, and a class inside a state (the class of a referenced object) as
 ``getattr(importlib.import_module("durus.module"), "Name")``, which both
 Durus and dhruva resolve without needing the other installed.
 
-TODO(#4): the serializer plugins (msgspec, dill) with their record tags.
+Record data that starts with a zero byte was written by another serializer
+(see :mod:`dhruva.serializer`); :class:`ObjectReader` hands it to that
+serializer's reader, so every connection reads every record.
+
+A class that cannot be found loads as a placeholder (see :mod:`dhruva.broken`).
+A connection's :class:`~dhruva.serializer.LoadPolicy` adds a rename table and
+an opt-in restricted mode (see :mod:`dhruva.restricted`).
 """
 
 from __future__ import annotations
@@ -28,9 +34,21 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from dhruva.broken import BROKEN_TYPES, BrokenState, broken_class, broken_record
 from dhruva.error import InvalidObjectReference, StorageError
 from dhruva.persistent import GHOST, PersistentBase, _setattribute
 from dhruva.record import pack_record, unpack_record
+from dhruva.registry import PluginError
+from dhruva.serializer import (
+    DEFAULT_POLICY,
+    TAG_START,
+    LoadPolicy,
+    MissingSerializerError,
+    RecordReader,
+    Serializer,
+    resolve_serializer,
+    split_tagged,
+)
 
 if TYPE_CHECKING:
     from dhruva.connection import Connection
@@ -59,6 +77,8 @@ def extract_class_name(record: bytes) -> str:
 
 
 def _class_name_of_data(data: bytes) -> str:
+    if data[:1] == TAG_START:
+        return split_tagged(data)[1].replace(":", ".", 1)
     # Protocol 2 writes a class as: PROTO 2, GLOBAL "module\nname\n", ...
     if data[:3] == b"\x80\x02c":
         parts = data[3:].split(b"\n", 2)
@@ -89,7 +109,10 @@ class _RenamingUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "importlib" and name == "import_module":
             return _import_renamed
-        return super().find_class(rename_module(module), name)
+        try:
+            return super().find_class(rename_module(module), name)
+        except (ImportError, AttributeError):
+            return broken_class(module, name)
 
 
 #: The Durus modules that have dhruva equivalents, with their class names.
@@ -158,8 +181,8 @@ def _class_header(cls: type) -> bytes | None:
     return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."
 
 
-class ObjectWriter:
-    """Serializes the objects of one commit for a connection.
+class BaseWriter:
+    """What every serializer's writer shares: references and new objects.
 
     New persistent objects reached from the states written are given oids and
     collected, so that the connection stores them in the same commit.
@@ -169,6 +192,35 @@ class ObjectWriter:
         self.connection = connection
         self.new_objects: list[PersistentBase] = []
         self._refs: set[bytes] = set()
+
+    def _reference(self, obj: PersistentBase) -> bytes:
+        # The oid of a referenced object, given one (and collected) when new.
+        oid = obj._p_oid
+        if oid is None:
+            if type(obj) in BROKEN_TYPES:
+                broken_record(obj)  # raises: a placeholder inside a state
+            oid = self.connection.new_oid()
+            _setattribute(obj, "_p_oid", oid)
+            _setattribute(obj, "_p_connection", self.connection)
+            self.new_objects.append(obj)
+        elif obj._p_connection is not self.connection:
+            raise InvalidObjectReference(
+                f"{obj!r} belongs to another connection; it cannot be stored "
+                "in this one. Copy its state into a new object instead"
+            )
+        self._refs.add(oid)
+        return oid
+
+    def close(self) -> None:
+        """Drop what the writer holds."""
+        self.new_objects = []
+
+
+class ObjectWriter(BaseWriter):
+    """Writes the objects of one commit as Durus-layout pickle records."""
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection)
         self._setup_pickler()
 
     def _setup_pickler(self) -> None:
@@ -180,22 +232,12 @@ class ObjectWriter:
     def _persistent_id(self, obj: Any) -> tuple[bytes, type] | None:
         if not isinstance(obj, PersistentBase):
             return None
-        oid = obj._p_oid
-        if oid is None:
-            oid = self.connection.new_oid()
-            _setattribute(obj, "_p_oid", oid)
-            _setattribute(obj, "_p_connection", self.connection)
-            self.new_objects.append(obj)
-        elif obj._p_connection is not self.connection:
-            raise InvalidObjectReference(
-                f"{obj!r} belongs to another connection; it cannot be stored "
-                "in this one. Copy its state into a new object instead"
-            )
-        self._refs.add(oid)
-        return oid, type(obj)
+        return self._reference(obj), type(obj)
 
     def get_state(self, obj: PersistentBase) -> tuple[bytes, bytes]:
         """Return ``(data, refs)`` for ``obj``'s record."""
+        if type(obj) in BROKEN_TYPES:
+            return broken_record(obj)
         if self._written > 1 << 20:
             self._setup_pickler()  # a large memo makes clear_memo slow
         else:
@@ -233,6 +275,23 @@ class ObjectWriter:
         self.new_objects = []
 
 
+class PickleSerializer(Serializer):
+    """The default serializer: pickle records in the Durus layout."""
+
+    name = "pickle"
+    description = "pickle records in the Durus layout (the default)"
+
+    @property
+    def tag(self) -> bytes:
+        return b""
+
+    def new_writer(self, connection: Connection) -> ObjectWriter:
+        return ObjectWriter(connection)
+
+    def new_reader(self, connection: Connection) -> ObjectReader:
+        return ObjectReader(connection)
+
+
 class _ConnectionUnpickler(_RenamingUnpickler):
     """Resolves persistent ids to the connection's cached objects (or ghosts)."""
 
@@ -246,19 +305,71 @@ class _ConnectionUnpickler(_RenamingUnpickler):
         return self._get_instance(oid, cls, self._connection)
 
 
+class _CollectingMixin:
+    """Notes the oids an unpickler loads (for the records of placeholders)."""
+
+    oids: set[bytes]
+
+    def persistent_load(self, pid: Any) -> Any:
+        self.oids.add(pid[0])
+        return super().persistent_load(pid)  # type: ignore[misc]
+
+
 class ObjectReader:
-    """Loads classes and states from record data for a connection."""
+    """Loads classes and states from record data for a connection.
+
+    Pickle data is read here; tagged data goes to the reader of the serializer
+    that wrote it, resolved once per connection.
+    """
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.load_count = 0
+        self.policy: LoadPolicy = getattr(connection, "load_policy", DEFAULT_POLICY)
+        self._tagged: dict[bytes, RecordReader] = {}
+        self._load_class = _load_class
+        if not self.policy.is_default:
+            from dhruva.restricted import policy_class_loader, policy_unpickler
+
+            self._load_class = policy_class_loader(self.policy)
+            self._unpickler_class = policy_unpickler(self.policy)
+
+    _unpickler_class: type[_ConnectionUnpickler] = _ConnectionUnpickler
 
     def _unpickler(self, stream: io.BytesIO) -> pickle.Unpickler:
-        return _ConnectionUnpickler(stream, self.connection)
+        return self._unpickler_class(stream, self.connection)
+
+    def tagged_reader(self, data: bytes) -> RecordReader:
+        """Return the reader for tagged ``data`` (resolving its serializer once)."""
+        end = data.find(b"\0", 1)
+        tag = data[: end + 1]
+        reader = self._tagged.get(tag)
+        if reader is None:
+            name = tag[1:-1].decode("ascii", "replace")
+            if self.policy.restricted and name == "dill":
+                from dhruva.serializer import RestrictedLoadError
+
+                raise RestrictedLoadError(
+                    f"refused a dill record of class {_class_name_of_data(data)}: "
+                    "loading dill records can run code, and this connection is "
+                    "restricted"
+                )
+            try:
+                serializer = resolve_serializer(name)
+            except PluginError as error:
+                raise MissingSerializerError(
+                    f"a record of class {_class_name_of_data(data)} was written "
+                    f"by serializer {name!r}, which is not installed: {error}"
+                ) from error
+            reader = serializer.new_reader(self.connection)
+            self._tagged[tag] = reader
+        return reader
 
     def get_class(self, data: bytes) -> type[Any]:
         """Return the class an object record's data names."""
-        return _load_class(data)
+        if data[:1] == TAG_START:
+            return self.tagged_reader(data).get_class(data)
+        return self._load_class(data)
 
     def get_ghost(self, data: bytes) -> Any:
         """Return a new ghost of the class named by ``data``."""
@@ -267,10 +378,17 @@ class ObjectReader:
         _setattribute(instance, "_p_status", GHOST)
         return instance
 
-    def _split(self, data: bytes) -> tuple[io.BytesIO, pickle.Unpickler]:
+    def _split(
+        self, data: bytes, unpickler_class: type[Any] | None = None
+    ) -> tuple[io.BytesIO, Any]:
         stream = io.BytesIO(data)
-        unpickler = self._unpickler(stream)
-        unpickler.load()  # the class
+        if unpickler_class is None:
+            unpickler = self._unpickler(stream)
+            if unpickler.load() in BROKEN_TYPES:  # the class
+                raise _Broken
+        else:
+            unpickler = unpickler_class(stream, self.connection)
+            unpickler.load()
         position = stream.tell()
         if position < len(data) and data[position] == _ZLIB_START:
             try:
@@ -287,10 +405,29 @@ class ObjectReader:
     def get_state(self, data: bytes, load: bool = True) -> Any:
         """Return the state stored in ``data`` (its pickle when not ``load``)."""
         self.load_count += 1
-        stream, unpickler = self._split(data)
+        if data[:1] == TAG_START:
+            if not load:
+                return split_tagged(data)[2]
+            return self.tagged_reader(data).get_state(data)
+        try:
+            stream, unpickler = self._split(data)
+        except _Broken:
+            return self._get_broken_state(data, load)
         if not load:
             return stream.read()
         return unpickler.load()
+
+    def _get_broken_state(self, data: bytes, load: bool) -> Any:
+        # The state of a placeholder, with the record to write back unchanged.
+        collecting = type(
+            "_CollectingUnpickler", (_CollectingMixin, self._unpickler_class), {}
+        )
+        stream, unpickler = self._split(data, collecting)
+        unpickler.oids = set()
+        if not load:
+            return stream.read()
+        state = unpickler.load()
+        return BrokenState(state, data, b"".join(sorted(unpickler.oids)))
 
     def get_state_pickle(self, data: bytes) -> bytes:
         """Return the (uncompressed) pickle of the state in ``data``."""
@@ -301,14 +438,12 @@ class ObjectReader:
         return self.load_count
 
 
+class _Broken(Exception):
+    """Raised by ObjectReader._split for the record of a missing class."""
+
+
 def _load_class(data: bytes) -> type[Any]:
-    try:
-        cls = _RenamingUnpickler(io.BytesIO(data)).load()
-    except (AttributeError, ImportError) as exc:
-        raise StorageError(
-            f"cannot load class {_class_name_of_data(data)}: {exc}. Make the "
-            "module that defines it importable (on sys.path)"
-        ) from exc
+    cls = _RenamingUnpickler(io.BytesIO(data)).load()
     if not isinstance(cls, type):
         raise StorageError(f"record data starts with {cls!r}, not a class")
     return cls
