@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from dhruva.client_storage import ClientStorage
 from dhruva.connection import Connection
-from dhruva.error import ReadConflictError, WriteConflictError
+from dhruva.error import ConflictError, ReadConflictError, WriteConflictError
 from dhruva.persistent_dict import PersistentDict
 
 
@@ -134,3 +136,62 @@ def test_pack_through_a_connection_keeps_reachable_objects(connections):
     assert first.get_storage().get_size() == size_before - 1
     second.abort()
     assert second.get_root()["kept"]["x"] == 1
+
+
+def test_concurrent_increments_with_retries_lose_no_update(memory_server):
+    setup = Connection(ClientStorage(address=memory_server.address))
+    setup.get_root()["count"] = 0
+    setup.commit()
+    workers, increments = 4, 25
+    conflicts = []
+    errors = []
+    # Opened before any thread commits: see the xfail test below for why.
+    connections = [
+        Connection(ClientStorage(address=memory_server.address)) for _ in range(workers)
+    ]
+
+    def work(connection):
+        try:
+            for _ in range(increments):
+                while True:
+                    try:
+                        connection.abort()
+                        connection.get_root()["count"] += 1
+                        connection.commit()
+                        break
+                    except ConflictError:
+                        conflicts.append(1)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    setup.abort()
+    assert setup.get_root()["count"] == workers * increments
+    setup.close()
+
+
+@pytest.mark.xfail(
+    raises=ReadConflictError,
+    strict=True,
+    reason="TODO(#2): Connection._open_root loads the root with storage.load() "
+    "and not through get_stored_pickle's sync-and-retry, so a root another "
+    "client committed after this ClientStorage connected is a ReadConflictError",
+)
+def test_a_connection_opens_on_a_storage_that_missed_a_root_commit(memory_server):
+    first = Connection(ClientStorage(address=memory_server.address))
+    late = ClientStorage(address=memory_server.address)
+    try:
+        first.get_root()["x"] = 1
+        first.commit()
+        second = Connection(late)
+        assert second.get_root()["x"] == 1
+    finally:
+        first.close()
+        late.close()

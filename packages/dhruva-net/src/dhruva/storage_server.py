@@ -283,6 +283,12 @@ class StorageServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("lost the connection from %s: %s", peer, exc)
+        except Exception as exc:
+            # A bug in the server: end this connection, keep serving the rest.
+            log.exception("internal error serving %s; closing its connection", peer)
+            with contextlib.suppress(ConnectionError, StorageError):
+                writer.write(frame(pack_error(exc)))
+                await writer.drain()
         finally:
             self.clients.discard(client)
             writer.close()
