@@ -106,6 +106,32 @@ class TestClientStorageOverFileStorage(
         return reopen
 
 
+class TestClientStorageOverSqliteStorage(
+    BasicStorageContract,
+    IterableStorageContract,
+    InvalidatingStorageContract,
+    PackableStorageContract,
+):
+    """A SqliteStorage served."""
+
+    @pytest.fixture
+    def server(self, run_server, tmp_path):
+        path = str(tmp_path / "served.sqlite")
+        return run_server("--file", path, "--storage", "sqlite", "--port", "0")
+
+    @pytest.fixture
+    def storage(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def second_client(self, server):
+        client = ClientStorage(address=server.address)
+        yield client
+        client.close()
+
+
 @pytest.fixture
 def clients(memory_server):
     a = ClientStorage(address=memory_server.address)
@@ -254,8 +280,10 @@ def test_size_and_full_scan_in_small_batches(clients):
     assert sorted(scanned) == sorted([ROOT_OID, *oids])
 
 
-def test_gcbytes_packs_the_storage_after_that_many_bytes(run_server):
-    server = run_server("--storage", "memory", "--port", "0", "--gcbytes", "2000")
+@pytest.mark.parametrize("kind", ["memory", "file", "sqlite"])
+def test_gcbytes_packs_the_storage_after_that_many_bytes(run_server, tmp_path, kind):
+    where = [] if kind == "memory" else ["--file", str(tmp_path / "db")]
+    server = run_server("--storage", kind, *where, "--port", "0", "--gcbytes", "2000")
     client = ClientStorage(address=server.address)
     try:
         (garbage,) = new_oids(client, 1)
