@@ -434,3 +434,24 @@ def test_readonly_reads_up_to_a_torn_tail_and_changes_nothing(three_commits, cap
         assert unpack_record(s.load(a))[1] == b"a2"
     assert f"byte offset {start}" in caplog.text
     assert path.read_bytes() == content
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TODO(#7): damage followed by complete transactions is cut by repair",
+)
+def test_repair_does_not_cut_complete_transactions_after_damage(tmp_path):
+    path = tmp_path / "db.durus"
+    with FileStorage(path) as s:
+        root, a, b = (s.new_oid() for _ in range(3))
+        commit(s, make_record(root, b"root", [a]))
+        middle = path.stat().st_size
+        commit(s, make_record(a, b"a"))
+        commit(s, make_record(b, b"b"))
+    data = bytearray(path.read_bytes())
+    data[middle + 8 + 8 + 8 + 7] ^= 0xFF  # the record's own copy of its oid
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(StorageError, match=f"byte offset {middle}"):
+        FileStorage(path, repair=True).close()
+    assert path.read_bytes() == bytes(data)
