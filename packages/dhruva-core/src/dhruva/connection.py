@@ -325,11 +325,11 @@ class Connection(ConnectionBase):
             # Serialize changed objects, then the new ones they reach.
             pending = list(self.changed.values())
             while pending:
-                obj = pending.pop()
+                obj = pending[-1]
                 oid = _getattribute(obj, "_p_oid")
                 data, refs = writer.get_state(obj)
                 records.append((oid, pack_record(oid, data, refs)))
-                stored.append(obj)
+                stored.append(pending.pop())
                 pending.extend(writer.new_objects)
                 writer.new_objects.clear()
         except BaseException:

@@ -54,6 +54,7 @@ SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         "datetime", "date", "time", "timedelta", "timezone",
     )]
     + [
+        ("zoneinfo", "ZoneInfo"),
         ("decimal", "Decimal"),
         ("uuid", "UUID"),
         ("fractions", "Fraction"),
@@ -96,7 +97,15 @@ def _import_collection_module(name: str) -> _SafeModule:
     return _SafeModule(**{cls: getattr(module, cls) for cls in _DURUS_CLASSES[tail]})
 
 
+#: ``getattr(cls, name)`` calls pickles make that restricted mode allows.
+_SAFE_ATTRIBUTES = {("zoneinfo", "ZoneInfo", "_unpickle")}
+
+
 def _safe_getattr(namespace: Any, name: str) -> Any:
+    if isinstance(namespace, type) and (
+        (namespace.__module__, namespace.__qualname__, name) in _SAFE_ATTRIBUTES
+    ):
+        return getattr(namespace, name)
     if type(namespace) is not _SafeModule:
         raise RestrictedLoadError(
             f"refused getattr({type(namespace).__name__}, {name!r}): restricted "
