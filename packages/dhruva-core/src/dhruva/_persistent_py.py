@@ -2,8 +2,9 @@
 
 :mod:`dhruva.persistent` imports :class:`PersistentBase` and
 :class:`ConnectionBase` from a C accelerator when one is built, and from here
-otherwise; both must behave the same. Only the attribute hooks live here, so
-that an accelerated version replaces exactly this module.
+otherwise (``dhruva/_persistent.c``); both must behave the same. Only the
+attribute hooks and :meth:`PersistentBase._p_note_change` live here, so that
+an accelerated version replaces exactly this module.
 
 States (``_p_status``): ``UNSAVED`` (new or changed since the last commit),
 ``SAVED`` (the same as stored), ``GHOST`` (state not loaded; loaded on first
@@ -78,3 +79,11 @@ class PersistentBase:
         if name[:3] != "_p_":
             _getattribute(self, "_p_note_change")()
         _delattribute(self, name)
+
+    def _p_note_change(self) -> None:
+        """Mark this object changed, so the next commit stores it."""
+        if _getattribute(self, "_p_status") != UNSAVED:
+            _getattribute(self, "_p_set_status_unsaved")()
+            connection = _getattribute(self, "_p_connection")
+            if connection is not None:
+                connection.note_change(self)

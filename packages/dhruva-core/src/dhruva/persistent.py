@@ -3,7 +3,7 @@
 A persistent object tracks its own changes: setting or deleting an attribute
 tells its connection that it must be stored at the next commit. Changes made
 inside a plain container held by an attribute are invisible to it; call
-:meth:`PersistentObject._p_note_change` after such a change.
+``obj._p_note_change()`` after such a change.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if os.environ.get("DHRUVA_PURE_PYTHON"):
         _setattribute,
     )
 else:
-    try:  # TODO(#6): build the C accelerator dhruva._persistent
+    try:
         from dhruva._persistent import (  # type: ignore[import-untyped,no-redef,unused-ignore]
             GHOST,
             SAVED,
@@ -144,14 +144,6 @@ class PersistentObject(PersistentBase):
             )
         connection.load_state(self)
         _setattribute(self, "_p_status", SAVED)
-
-    def _p_note_change(self) -> None:
-        """Mark this object changed, so the next commit stores it."""
-        if _getattribute(self, "_p_status") != UNSAVED:
-            self._p_set_status_unsaved()
-            connection = _getattribute(self, "_p_connection")
-            if connection is not None:
-                connection.note_change(self)
 
     def _p_format_oid(self) -> str:
         oid = _getattribute(self, "_p_oid")
