@@ -16,11 +16,24 @@ One process at a time may open a file for writing: it holds an exclusive
 to ``<file>.lock`` so that a refused opener can be told who holds it.
 Read-only opens take no lock and never block.
 
+A read-only storage follows the file: it sees the commits that were complete
+when it was opened (never part of a transaction still being written), and
+each :meth:`FileStorage.sync` brings in the commits made since, reporting
+their oids so that a Connection refreshes those objects. A pack by the
+writer, which renames a new file over the old one, is followed too.
+
+Point in time: until a pack, every commit is still in the file.
+:meth:`FileStorage.transactions` lists them, and ``at=`` opens a read-only
+view of the database as it was right after one of them (see
+:mod:`dhruva.file_history` for ``dhruva history`` and ``dhruva restore``).
+The format records no commit times.
+
 Limitations:
 
 - POSIX only (``fcntl``); a process can not open one file for writing twice.
-- A read-only storage sees the commits made before it was opened, not later
-  ones. TODO(#3): follow the file while another process appends.
+- A read-only storage ignores an empty transaction at the end of what it
+  can see (Durus writes a zero length first and fills it in after the
+  records); it is read once something follows it.
 - Oids freed by a pack are never handed out again by dhruva (Durus reuses
   them).
 """
@@ -34,7 +47,8 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, MutableSequence
 from typing import BinaryIO, Self
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
@@ -43,7 +57,9 @@ from dhruva.shelf import (
     FIRST_TRANSACTION,
     PREFIX,
     OffsetMap,
+    ScanResult,
     TornTailError,
+    TransactionSpan,
     encode_empty_shelf,
     encode_map,
     encode_transaction,
@@ -122,24 +138,42 @@ class FileStorage(Storage):
         is never created or changed.
     :param repair: cut an incomplete last transaction off the file instead
         of refusing to open it.
+    :param at: with ``readonly``, a view of the database as it was when the
+        file ended at this byte offset: the ``position`` of one of
+        :meth:`transactions`. Such a view does not follow later commits.
     :raises FileLockedError: when another process has the file open for
         writing.
     :raises TornTailError: when the file ends in an incomplete transaction
         and ``repair`` is false.
     :raises StorageError: when the file is missing (read-only) or not a
-        SHELF-1 file.
+        SHELF-1 file, or ``at`` is not the end of a transaction.
     """
 
     packable = True
     iterable = True
+
+    #: The attributes that hold what was read of the file's layout; a
+    #: read-only storage swaps them all when it follows a pack.
+    _LAYOUT_STATE: tuple[str, ...] = (
+        "_file",
+        "_index",
+        "_end",
+        "_base_end",
+        "_next_oid",
+        "_map",
+    )
 
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
         readonly: bool = False,
         repair: bool = False,
+        *,
+        at: int | None = None,
     ) -> None:
         self.readonly = readonly
+        #: The byte offset a point-in-time view ends at; None for the whole file.
+        self.at = at
         #: True when the file is a temporary one, removed on close.
         self.temporary = path is None
         self._file: BinaryIO | None = None
@@ -150,6 +184,11 @@ class FileStorage(Storage):
         if readonly and repair:
             raise StorageError(
                 f"{path}: repair=True needs a writable open; drop readonly=True"
+            )
+        if at is not None and not readonly:
+            raise StorageError(
+                f"{path}: at={at} opens a view of the past, which can not be "
+                "written to; add readonly=True"
             )
         if path is None:
             if readonly:
@@ -241,11 +280,75 @@ class FileStorage(Storage):
         _fsync_directory(self.path)
         log.info("created %s", self.path)
 
+    def _visible_size(self) -> int:
+        """Return the file's size, or the end of a point-in-time view."""
+        size = os.fstat(self._live_file().fileno()).st_size
+        if self.at is None:
+            return size
+        if not 0 <= self.at <= size:
+            raise self._not_a_position(f"the file has {size} bytes")
+        return self.at
+
+    def _not_a_position(self, why: str) -> StorageError:
+        return StorageError(
+            f"{self.path}: byte offset {self.at} is not the end of a "
+            f"transaction ({why}); `dhruva history {self.path}` lists the "
+            "positions a view can be opened at"
+        )
+
+    def _check_tail(self, scan: ScanResult, size: int, repair: bool) -> None:
+        """Deal with what a scan at open found after the last transaction."""
+        if scan.torn_at is None:
+            return
+        error = TornTailError(self.path, scan.torn_at, size, scan.reason)
+        if self.at is not None:
+            raise self._not_a_position(f"it falls inside a transaction: {scan.reason}")
+        if self.readonly:
+            if os.path.exists(self.path + ".lock"):
+                # A writer is open on the file: most likely mid-commit.
+                log.debug("%s; a commit may be in progress: reading up to it", error)
+            else:
+                log.warning("%s; reading up to the incomplete transaction", error)
+        elif repair:
+            self._cut_tail(scan.torn_at, size, scan.reason)
+        else:
+            log.error("%s", error)
+            raise error
+
+    def _scan(
+        self,
+        file: BinaryIO,
+        start: int,
+        size: int,
+        spans: MutableSequence[TransactionSpan] | None = None,
+    ) -> ScanResult:
+        """Index the complete transactions between ``start`` and ``size``.
+
+        A read-only storage leaves out an empty transaction that ends what
+        it can see: it may be a length Durus has yet to fill in.
+        """
+        last: deque[TransactionSpan] = deque(maxlen=1)
+        collect = spans if spans is not None else last
+        scan = scan_transactions(file, start, size, collect)
+        if collect:
+            final = collect[-1]
+            if (
+                self.readonly
+                and self.at is None
+                and final.records == 0
+                and final.end == scan.end
+                and final.end - final.start == 8
+            ):
+                scan.end = final.start
+                scan.transactions -= 1
+                collect.pop()
+        return scan
+
     def _load_layout(self, repair: bool) -> None:
         """Read the prefix and offset map, then index the later transactions."""
         file = self._file
         assert file is not None
-        size = os.fstat(file.fileno()).st_size
+        size = self._visible_size()
         file.seek(0)
         head = file.read(FIRST_TRANSACTION + 8)
         if not head.startswith(PREFIX):
@@ -259,20 +362,19 @@ class FileStorage(Storage):
                 "transaction; the file is damaged: restore it from a backup"
             )
         map_start = FIRST_TRANSACTION + 8 + int.from_bytes(head[-8:], "big")
-        self._map = OffsetMap.read(file, self.path, map_start, size)
+        real_size = os.fstat(file.fileno()).st_size
+        self._map = OffsetMap.read(file, self.path, map_start, real_size)
+        if size < self._map.end:
+            raise self._not_a_position(
+                f"the offset map, written when the file was created or last "
+                f"packed, ends at byte offset {self._map.end}"
+            )
 
-        scan = scan_transactions(file, self._map.end, size)
-        if scan.torn_at is not None:
-            error = TornTailError(self.path, scan.torn_at, size, scan.reason)
-            if self.readonly:
-                log.warning("%s; reading up to the incomplete transaction", error)
-            elif repair:
-                self._cut_tail(scan.torn_at, size, scan.reason)
-            else:
-                log.error("%s", error)
-                raise error
+        scan = self._scan(file, self._map.end, size)
+        self._check_tail(scan, size, repair)
         self._index = scan.index
         self._end = scan.end
+        self._base_end = self._map.end
         highest = max((int.from_bytes(oid, "big") for oid in self._index), default=-1)
         self._next_oid = max(self._map.count, highest + 1)
 
@@ -445,10 +547,101 @@ class FileStorage(Storage):
         )
 
     def sync(self) -> list[bytes]:
-        """Return the oids a pack removed since the last call."""
-        result = list(self._invalid)
+        """Return the oids whose records changed or went since the last call.
+
+        For a writable storage, those a pack removed. A read-only storage
+        also reads the commits other processes made since (see
+        :meth:`follow`).
+        """
+        result = set(self._invalid)
         self._invalid.clear()
-        return result
+        if self.readonly and self.at is None and self._file is not None:
+            result.update(self.follow())
+        return sorted(result)
+
+    # --- following a file another process writes --------------------------------
+
+    def follow(self) -> set[bytes]:
+        """Read the transactions committed to the file since it was last read.
+
+        Only complete transactions are taken in. When the file was replaced
+        (packed) or cut back (repaired, restored), the new one is opened and
+        every oid either file knows is reported.
+
+        :return: the oids whose records changed or went.
+        :raises ReadOnlyError: on a writable storage, which writes the file
+            itself and has nothing to follow.
+        """
+        if not self.readonly:
+            raise ReadOnlyError(
+                f"follow(): {self.path} is open for writing; only a read-only "
+                "storage follows the file"
+            )
+        file = self._live_file()
+
+        # New transactions in the file we have open.
+        changed: set[bytes] = set()
+        size = os.fstat(file.fileno()).st_size
+        if size > self._end:
+            scan = self._scan(file, self._end, size)
+            self._index.update(scan.index)
+            self._end = scan.end
+            changed.update(scan.index)
+            highest = max((int.from_bytes(o, "big") for o in scan.index), default=-1)
+            self._next_oid = max(self._next_oid, highest + 1)
+
+        # A new file under the path, or this one cut back: start over on it.
+        try:
+            replaced = not os.path.samestat(os.fstat(file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            replaced = False  # moved away, nothing new to read yet
+        if replaced or size < self._end:
+            changed.update(self._reopen())
+        if changed:
+            log.debug(
+                "%s: %d records changed by other processes", self.path, len(changed)
+            )
+        return changed
+
+    def _reopen(self) -> set[bytes]:
+        """Open the file anew in place of the one read so far.
+
+        :return: every oid of the old and the new file.
+        """
+        fresh = type(self)(self.path, readonly=True)
+        old_oids = {oid for oid, _position in self._gen_positions()}
+        new_oids = {oid for oid, _position in fresh._gen_positions()}
+        old_file = self._file
+        for name in self._LAYOUT_STATE:
+            setattr(self, name, getattr(fresh, name))
+        fresh._file = None
+        if old_file is not None:
+            old_file.close()
+        log.info(
+            "%s was replaced (packed or restored); reading the new file", self.path
+        )
+        return old_oids | new_oids
+
+    # --- point in time -----------------------------------------------------------
+
+    def _base_records(self) -> int:
+        """Return the number of records written before the later transactions."""
+        return sum(1 for _ in self._map.items())
+
+    def transactions(self) -> list[TransactionSpan]:
+        """List the points in time this storage can be viewed at, oldest first.
+
+        The first is the base: the records written when the file was created
+        or last packed. Each later one is a commit. A span's ``end`` is the
+        position to give as ``at`` (the file's size right after that commit);
+        everything before the base was lost to a pack.
+        """
+        file = self._live_file()
+        spans: list[TransactionSpan] = [
+            TransactionSpan(0, self._base_end, self._base_records())
+        ]
+        self._scan(file, self._base_end, self._end, spans)
+        return spans
 
     # --- packing -----------------------------------------------------------------
 

@@ -19,8 +19,10 @@ Everything else is :class:`~dhruva.file_storage.FileStorage`'s: one ``fsync``
 per commit before :meth:`~FileStorage2.end` returns, one writer at a time
 (``flock`` plus a ``<file>.lock`` note naming the holder), an incomplete last
 transaction refused at open unless ``repair=True`` cuts it off (saving it as
-``<file>.torn-<offset>``), read-only opens that never change the file, and a
-pack that writes a new file and renames it over the old one.
+``<file>.torn-<offset>``), read-only opens that never change the file and
+follow later commits on :meth:`~FileStorage2.sync`, views of the past with
+``at=`` (until a pack; the format records no commit times), and a pack that
+writes a new file and renames it over the old one.
 
 Limitations:
 
@@ -40,8 +42,6 @@ Limitations:
 - Oids are never handed out twice by dhruva: a pack records the next oid
   after the pickled index, where Durus's reader ignores it. Durus itself
   reuses the oids a pack freed when it packs the file.
-- A read-only storage sees the commits made before it was opened, not later
-  ones. TODO(#3): follow the file while another process appends.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ import os
 import pickle
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableSequence
 from typing import Any, BinaryIO
 
 from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import _PACK_STEP, FileStorage, _fsync_directory
 from dhruva.record import ROOT_OID
-from dhruva.shelf import ScanResult, TornTailError
+from dhruva.shelf import ScanResult, TransactionSpan
 from dhruva.storage import InvalidationHandler, gen_reachable_records
 
 log = logging.getLogger(__name__)
@@ -160,15 +160,23 @@ def decode_index(payload: bytes) -> tuple[dict[bytes, int], int]:
     return index, next_oid
 
 
-def scan_transactions(file: BinaryIO, start: int, file_size: int) -> ScanResult:
+def scan_transactions(
+    file: BinaryIO,
+    start: int,
+    file_size: int,
+    spans: MutableSequence[TransactionSpan] | None = None,
+) -> ScanResult:
     """Index the transactions from ``start`` to the end of the file.
 
     Each record's lengths are checked, so that a transaction cut short,
     filled with zeros, or followed by garbage is found. Scanning stops at
     the first bad transaction; everything from there on is the torn tail.
+
+    :param spans: when given, a :class:`~dhruva.shelf.TransactionSpan` is
+        appended to it for each complete transaction.
     """
     result = ScanResult(index={}, end=start, transactions=0)
-    done: list[tuple[int, dict[bytes, int]]] = []
+    done: list[tuple[int, dict[bytes, int], int]] = []
     position = start
     while position < file_size:
         checked = _check_transaction(file, position, file_size)
@@ -186,11 +194,13 @@ def scan_transactions(file: BinaryIO, start: int, file_size: int) -> ScanResult:
                     )
             break
         found, after = checked
-        done.append((position, found))
+        done.append((position, found, after))
         position = after
 
-    for _start, found in done:
+    for begin, found, after in done:
         result.index.update(found)
+        if spans is not None:
+            spans.append(TransactionSpan(begin, after, len(found)))
     result.transactions = len(done)
     result.end = result.torn_at if result.torn_at is not None else position
     return result
@@ -275,6 +285,8 @@ class FileStorage2(FileStorage):
     packable = True
     iterable = True
 
+    _LAYOUT_STATE = ("_file", "_index", "_end", "_base_end", "_next_oid", "_base_count")
+
     # --- opening -------------------------------------------------------------------
 
     def _write_new_shelf(self) -> None:
@@ -296,6 +308,7 @@ class FileStorage2(FileStorage):
         """Read the header and the index record, then scan the transactions
         after it."""
         file = self._live_file()
+        visible = self._visible_size()
         size = os.fstat(file.fileno()).st_size
         file.seek(0)
         head = file.read(HEADER_SIZE)
@@ -335,19 +348,19 @@ class FileStorage2(FileStorage):
             )
 
         # The transactions committed after it.
-        scan = scan_transactions(file, index_at + 8 + length, size)
-        if scan.torn_at is not None:
-            error = TornTailError(self.path, scan.torn_at, size, scan.reason)
-            if self.readonly:
-                log.warning("%s; reading up to the incomplete transaction", error)
-            elif repair:
-                self._cut_tail(scan.torn_at, size, scan.reason)
-            else:
-                log.error("%s", error)
-                raise error
+        base_end = index_at + 8 + length
+        if visible < base_end:
+            raise self._not_a_position(
+                "the index record, written when the file was created or last "
+                f"packed, ends at byte offset {base_end}"
+            )
+        scan = scan_transactions(file, base_end, visible)
+        self._check_tail(scan, visible, repair)
+        self._base_count = len(index)
         index.update(scan.index)
         self._index = index
         self._end = scan.end
+        self._base_end = base_end
         highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
         self._next_oid = max(recorded_next, highest + 1)
         log.debug(
@@ -361,6 +374,18 @@ class FileStorage2(FileStorage):
 
     def _position(self, oid: bytes) -> int | None:
         return self._index.get(oid)
+
+    def _scan(
+        self,
+        file: BinaryIO,
+        start: int,
+        size: int,
+        spans: MutableSequence[TransactionSpan] | None = None,
+    ) -> ScanResult:
+        return scan_transactions(file, start, size, spans)
+
+    def _base_records(self) -> int:
+        return self._base_count
 
     def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
         yield from list(self._index.items())

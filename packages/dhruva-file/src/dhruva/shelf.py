@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -213,6 +213,18 @@ class OffsetMap:
                     yield first + i, value
 
 
+@dataclass(frozen=True)
+class TransactionSpan:
+    """Where one complete transaction lies in the file."""
+
+    #: Offset of the transaction's first byte.
+    start: int
+    #: Offset just after it: the file's size right after it was committed.
+    end: int
+    #: The number of records it holds.
+    records: int
+
+
 @dataclass
 class ScanResult:
     """What :func:`scan_transactions` found after the offset map."""
@@ -229,25 +241,37 @@ class ScanResult:
     reason: str = ""
 
 
-def scan_transactions(file: BinaryIO, start: int, file_size: int) -> ScanResult:
+def scan_transactions(
+    file: BinaryIO,
+    start: int,
+    file_size: int,
+    spans: MutableSequence[TransactionSpan] | None = None,
+) -> ScanResult:
     """Index the transactions from ``start`` to the end of the file.
 
     Every record's length words are checked against its transaction, so that
     a transaction cut short, filled with zeros, or overwritten with garbage
     is found. Scanning stops at the first bad transaction; everything from
     there on is the torn tail.
+
+    :param spans: when given, a :class:`TransactionSpan` is appended to it
+        for each complete transaction.
     """
     result = ScanResult(index={}, end=start, transactions=0)
     position = start
     while position < file_size:
-        problem = _check_transaction(file, position, file_size, result.index)
+        found: dict[bytes, int] = {} if spans is not None else result.index
+        problem = _check_transaction(file, position, file_size, found)
         if problem is not None:
             result.torn_at = position
             result.reason = problem
             break
         file.seek(position)
-        position += 8 + _int8.unpack(file.read(8))[0]
-        result.end = position
+        end = position + 8 + _int8.unpack(file.read(8))[0]
+        if spans is not None:
+            result.index.update(found)
+            spans.append(TransactionSpan(position, end, len(found)))
+        position = result.end = end
         result.transactions += 1
     return result
 
