@@ -87,6 +87,7 @@ def expect_protocol_error_then_close(sock):
         b"\xff\xff\xff\xff",  # a frame far over the limit
         b"\0\0\0\0",  # an empty frame
         b"GET / HTTP/1.0\r\n\r\n",  # somebody else's protocol
+        b"V\0\0\0\1",  # a Durus 4 client's version check
     ],
 )
 def test_garbage_before_the_hello_is_refused_and_logged(memory_server, garbage):
