@@ -177,13 +177,6 @@ def test_concurrent_increments_with_retries_lose_no_update(memory_server):
     setup.close()
 
 
-@pytest.mark.xfail(
-    raises=ReadConflictError,
-    strict=True,
-    reason="TODO(#2): Connection._open_root loads the root with storage.load() "
-    "and not through get_stored_pickle's sync-and-retry, so a root another "
-    "client committed after this ClientStorage connected is a ReadConflictError",
-)
 def test_a_connection_opens_on_a_storage_that_missed_a_root_commit(memory_server):
     first = Connection(ClientStorage(address=memory_server.address))
     late = ClientStorage(address=memory_server.address)

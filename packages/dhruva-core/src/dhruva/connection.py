@@ -126,11 +126,11 @@ class Connection(ConnectionBase):
 
     def _open_root(self, root_class: type | None) -> Any:
         try:
-            record = self.storage.load(ROOT_OID)
+            data: bytes | None = self.get_stored_pickle(ROOT_OID)
         except KeyError:
-            record = None
-        if record is not None:
-            cls = self.reader.get_class(unpack_record(record)[1])
+            data = None
+        if data is not None:
+            cls = self.reader.get_class(data)
             if root_class is not None and cls is not root_class:
                 raise StorageError(
                     f"the root object is a {cls.__module__}.{cls.__qualname__}, "
