@@ -439,15 +439,24 @@ class _Graph:
             assert walked[oid] == self.record(oid), f"oid {oid.hex()}"
 
 
-def drive(packer: Iterator[None], between: Callable[[], None]) -> int:
+def drive(
+    packer: Iterator[None], between: Callable[[], None], max_steps: int = 100_000
+) -> int:
     """Run ``packer`` to its end, calling ``between`` before each step.
 
+    :param max_steps: fail when the packer yields more often than this: a
+        packer must end even while clients keep committing.
     :return: the number of steps the packer yielded.
     """
     steps = 0
     between()
     for _step in packer:
         steps += 1
+        if steps > max_steps:
+            pytest.fail(
+                f"the packer did not end within {max_steps} steps while "
+                "commits were made between them"
+            )
         between()
     return steps
 
@@ -480,7 +489,8 @@ class IncrementalPackStorageContract:
             for _ in range(5):
                 graph.change()
 
-        assert drive(packer, between) >= 1
+        records = len(graph.refs)
+        assert drive(packer, between, max_steps=records) >= 1
         graph.check()
 
         # Garbage that no commit touched while packing is gone.

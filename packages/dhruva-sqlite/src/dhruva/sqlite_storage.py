@@ -599,7 +599,8 @@ class SqliteStorage(Storage):
             raise StorageError(f"a pack of {self.filename} is already running")
         with self._write_transaction() as con:
             alive: set[int] = set()
-            for _step in self._walk_alive(con, alive, [_oid_int(ROOT_OID)]):
+            root = [_oid_int(ROOT_OID)]
+            for _step in self._walk_alive(con, alive, root, follow_commits=True):
                 pass
             self._delete_dead(con, alive)
 
@@ -618,22 +619,34 @@ class SqliteStorage(Storage):
     def _incremental_pack(self) -> Iterator[None]:
         self._pack_extra = []
         try:
+            # The walk from the root, a batch per step. Commits made between
+            # steps are only collected: chasing them here could go on for as
+            # long as clients keep committing.
             alive: set[int] = set()
             yield from self._walk_alive(self._connection(), alive, [_oid_int(ROOT_OID)])
+
+            # Then, with writers shut out, what those commits refer to.
             with self._write_transaction() as con:
-                # Records committed after the last step are walked here.
-                for _step in self._walk_alive(con, alive, []):
+                for _step in self._walk_alive(con, alive, [], follow_commits=True):
                     pass
                 self._delete_dead(con, alive)
         finally:
             self._pack_extra = None
 
     def _walk_alive(
-        self, con: sqlite3.Connection, alive: set[int], todo: list[int]
+        self,
+        con: sqlite3.Connection,
+        alive: set[int],
+        todo: list[int],
+        follow_commits: bool = False,
     ) -> Iterator[None]:
-        """Add to ``alive`` every oid reachable from ``todo``; yield per batch."""
-        while todo or self._pack_extra:
-            if self._pack_extra:
+        """Add to ``alive`` every oid reachable from ``todo``; yield per batch.
+
+        :param follow_commits: walk again from the records committed since
+            the pack began (``_pack_extra``), as long as there are any.
+        """
+        while todo or (follow_commits and self._pack_extra):
+            if follow_commits and self._pack_extra:
                 # Committed since the pack began: walk their new refs again.
                 for oid in self._pack_extra:
                     alive.discard(_oid_int(oid))
