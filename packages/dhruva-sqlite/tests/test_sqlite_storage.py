@@ -1,9 +1,13 @@
+import hashlib
+import importlib
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
@@ -524,3 +528,106 @@ def test_durus_file_packs_to_what_is_reachable(durus_copy):
     with SqliteStorage(durus_copy, readonly=True) as s:
         for o in reachable:
             assert s.load(o) == before[o]
+
+
+# --- the Durus file through a Connection ------------------------------------------
+
+
+@pytest.fixture
+def legacy_model(monkeypatch):
+    """The fixture's application classes, importable as ``legacy_model``."""
+    monkeypatch.syspath_prepend(str(DURUS_FIXTURE.parent))
+    yield
+    sys.modules.pop("legacy_model", None)
+
+
+def expected_values() -> dict[str, Any]:
+    manifest = json.loads((DURUS_FIXTURE.parent / "manifest.json").read_text())
+    values: dict[str, Any] = manifest["legacy-sqlite.sqlite"]
+    return values
+
+
+def canonical(value: Any) -> Any:
+    if isinstance(value, frozenset):
+        return ("frozenset", sorted(value))
+    return value
+
+
+def people_digest(people: Any) -> str:
+    """SHA-256 of one line per person, in key order, as manifest.json has it.
+
+    A line is ``key|name|age|tags|friends`` with the tags and the friends'
+    names joined by commas, ended by a newline, encoded as UTF-8.
+    """
+    digest = hashlib.sha256()
+    for key, person in people.items():
+        tags = ",".join(person.tags)
+        friends = ",".join(friend.name for friend in person.friends)
+        digest.update(f"{key}|{person.name}|{person.age}|{tags}|{friends}\n".encode())
+    return digest.hexdigest()
+
+
+def observed_values(root: Any) -> dict[str, Any]:
+    """What a reader sees, in the terms of manifest.json."""
+    numbers = root["numbers"]
+    return {
+        "root_keys": sorted(root.keys()),
+        "people_len": len(root["people"]),
+        "by_name_len": len(root["by_name"]),
+        "people_sha256": people_digest(root["people"]),
+        "numbers_len": len(numbers),
+        "numbers_min": min(numbers),
+        "numbers_max": max(numbers),
+        "numbers_sum": sum(numbers.values()),
+        "evens": sorted(root["evens"]),
+        "log": list(root["log"]),
+        "values_canonical_repr": repr(
+            sorted((key, canonical(value)) for key, value in root["values"].items())
+        ),
+        "blob_sha256": hashlib.sha256(root["blob"]).hexdigest(),
+        "slotted": [root["slotted"].x, root["slotted"].y],
+        "counter": root["counter"].value,
+    }
+
+
+def test_durus_file_through_a_connection(durus_copy, legacy_model):
+    from dhruva.connection import Connection
+
+    expected = expected_values()
+    before = original_records(durus_copy)
+
+    connection = Connection(SqliteStorage(durus_copy))
+    try:
+        root = connection.get_root()
+        assert observed_values(root) == expected
+        assert all(
+            root["by_name"][person.name] is person for person in root["people"].values()
+        )
+
+        # A change of the kind an application makes after migrating.
+        Person = importlib.import_module("legacy_model").Person
+
+        root["counter"].bump()
+        root["log"].append("changed by dhruva")
+        newcomer = Person("Zoë-new", 30)
+        root["newcomer"] = newcomer
+        connection.commit()
+        newcomer_oid = newcomer._p_oid
+    finally:
+        connection.close()
+
+    assert newcomer_oid not in before
+    assert int.from_bytes(newcomer_oid, "big") > int.from_bytes(max(before), "big")
+    after = original_records(durus_copy)
+    assert after[max(before)] == before[max(before)]
+
+    expected.update(
+        counter=expected["counter"] + 1,
+        log=[*expected["log"], "changed by dhruva"],
+        root_keys=sorted([*expected["root_keys"], "newcomer"]),
+    )
+    with Connection(SqliteStorage(durus_copy)) as connection:
+        root = connection.get_root()
+        assert observed_values(root) == expected
+        assert (root["newcomer"].name, root["newcomer"].age) == ("Zoë-new", 30)
+        assert list(root["newcomer"].friends) == []
