@@ -1,17 +1,23 @@
-"""The plugin of dhruva-file: registers its file storages, recognizes their files.
+"""The plugin of dhruva-file: registers its file storages, recognizes their files,
+and adds the ``dhruva history`` and ``dhruva restore`` commands.
 
 The kinds are ``file`` (FileStorage, "SHELF-1") and ``file2`` (FileStorage2,
-"DFS20"). The storages themselves are imported only when a file is opened.
+"DFS20"); both take the option ``at`` (a position, read-only; see
+:mod:`dhruva.file_history`). The storages themselves are imported only when a
+file is opened.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dhruva.hookspecs import hookimpl
 from dhruva.registry import StorageKind, StorageRegistry
 from dhruva.storage import Storage
+
+if TYPE_CHECKING:
+    import click
 
 #: The first bytes of a FileStorage ("SHELF-1") file.
 SHELF_PREFIX = b"SHELF-1"
@@ -25,6 +31,7 @@ def _open_file(
     *,
     readonly: bool = False,
     repair: bool = False,
+    at: int | None = None,
     **options: Any,
 ) -> Storage:
     from dhruva.file_storage import FileStorage
@@ -32,7 +39,7 @@ def _open_file(
     if options:
         names = ", ".join(sorted(options))
         raise TypeError(f"the file storage takes no options {names}")
-    return FileStorage(path, readonly=readonly, repair=repair)
+    return FileStorage(path, readonly=readonly, repair=repair, at=at)
 
 
 def _open_file2(
@@ -40,6 +47,7 @@ def _open_file2(
     *,
     readonly: bool = False,
     repair: bool = False,
+    at: int | None = None,
     **options: Any,
 ) -> Storage:
     from dhruva.file_storage2 import FileStorage2
@@ -47,7 +55,7 @@ def _open_file2(
     if options:
         names = ", ".join(sorted(options))
         raise TypeError(f"the file2 storage takes no options {names}")
-    return FileStorage2(path, readonly=readonly, repair=repair)
+    return FileStorage2(path, readonly=readonly, repair=repair, at=at)
 
 
 @hookimpl
@@ -79,3 +87,77 @@ def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
     if header.startswith(DFS20_PREFIX):
         return "file2"
     return None
+
+
+# --- command line -------------------------------------------------------------
+
+
+def make_history_commands() -> list[click.Command]:
+    """Return the ``history`` and ``restore`` commands; imports happen here."""
+    import click
+    from dhruva.cli_options import library_errors
+
+    @click.command("history")
+    @click.argument("file", type=click.Path(dir_okay=False))
+    def history_command(file: str) -> None:
+        """List the commits a FileStorage or FileStorage2 file still holds.
+
+        Each line is a point in time: its position (give it to `dhruva
+        restore --at`), and the number of objects written there. The first
+        line, the base, is what the last pack (or the file's creation) kept;
+        the commits before it are gone. These formats record no commit times.
+        """
+        from dhruva.file_history import list_transactions, storage_class
+
+        with library_errors(f"reading the history of {file}"):
+            kind = storage_class(file).__name__
+            spans = list_transactions(file)
+        click.echo(f"{file}: {kind}, {len(spans) - 1} commits since the base")
+        click.echo("(this format records no commit times)")
+        click.echo(f"{'#':>6}  {'position':>12}  {'objects':>8}  time")
+        for number, span in enumerate(spans):
+            label = "base" if number == 0 else str(number)
+            click.echo(f"{label:>6}  {span.end:>12}  {span.records:>8}  -")
+
+    @click.command("restore")
+    @click.argument("file", type=click.Path(dir_okay=False))
+    @click.option(
+        "--at",
+        "at",
+        type=click.IntRange(min=0),
+        required=True,
+        metavar="POSITION",
+        help="The point in time: a position that `dhruva history FILE` lists.",
+    )
+    @click.option(
+        "--output",
+        type=click.Path(dir_okay=False),
+        required=True,
+        metavar="NEW",
+        help="The database file to write; FILE itself is never changed.",
+    )
+    @click.option(
+        "--force",
+        is_flag=True,
+        default=False,
+        help="Replace NEW if it exists.",
+    )
+    def restore_command(file: str, at: int, output: str, force: bool) -> None:
+        """Write the database FILE held at a point in time to a new file."""
+        from dhruva.file_history import restore
+
+        with library_errors(f"restoring {file} at position {at}"):
+            number, span = restore(file, at, output, force=force)
+        which = "the base" if number == 0 else f"commit {number}"
+        click.echo(
+            f"wrote {output}: {file} as of position {span.end} ({which}); "
+            f"{file} is unchanged"
+        )
+
+    return [history_command, restore_command]
+
+
+@hookimpl
+def dhruva_register_commands(cli: click.Group) -> None:
+    for command in make_history_commands():
+        cli.add_command(command)
