@@ -18,6 +18,7 @@ Limitations:
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -54,6 +55,9 @@ class BrokenPersistent(Persistent):
 
     #: ``module.Class`` named by the record.
     broken_name = ""
+    #: The module and qualified name of the missing class.
+    broken_module = ""
+    broken_qualname = ""
 
     def __setstate__(self, state: Any) -> None:
         own = _getattribute(self, "__dict__")
@@ -99,11 +103,33 @@ def broken_class(module: str, name: str) -> type[BrokenPersistent]:
         cls = type(
             name.rpartition(".")[2] or "Broken",
             (BrokenPersistent,),
-            {"broken_name": full, "__module__": "dhruva.broken"},
+            {
+                "broken_name": full,
+                "broken_module": module,
+                "broken_qualname": name,
+                "__module__": "dhruva.broken",
+            },
         )
         _broken[full] = cls
         BROKEN_TYPES.add(cls)
     return cls
+
+
+def find_class(module: str, name: str) -> type[Any]:
+    """Return the class ``module.name``, or its placeholder when it is missing.
+
+    Pickles name the class of a reference to a placeholder as a call of this
+    function, so that they load again once the class is back; dhruva's
+    unpicklers answer the call with their own class lookup.
+    """
+    try:
+        value: Any = importlib.import_module(module)
+        for part in name.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError):
+        return broken_class(module, name)
+    found: type[Any] = value
+    return found
 
 
 def is_broken(obj: object) -> bool:

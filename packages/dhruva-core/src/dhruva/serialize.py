@@ -34,7 +34,13 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from dhruva.broken import BROKEN_TYPES, BrokenState, broken_class, broken_record
+from dhruva.broken import (
+    BROKEN_TYPES,
+    BrokenState,
+    broken_class,
+    broken_record,
+)
+from dhruva.broken import find_class as broken_find_class
 from dhruva.error import InvalidObjectReference, StorageError
 from dhruva.persistent import GHOST, PersistentBase, _setattribute
 from dhruva.record import pack_record, unpack_record
@@ -109,6 +115,8 @@ class _RenamingUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "importlib" and name == "import_module":
             return _import_renamed
+        if module == "dhruva.broken" and name == "find_class":
+            return self.find_class
         try:
             return super().find_class(rename_module(module), name)
         except (ImportError, AttributeError):
@@ -167,6 +175,9 @@ class _DurusNamingPickler(pickle.Pickler):
             if durus_name is not None:
                 module, name = durus_name
                 return getattr, (_ModuleRef(module), name)
+            if obj in BROKEN_TYPES:
+                names = (obj.broken_module, obj.broken_qualname)  # type: ignore[attr-defined]
+                return broken_find_class, names
         elif isinstance(obj, _ModuleRef):
             return importlib.import_module, (obj.name,)
         return NotImplemented

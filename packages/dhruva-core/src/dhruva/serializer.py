@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dhruva.broken import BROKEN_TYPES
 from dhruva.error import DhruvaError, StorageError
 from dhruva.persistent import PersistentBase
 
@@ -105,7 +106,12 @@ def tagged_serializer_name(data: bytes) -> str | None:
 
 
 def class_name(cls: type) -> str:
-    """Return ``module:qualname``, the form tagged records name classes in."""
+    """Return ``module:qualname``, the form tagged records name classes in.
+
+    A placeholder for a missing class is named as the class it stands for.
+    """
+    if cls in BROKEN_TYPES:
+        return f"{cls.broken_module}:{cls.broken_qualname}"  # type: ignore[attr-defined]
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -236,7 +242,7 @@ def find_loaded_class(module: str, qualname: str) -> type | None:
     """
     key = (module, qualname)
     cls = _loaded.get(key)
-    if cls is None:
+    if cls is None or cls.__module__ != module or cls.__qualname__ != qualname:
         if module.startswith("dhruva."):
             from dhruva.serialize import durus_names
 
