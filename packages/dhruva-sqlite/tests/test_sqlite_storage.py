@@ -631,3 +631,23 @@ def test_durus_file_through_a_connection(durus_copy, legacy_model):
         assert observed_values(root) == expected
         assert (root["newcomer"].name, root["newcomer"].age) == ("Zoë-new", 30)
         assert list(root["newcomer"].friends) == []
+
+
+def test_file_returns_to_its_journal_mode_after_readers_held_it_in_wal(tmp_path):
+    path = tmp_path / "db"
+    writer = SqliteStorage(path)
+    a = writer.new_oid()
+    commit(writer, make_record(a, b"a"))
+    reader = SqliteStorage(path, readonly=True)
+    writer.close()  # the reader keeps the file in WAL mode
+    reader.close()
+
+    # The next writer to close puts it back, and leaves no side files.
+    with SqliteStorage(path) as writer:
+        assert unpack_record(writer.load(a))[1] == b"a"
+    assert sorted(os.listdir(tmp_path)) == ["db", "db.lock"]
+    con = raw(path)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        con.close()

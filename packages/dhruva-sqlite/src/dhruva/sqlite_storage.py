@@ -6,18 +6,22 @@ halves of the object record (see :mod:`dhruva.record`). Files that Durus's
 SqliteStorage wrote open unchanged, and Durus can still read a file dhruva has
 written to, because Durus only ever reads ``objects``.
 
-dhruva adds one small table, ``dhruva_meta(key text primary key, value)``, that
-holds the next oid to hand out (key ``next_oid``). The counter only grows: on
-open it is raised to ``max(id) + 1``, so oids are never reused, not after a
-reopen (Durus handed out the oid of its newest record again, and overwrote it),
-not after :meth:`SqliteStorage.pack` removed the newest records, and not after
-another program inserted records.
+dhruva adds one small table, ``dhruva_meta(key text primary key, value)``,
+holding the next oid to hand out (key ``next_oid``) and the file's own journal
+mode (key ``journal_mode``). The oid counter only grows: on open it is raised to
+``max(id) + 1``, so oids are never reused, not after a reopen (Durus handed out
+the oid of its newest record again, and overwrote it), not after
+:meth:`SqliteStorage.pack` removed the newest records, and not after another
+program inserted records.
 
 Each commit is one SQLite transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) with
 ``synchronous=FULL``: it lands whole or not at all, and is on disk when
 :meth:`SqliteStorage.end` returns. While a storage is open for writing the file
-is in WAL mode, so readers in other processes never wait for a commit; the
-journal mode the file had before is restored on close when no reader is left.
+is in WAL mode, so readers in other processes never wait for a commit. On close
+the file goes back to the journal mode it had when dhruva first opened it
+("delete" for Durus files and new ones), so that it is one self-contained file
+again; while readers are still open it stays in WAL mode until a later writer
+closes it.
 
 Only one process writes at a time. A writable open takes an exclusive lock on
 the side file ``<path>.lock``; a second writer waits up to ``timeout`` seconds
@@ -264,7 +268,12 @@ class SqliteStorage(Storage):
 
             self._lock = _WriterLock(self.filename)
             self._lock.acquire(self.filename, self._timeout)
-            self._configure_for_writing()
+            found_mode = self._journal_mode()
+            self._restore_journal_mode = self._read_meta(tables, "journal_mode")
+            if self._restore_journal_mode is None:
+                # First open by dhruva: remember the mode the file came in.
+                self._restore_journal_mode = found_mode
+            self._configure_for_writing(found_mode)
 
             # Create the tables (a new file) or add dhruva_meta (a Durus
             # file), and settle the oid counter.
@@ -277,30 +286,33 @@ class SqliteStorage(Storage):
                 self._check_objects_columns()
                 self._next_oid = self._read_next_oid({"objects", "dhruva_meta"})
                 self._write_next_oid(con)
+                con.execute(
+                    "INSERT OR IGNORE INTO dhruva_meta (key, value) "
+                    "VALUES ('journal_mode', ?)",
+                    (self._restore_journal_mode,),
+                )
             self._durable_next = self._next_oid
         except BaseException:
             self._close_connection()
             raise
 
-    def _configure_for_writing(self) -> None:
-        con = self._connection()
+    def _journal_mode(self, change_to: str | None = None) -> str:
+        pragma = "PRAGMA journal_mode" + (f" = {change_to}" if change_to else "")
+        (mode,) = self._connection().execute(pragma).fetchone()
+        return (mode.decode() if isinstance(mode, bytes) else str(mode)).lower()
+
+    def _configure_for_writing(self, found_mode: str) -> None:
         try:
-            (mode,) = con.execute("PRAGMA journal_mode").fetchone()
-            mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-            if mode.lower() != "wal":
-                (new_mode,) = con.execute("PRAGMA journal_mode=WAL").fetchone()
-                if isinstance(new_mode, bytes):
-                    new_mode = new_mode.decode()
-                if str(new_mode).lower() == "wal":
-                    self._restore_journal_mode = mode
-                else:
+            if found_mode != "wal":
+                new_mode = self._journal_mode("WAL")
+                if new_mode != "wal":
                     log.warning(
                         "%s: SQLite refused WAL mode, staying in %s mode; "
                         "readers will wait for commits",
                         self.filename,
                         new_mode,
                     )
-            con.execute("PRAGMA synchronous=FULL")
+            self._connection().execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise self._sqlite_error(exc, "preparing for writing") from exc
 
@@ -352,6 +364,19 @@ class SqliteStorage(Storage):
             if row is not None and isinstance(row[0], int):
                 next_oid = max(next_oid, row[0])
         return next_oid
+
+    def _read_meta(self, tables: set[str], key: str) -> str | None:
+        if "dhruva_meta" not in tables:
+            return None
+        row = (
+            self._connection()
+            .execute("SELECT value FROM dhruva_meta WHERE key = ?", (key,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        value = row[0]
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def _write_next_oid(self, con: sqlite3.Connection) -> None:
         con.execute(
