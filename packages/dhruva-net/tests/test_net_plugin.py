@@ -32,6 +32,13 @@ def test_the_plugin_adds_a_server_command_with_the_durus_options():
     } <= options
 
 
+def test_serializer_is_a_client_option_and_the_server_says_so():
+    result = CliRunner().invoke(make_cli(), ["-s", "--serializer", "msgspec"])
+    assert result.exit_code == 2
+    assert "--serializer is an option of the clients" in result.output
+    assert "dhruva -c --serializer msgspec" in result.output
+
+
 def test_the_installed_cli_has_it():
     assert "server" in make_cli(get_plugins()).commands
 

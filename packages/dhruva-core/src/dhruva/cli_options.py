@@ -87,6 +87,32 @@ def serializer_option(func: F) -> F:
     )(func)
 
 
+def serializer_refused_option(func: F) -> F:
+    """Add ``--serializer`` to a command that stores records as it gets them.
+
+    A server (and pack) never turns objects into records: the clients do.
+    The option is there to say so, instead of "no such option".
+    """
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            raise click.UsageError(
+                "--serializer is an option of the clients: the server stores "
+                "the records clients send as they are, and reads every "
+                f"serializer's records. Use `dhruva -c --serializer {value}`",
+                ctx=ctx,
+            )
+
+    return click.option(
+        "--serializer",
+        metavar="NAME",
+        default=None,
+        expose_value=False,
+        callback=refuse,
+        help="Not for the server: clients choose it (`dhruva -c --serializer`).",
+    )(func)
+
+
 def storage_options(func: F) -> F:
     """Add ``--file``, ``--storage``, ``--readonly`` and ``--repair``."""
     decorators = [

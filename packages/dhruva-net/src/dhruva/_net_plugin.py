@@ -28,6 +28,7 @@ def make_server_command() -> click.Command:
         library_errors,
         make_address,
         open_file_storage,
+        serializer_refused_option,
         storage_options,
     )
 
@@ -35,6 +36,7 @@ def make_server_command() -> click.Command:
     @storage_options
     @address_options
     @cache_size_option
+    @serializer_refused_option
     @click.option(
         "--gcbytes",
         type=click.IntRange(min=0),
