@@ -46,3 +46,16 @@ def test_does_not_claim_other_files():
 def test_installed_entry_point_is_this_plugin():
     (entry_point,) = entry_points(group="dhruva", name="sqlite")
     assert entry_point.load() is _sqlite_plugin
+
+
+def test_a_connection_given_a_path_opens_a_sqlite_file_with_this_storage(tmp_path):
+    from dhruva.connection import Connection
+
+    path = tmp_path / "db"
+    with Connection(SqliteStorage(path)) as connection:
+        connection.get_root()["answer"] = 42
+        connection.commit()
+
+    with Connection(str(path)) as connection:
+        assert isinstance(connection.get_storage(), SqliteStorage)
+        assert connection.get_root()["answer"] == 42
