@@ -85,6 +85,19 @@ def test_oids_are_not_reused_after_reopen(tmp_path):
             assert unpack_record(s.load(o))[1] == b"first %d" % i
 
 
+def test_records_stored_under_their_own_oids_move_the_counter_past_them(tmp_path):
+    # A bulk copy stores records without asking new_oid(); Durus's counter
+    # stayed at zero, and its next new object overwrote the root.
+    with SqliteStorage(tmp_path / "db") as s:
+        commit(s, make_record(ROOT_OID, b"root", [oid(7)]), make_record(oid(7)))
+        fresh = s.new_oid()
+        assert int.from_bytes(fresh, "big") == 8
+        commit(s, make_record(fresh, b"new"))
+        commit(s, make_record(oid(30), b"copied later"))
+        assert s.new_oid() == oid(31)
+        assert unpack_record(s.load(ROOT_OID))[1] == b"root"
+
+
 def test_oids_are_not_reused_after_pack_and_reopen(tmp_path):
     path = tmp_path / "db"
     with SqliteStorage(path) as s:

@@ -567,6 +567,10 @@ class SqliteStorage(Storage):
                 "INSERT OR REPLACE INTO objects (id, data, refs) VALUES (?, ?, ?)",
                 rows,
             )
+            # Records copied in from elsewhere (dhruva convert) bring their own
+            # oids: new ones start above them, never on them.
+            highest = max(number for number, _d, _r in rows)
+            self._next_oid = max(self._next_oid, highest + 1)
             self._write_next_oid(con)
         self._durable_next = self._next_oid
         if self._pack_extra is not None:
