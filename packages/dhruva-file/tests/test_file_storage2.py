@@ -295,7 +295,7 @@ def test_pack_replaces_the_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_commits_during_an_incremental_pack_are_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr("dhruva.file_storage2._PACK_STEP", 2)
+    monkeypatch.setattr(FileStorage2, "pack_step", 2)
     path = tmp_path / "db"
     with FileStorage2(path) as s:
         root, a, b, garbage, late = (s.new_oid() for _ in range(5))

@@ -46,13 +46,14 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import tempfile
 from collections import deque
 from collections.abc import Iterator, MutableSequence
 from typing import BinaryIO, Self
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
-from dhruva.record import ROOT_OID
+from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.shelf import (
     FIRST_TRANSACTION,
     PREFIX,
@@ -152,6 +153,9 @@ class FileStorage(Storage):
     packable = True
     iterable = True
 
+    #: Records the packer copies between the points where it yields.
+    pack_step = _PACK_STEP
+
     #: The attributes that hold what was read of the file's layout; a
     #: read-only storage swaps them all when it follows a pack.
     _LAYOUT_STATE: tuple[str, ...] = (
@@ -225,6 +229,7 @@ class FileStorage(Storage):
             self._file = self._open_locked(self.path)
             if not self.temporary:
                 self._write_lock_note()
+                self._remove_pack_leftover()
 
         size = os.fstat(self._file.fileno()).st_size
         if size == 0:
@@ -653,9 +658,16 @@ class FileStorage(Storage):
     def get_packer(self) -> Iterator[None]:
         """Return a generator that packs a step at each ``next()``.
 
-        Commits may happen between steps; their records are carried over into
-        the packed file. The packed file replaces the old one by an atomic
-        rename, so a crash leaves one or the other, never neither.
+        Commits may happen between steps; their records, and what they refer
+        to, are carried over into the packed file. The packed file is written
+        next to the database as ``<file>.pack`` and renamed over it once it is
+        complete and on disk, so a crash leaves one or the other, never
+        neither; a ``.pack`` file left by a crash is removed at the next
+        writable open. A pack that fails (disk full, permissions) removes its
+        ``.pack`` file and leaves the database as it was, still writable.
+
+        :raises StorageError: when a pack is running already; from the
+            generator, naming the file and the cause when the pack fails.
         """
         self._check_writable("pack()")
         if self._pack_extra is not None:
@@ -668,11 +680,9 @@ class FileStorage(Storage):
             return
         log.info("packing %s", self.path)
         self._pack_extra = set()
-        pack_path = self.path + ".pack"
         new: BinaryIO | None = None
         try:
-            new = open(pack_path, "w+b")  # noqa: SIM115 (becomes self._file)
-            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            new = self._create_pack_file()
             old_oids = {oid for oid, _position in self._gen_positions()}
 
             # The reachable records, as the first transaction.
@@ -683,7 +693,7 @@ class FileStorage(Storage):
                 new.write((8 + len(record)).to_bytes(8, "big") + oid + record)
                 offsets[int.from_bytes(oid, "big")] = position
                 position += 16 + len(record)
-                if i % _PACK_STEP == _PACK_STEP - 1:
+                if i % self.pack_step == self.pack_step - 1:
                     yield None
             map_start = position
             new.seek(len(PREFIX))
@@ -696,39 +706,146 @@ class FileStorage(Storage):
             yield None
 
             # Records committed while packing, and what they reach anew.
-            extra = self._pack_extra
-            seen = {n.to_bytes(8, "big") for n in offsets} - extra
-            carried: dict[bytes, bytes] = {}
-            for start in sorted(extra):
-                for oid, record in gen_reachable_records(self, start):
-                    if oid not in seen:
-                        seen.add(oid)
-                        carried[oid] = record
+            copied = {n.to_bytes(8, "big") for n in offsets} - self._pack_extra
+            carried = self._carry_over(copied)
             if carried:
                 new.write(encode_transaction(iter(carried.items()))[0])
-            new.flush()
-            os.fsync(new.fileno())
-
-            # Swap the files: after the rename the lock on `new` guards the path.
-            os.replace(pack_path, self.path)
-            _fsync_directory(self.path)
-            old, self._file = self._file, new
-            new = None
-            assert old is not None
-            old.close()
-            handed_out = self._next_oid
-            self._load_layout(repair=False)
-            self._next_oid = max(self._next_oid, handed_out)
-            self._invalid.update(old_oids - seen)
+            packed, new = new, None
+            self._replace_with(packed)
+        except OSError as e:
+            raise self._pack_error(e) from e
         finally:
             self._pack_extra = None
             if new is not None:
-                new.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(pack_path)
+                self._discard_pack_file(new)
+        kept = copied | set(carried)
+        self._invalid.update(old_oids - kept)
         log.info(
             "packed %s: %d records kept, %d removed",
             self.path,
-            len(seen),
-            len(old_oids - seen),
+            len(kept),
+            len(old_oids - kept),
         )
+
+    # Steps of a pack, shared with FileStorage2.
+
+    def _pack_path(self) -> str:
+        return self.path + ".pack"
+
+    def _remove_pack_leftover(self) -> None:
+        """Remove the ``.pack`` file of a pack that a crash interrupted.
+
+        Called with the lock held: no pack can be running in another process.
+        """
+        leftover = self._pack_path()
+        try:
+            os.unlink(leftover)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning(
+                "%s: could not remove %s, left by an interrupted pack: %s",
+                self.path,
+                leftover,
+                e,
+            )
+            return
+        log.warning(
+            "%s: removed %s, the unfinished new file of a pack that was "
+            "interrupted; the database is as it was before that pack",
+            self.path,
+            leftover,
+        )
+
+    def _create_pack_file(self) -> BinaryIO:
+        """Create and lock the packed file, with the database file's mode."""
+        new = open(self._pack_path(), "w+b")  # noqa: SIM115 (becomes self._file)
+        try:
+            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mode = os.fstat(self._live_file().fileno()).st_mode
+            os.fchmod(new.fileno(), stat.S_IMODE(mode))
+        except BaseException:
+            self._discard_pack_file(new)
+            raise
+        return new
+
+    def _discard_pack_file(self, new: BinaryIO) -> None:
+        with contextlib.suppress(OSError):
+            new.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._pack_path())
+
+    def _carry_over(self, copied: set[bytes]) -> dict[bytes, bytes]:
+        """Return the records committed while packing, and those they reach
+        that the first pass did not copy.
+
+        :param copied: the oids the first pass copied that no commit has
+            changed since; what they refer to was copied too.
+        """
+        carried: dict[bytes, bytes] = {}
+        todo = sorted(self._pack_extra or (), reverse=True)
+        while todo:
+            oid = todo.pop()
+            if oid in copied or oid in carried:
+                continue
+            record = self.load(oid)
+            carried[oid] = record
+            todo.extend(split_oids(unpack_record(record)[2]))
+        return carried
+
+    def _replace_with(self, packed: BinaryIO) -> None:
+        """Make the packed file durable, rename it over the database file and
+        read it: the moment a pack takes effect.
+
+        On failure before the rename, the packed file is removed and the
+        database is untouched.
+        """
+        try:
+            packed.flush()
+            os.fsync(packed.fileno())
+            os.replace(self._pack_path(), self.path)
+        except BaseException:
+            self._discard_pack_file(packed)
+            raise
+
+        # From here the packed file is the database; the lock on it guards
+        # the path.
+        old, self._file = self._file, packed
+        if old is not None:
+            old.close()
+        try:
+            _fsync_directory(self.path)
+        except OSError as e:
+            log.warning(
+                "%s: packed, but syncing its folder failed (%s); a power failure "
+                "now may bring back the file as it was before the pack",
+                self.path,
+                e,
+            )
+        handed_out = self._next_oid
+        self._load_layout(repair=False)
+        self._next_oid = max(self._next_oid, handed_out)
+
+    def _pack_error(self, error: OSError) -> StorageError:
+        """Describe a pack that failed, and what to do about it."""
+        where = error.filename or self._pack_path()
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            fix = (
+                f"free disk space in {folder} (a pack writes a new copy of the "
+                "reachable objects there) and pack again"
+            )
+        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = (
+                f"make {folder} writable (a pack writes its new file there and "
+                "renames it over the database) and pack again"
+            )
+        else:
+            fix = "remove the cause and pack again"
+        message = (
+            f"packing {self.path} failed at {where}: "
+            f"{error.strerror or error}; the database is unchanged and still "
+            f"writable. To pack it, {fix}"
+        )
+        log.error("%s", message)
+        return StorageError(message)

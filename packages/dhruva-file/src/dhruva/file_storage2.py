@@ -47,7 +47,6 @@ Limitations:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import logging
 import os
@@ -58,7 +57,7 @@ from collections.abc import Iterator, Mapping, MutableSequence
 from typing import Any, BinaryIO
 
 from dhruva.error import DhruvaKeyError, StorageError
-from dhruva.file_storage import _PACK_STEP, FileStorage, _fsync_directory
+from dhruva.file_storage import FileStorage, _fsync_directory
 from dhruva.record import ROOT_OID
 from dhruva.shelf import ScanResult, TransactionSpan
 from dhruva.storage import InvalidationHandler, gen_reachable_records
@@ -469,11 +468,9 @@ class FileStorage2(FileStorage):
             return
         log.info("packing %s", self.path)
         self._pack_extra = set()
-        pack_path = self.path + ".pack"
         new: BinaryIO | None = None
         try:
-            new = open(pack_path, "w+b")  # noqa: SIM115 (becomes self._file)
-            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            new = self._create_pack_file()
             old_oids = set(self._index)
 
             # The reachable records, as one transaction.
@@ -484,20 +481,13 @@ class FileStorage2(FileStorage):
                 new.write(_int4.pack(len(record)) + record)
                 offsets[oid] = position
                 position += 4 + len(record)
-                if i % _PACK_STEP == _PACK_STEP - 1:
+                if i % self.pack_step == self.pack_step - 1:
                     yield None
             new.write(_int4.pack(0))
             position += 4
 
             # Records committed while packing, and what they reach anew.
-            extra = self._pack_extra
-            carried: dict[bytes, bytes] = {}
-            seen = set(offsets) - extra
-            for start in sorted(extra):
-                for oid, record in gen_reachable_records(self, start):
-                    if oid not in seen:
-                        seen.add(oid)
-                        carried[oid] = record
+            carried = self._carry_over(set(offsets) - self._pack_extra)
             if carried:
                 for oid, record in carried.items():
                     offsets[oid] = position
@@ -510,26 +500,15 @@ class FileStorage2(FileStorage):
             new.write(encode_index(offsets, self._next_oid))
             new.seek(len(MAGIC))
             new.write(_int8.pack(position))
-            new.flush()
-            os.fsync(new.fileno())
-
-            # Swap the files: after the rename the lock on `new` guards the path.
-            os.replace(pack_path, self.path)
-            _fsync_directory(self.path)
-            old, self._file = self._file, new
-            new = None
-            assert old is not None
-            old.close()
-            handed_out = self._next_oid
-            self._load_layout(repair=False)
-            self._next_oid = max(self._next_oid, handed_out)
-            self._invalid.update(old_oids - set(offsets))
+            packed, new = new, None
+            self._replace_with(packed)
+        except OSError as e:
+            raise self._pack_error(e) from e
         finally:
             self._pack_extra = None
             if new is not None:
-                new.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(pack_path)
+                self._discard_pack_file(new)
+        self._invalid.update(old_oids - set(offsets))
         log.info(
             "packed %s: %d records kept, %d removed",
             self.path,
