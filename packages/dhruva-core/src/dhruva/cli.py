@@ -28,6 +28,7 @@ from typing import Any
 
 import click
 from dhruva.cli_client import client_command
+from dhruva.cli_convert import convert_command
 from dhruva.cli_options import (
     address_options,
     cache_size_option,
@@ -166,6 +167,7 @@ def make_cli(plugins: Plugins | None = None) -> click.Group:
         _configure_logging(ctx, log_level.upper() if log_level else None)
 
     cli.add_command(client_command)
+    cli.add_command(convert_command)
     cli.add_command(pack_command)
     cli.add_command(migrate_command)
     cli.add_command(plugins_command)

@@ -200,6 +200,8 @@ class MemoryStorage(Storage):
     def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
         transaction, self._transaction = self._transaction or {}, None
         self.records.update(transaction)
+        for oid in transaction:  # copied records bring their own oids
+            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
 
     def sync(self) -> list[bytes]:
         return []

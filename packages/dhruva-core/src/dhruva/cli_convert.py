@@ -1,0 +1,127 @@
+"""``dhruva convert SRC DST``: copy a database into a new storage of any kind.
+
+The source is opened read-only with the kind recognized from its first bytes
+(or ``--from-storage``); the destination gets ``--storage`` (``file`` by
+default) and must not exist, or be an empty file. Progress goes to stderr as a
+bar when stderr is a terminal, and nothing when it is piped; the summary goes
+to stdout. A conversion that fails removes what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import click
+from dhruva.cli_options import _check_storage_name, cli_plugins, library_errors
+from dhruva.plugins import DEFAULT_STORAGE
+
+log = logging.getLogger(__name__)
+
+#: Files that storages keep next to a database file.
+_SIDE_FILES = (".lock", "-wal", "-shm", "-journal")
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
+    """Yield a progress callback: a bar on a terminal, silence otherwise."""
+    if total is None or not sys.stderr.isatty():
+        yield lambda _n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+        # Unreachable records are not copied: the bar ends full all the same.
+        bar.update(max(0, total - bar.pos))
+
+
+def _refuse_existing(src: str, dst: str) -> None:
+    if not os.path.exists(dst):
+        return
+    if os.path.exists(src) and os.path.samefile(src, dst):
+        raise click.ClickException(
+            f"{dst} is the source itself; convert writes a new database: give "
+            "another DST"
+        )
+    size = os.path.getsize(dst)
+    if size:
+        raise click.ClickException(
+            f"{dst} exists and is not empty ({size} bytes); convert writes a new "
+            "database only: choose another DST, or remove it first"
+        )
+
+
+def _remove_partial(dst: str, existed: set[str]) -> None:
+    """Remove what a failed conversion wrote at ``dst`` and beside it."""
+    for path in (dst, *(dst + suffix for suffix in _SIDE_FILES)):
+        if path not in existed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    log.info("removed the partial conversion %s", dst)
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option(
+    "--storage",
+    "storage",
+    metavar="NAME",
+    default=None,
+    callback=_check_storage_name,
+    help=f"Storage kind of DST (see `dhruva plugins`) [default: {DEFAULT_STORAGE}].",
+)
+@click.option(
+    "--from-storage",
+    "from_storage",
+    metavar="NAME",
+    default=None,
+    callback=_check_storage_name,
+    help="Storage kind of SRC; by default it is recognized from the file.",
+)
+@click.pass_context
+def convert_command(
+    ctx: click.Context,
+    src: str,
+    dst: str,
+    storage: str | None,
+    from_storage: str | None,
+) -> None:
+    """Copy every object reachable from the root of SRC into a new DST.
+
+    Any two storage kinds work: Durus files to dhruva, file to sqlite, sqlite
+    to file, file2 to file... Records are copied as they are, under the same
+    oids; DST takes new commits right away. SRC is only read.
+    """
+    from dhruva.convert import copy_reachable
+
+    plugins = cli_plugins(ctx)
+    kind = storage or DEFAULT_STORAGE
+    _refuse_existing(src, dst)
+    existed = {p for p in (dst, *(dst + s for s in _SIDE_FILES)) if os.path.exists(p)}
+
+    with library_errors(f"cannot open {src}"):
+        source = plugins.open_storage(src, from_storage, readonly=True)
+    try:
+        with library_errors(f"cannot create {dst}"):
+            destination = plugins.open_storage(dst, kind)
+        try:
+            with (
+                library_errors(f"converting {src} to {dst}"),
+                _progress(source.get_size(), f"copying {src}") as progress,
+            ):
+                result = copy_reachable(source, destination, progress=progress)
+        except BaseException:
+            destination.close()
+            _remove_partial(dst, existed)
+            raise
+        with library_errors(f"closing {dst}"):
+            destination.close()
+    finally:
+        source.close()
+    click.echo(
+        f"converted {src} to {dst} ({kind}): {result.records} objects, "
+        f"{result.size} bytes"
+    )

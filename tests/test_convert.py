@@ -1,0 +1,292 @@
+"""``dhruva convert`` between the installed storages: file, file2 and sqlite.
+
+Every pair of kinds, from Durus-written files and from dhruva-written ones.
+After a conversion the new database reads the same objects and takes new
+commits at once, and no new object lands on a copied oid (Durus's SQLite
+bulk import left its counter at zero, so the next object overwrote the root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from dhruva.cli import make_cli
+from dhruva.connection import Connection
+from dhruva.persistent_dict import PersistentDict
+from dhruva.persistent_list import PersistentList
+from dhruva.plugins import get_plugins, open_storage
+from dhruva.record import ROOT_OID
+
+FIXTURES = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "durus-4"
+)
+DURUS_FILES = {
+    "file": "legacy-shelf.durus",
+    "file2": "legacy-filestorage2.dfs20",
+    "sqlite": "legacy-sqlite.sqlite",
+}
+KINDS = sorted(DURUS_FILES)
+
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.exists(),
+    reason=f"the Durus fixtures are not there ({FIXTURES}); they come with the "
+    "shared folder next to the checkout",
+)
+
+
+def convert(*args: str) -> Any:
+    return CliRunner().invoke(make_cli(), ["convert", *args])
+
+
+def all_records(path: Path) -> dict[bytes, bytes]:
+    with open_storage(path, readonly=True) as storage:
+        return dict(storage.gen_oid_record())
+
+
+def add_and_check(path: Path) -> None:
+    """Commit new objects into ``path``; every old record must be unchanged."""
+    old = all_records(path)
+    connection = Connection(path)
+    try:
+        root = connection.get_root()
+        root["added"] = PersistentList(PersistentDict(n=n) for n in range(300))
+        connection.commit()
+        root["added"][7]["n"] = "changed"
+        root["more"] = PersistentDict(x=1)
+        connection.commit()
+    finally:
+        connection.close()
+
+    new = all_records(path)
+    assert {oid for oid in old if new[oid] != old[oid]} == {ROOT_OID}
+    assert len(new) == len(old) + 302
+    connection = Connection(path)
+    try:
+        root = connection.get_root()
+        assert [d["n"] for d in root["added"]][6:9] == [6, "changed", 8]
+        assert root["more"]["x"] == 1
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def legacy_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    yield
+    sys.modules.pop("legacy_model", None)
+
+
+def manifest_values(path: Path) -> dict[str, Any]:
+    connection = Connection(open_storage(path, readonly=True))
+    try:
+        root = connection.get_root()
+        numbers = root["numbers"]
+        return {
+            "root_keys": sorted(root.keys()),
+            "counter": root["counter"].value,
+            "people_len": len(root["people"]),
+            "by_name_len": len(root["by_name"]),
+            "numbers_len": len(numbers),
+            "numbers_sum": sum(numbers.values()),
+            "evens": sorted(root["evens"]),
+            "log": list(root["log"]),
+            "blob_sha256": hashlib.sha256(root["blob"]).hexdigest(),
+        }
+    finally:
+        connection.close()
+
+
+# --- Durus files into every kind ---------------------------------------------
+
+
+@needs_fixtures
+@pytest.mark.parametrize("target", KINDS)
+@pytest.mark.parametrize("origin", KINDS)
+def test_durus_files_convert_to_every_kind(origin, target, tmp_path, legacy_model):
+    src = tmp_path / DURUS_FILES[origin]
+    shutil.copyfile(FIXTURES / DURUS_FILES[origin], src)
+    original = src.read_bytes()
+    dst = tmp_path / f"converted.{target}"
+
+    result = convert(str(src), str(dst), "--storage", target)
+    assert result.exit_code == 0, result.output
+    assert f"({target})" in result.output
+    assert get_plugins().recognize(str(dst)) == target
+    assert src.read_bytes() == original
+
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    expected = manifest[DURUS_FILES[origin]]
+    values = manifest_values(dst)
+    assert values == {key: expected[key] for key in values}
+
+    # Unreachable records (ten deleted people) are left behind.
+    with open_storage(src, readonly=True) as source:
+        reachable = {oid for oid, _r in source.gen_oid_record(start_oid=ROOT_OID)}
+        assert (source.get_size() or 0) > len(reachable)
+        copied = dict(source.gen_oid_record(start_oid=ROOT_OID))
+    assert all_records(dst) == copied
+
+    add_and_check(dst)
+
+
+# --- dhruva files, and the rules of the command ------------------------------
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Path:
+    path = tmp_path / "made.durus"
+    connection = Connection(path)
+    try:
+        root = connection.get_root()
+        root["people"] = PersistentList(PersistentDict(name=f"p{n}") for n in range(50))
+        connection.commit()
+        del root["people"][10:20]  # unreachable now
+        connection.commit()
+    finally:
+        connection.close()
+    return path
+
+
+@pytest.mark.parametrize("target", KINDS)
+def test_a_dhruva_file_converts_and_back(made, target, tmp_path):
+    there = tmp_path / f"there.{target}"
+    back = tmp_path / "back.durus"
+    assert convert(str(made), str(there), "--storage", target).exit_code == 0
+    result = convert(str(there), str(back))
+    assert result.exit_code == 0, result.output
+    assert "(file)" in result.output  # the default kind
+    with open_storage(made, readonly=True) as source:
+        reachable = dict(source.gen_oid_record(ROOT_OID))
+    assert all_records(back) == reachable
+    add_and_check(back)
+
+
+def test_from_storage_names_the_source_kind(made, tmp_path):
+    dst = tmp_path / "dst.sqlite"
+    result = convert(
+        str(made), str(dst), "--from-storage", "file", "--storage", "sqlite"
+    )
+    assert result.exit_code == 0, result.output
+    wrong = convert(str(made), str(tmp_path / "x"), "--from-storage", "sqlite")
+    assert wrong.exit_code == 1
+    assert "not a SQLite database" in wrong.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_existing_database_is_refused_and_left_alone(made, tmp_path):
+    dst = tmp_path / "dst"
+    assert convert(str(made), str(dst)).exit_code == 0
+    before = dst.read_bytes()
+    result = convert(str(made), str(dst), "--storage", "sqlite")
+    assert result.exit_code == 1
+    assert f"{dst} exists and is not empty" in result.output
+    assert dst.read_bytes() == before
+
+    result = convert(str(made), str(made))
+    assert result.exit_code == 1
+    assert "is the source itself" in result.output
+
+
+@pytest.mark.parametrize("target", KINDS)
+def test_an_empty_existing_file_is_filled(made, target, tmp_path):
+    dst = tmp_path / "empty"
+    dst.touch()
+    result = convert(str(made), str(dst), "--storage", target)
+    assert result.exit_code == 0, result.output
+    add_and_check(dst)
+
+
+def test_an_unknown_kind_lists_the_installed_ones(made, tmp_path):
+    result = convert(str(made), str(tmp_path / "x"), "--storage", "sqlit")
+    assert result.exit_code == 2
+    assert "sqlite" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_source_is_an_error_and_creates_nothing(tmp_path):
+    result = convert(str(tmp_path / "missing"), str(tmp_path / "dst"))
+    assert result.exit_code == 1
+    assert "missing" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_conversion_removes_what_it_wrote(made, tmp_path):
+    # A source record that refers to an oid it does not hold fails the copy.
+    broken = tmp_path / "broken.durus"
+    with Connection(broken) as connection:
+        connection.get_root()["x"] = PersistentDict()
+        connection.commit()
+    with open_storage(broken) as storage:
+        from dhruva.record import pack_record, unpack_record
+
+        _oid, data, refs = unpack_record(storage.load(ROOT_OID))
+        storage.begin()
+        missing = (999).to_bytes(8, "big")
+        storage.store(ROOT_OID, pack_record(ROOT_OID, data, refs + missing))
+        storage.end()
+    for target in KINDS:
+        dst = tmp_path / f"dst.{target}"
+        result = convert(str(broken), str(dst), "--storage", target)
+        assert result.exit_code != 0
+        assert not dst.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("dst")]
+
+
+def test_piped_output_has_no_progress_bar(made, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "convert", str(made), str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith(f"converted {made}")
+
+
+def test_a_terminal_gets_a_progress_bar(made, tmp_path):
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dhruva.cli",
+                "convert",
+                str(made),
+                str(tmp_path / "d"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            timeout=120,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"copying" in seen and b"100%" in seen
+    assert proc.stdout.startswith("converted")
