@@ -268,8 +268,8 @@ def verdict(row: str, results: dict[str, dict]) -> str:
         if zodb is None:
             return ""
         ratio = ours[1] / zodb
-        good = "met" if ratio <= 1 else "MISSED"
-        return f"{ours[0]} {ratio:.2f}x zodb-file (durable): {good}"
+        status = "met" if ratio <= 1 else "MISSED"
+        return f"{ours[0]} {ratio:.2f}x zodb-file (durable): {status}"
     if row == "cold read per object via server":
         durus = value("durus-server")
         if durus is None:
