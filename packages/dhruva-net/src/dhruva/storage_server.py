@@ -26,7 +26,8 @@ Limitations:
 
 TODO(#5): a limit on the invalid set of an idle client (today it grows until
 the client syncs), on staged bytes per connection, an idle timeout, TLS and
-authentication; fsync off the event loop.
+authentication; fsync off the event loop; systemd socket activation and unix
+socket owner/group/umask options (Durus had both).
 """
 
 from __future__ import annotations
