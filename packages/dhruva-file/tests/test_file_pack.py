@@ -4,10 +4,21 @@ fail, and the leftovers of interrupted packs."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
 import pytest
+from dhruva.error import StorageError
 from dhruva.file_storage import FileStorage
 from dhruva.file_storage2 import FileStorage2
-from dhruva.storage_testing import IncrementalPackStorageContract
+from dhruva.record import pack_record
+from dhruva.storage import Storage, gen_reachable_records
+from dhruva.storage_testing import IncrementalPackStorageContract, commit, new_oids
 
 KINDS = {"file": FileStorage, "file2": FileStorage2}
 
@@ -26,3 +37,262 @@ class TestFileStorage2IncrementalPack(IncrementalPackStorageContract):
         s = FileStorage2(tmp_path / "db.dfs20")
         yield s
         s.close()
+
+
+# --- a database to pack ------------------------------------------------------------
+
+
+def build(storage: Storage, reachable: int = 2000) -> dict[bytes, bytes]:
+    """Commit a chain of objects and as much garbage; return the chain's records."""
+    oids = [storage.new_oid() for _ in range(reachable)]
+    records = {}
+    for oid, following in zip(oids, [*oids[1:], b""], strict=True):
+        records[oid] = pack_record(oid, b"kept " + oid + b"x" * 200, following)
+    storage.begin()
+    for record in records.values():
+        storage.store(record[:8], record)
+    for _ in range(reachable):
+        oid = storage.new_oid()
+        storage.store(oid, pack_record(oid, b"garbage" * 30, b""))
+    storage.end()
+    return records
+
+
+def assert_holds(storage: Storage, expected: dict[bytes, bytes]) -> None:
+    assert dict(gen_reachable_records(storage)) == expected
+
+
+@pytest.fixture(params=sorted(KINDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# --- packs that fail ---------------------------------------------------------------
+
+
+def test_disk_full_while_packing_leaves_the_database_unchanged_and_writable(
+    tmp_path, kind, monkeypatch
+):
+    path = tmp_path / "db"
+    storage = KINDS[kind](path)
+    expected = build(storage)
+    before = path.read_bytes()
+
+    # Writing the packed file runs out of space; commits to the database not.
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError) as failed:
+        storage.pack()
+    message = str(failed.value)
+    assert f"packing {path} failed at {path}.pack: No space left on device" in message
+    assert "unchanged and still writable" in message
+    assert f"free disk space in {tmp_path}" in message
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "db.lock"]
+    assert_holds(storage, expected)
+    (late,) = new_oids(storage, 1)
+    commit(storage, pack_record(late, b"after the failed pack", b""))
+    storage.close()
+    with KINDS[kind](path) as reopened:
+        assert_holds(reopened, expected)
+        assert reopened.load(late)[8:].endswith(b"after the failed pack")
+        reopened.pack()  # and it packs once there is room
+        assert_holds(reopened, expected)
+
+
+def test_a_failed_incremental_pack_keeps_commits_made_during_it(
+    tmp_path, kind, monkeypatch
+):
+    path = tmp_path / "db"
+    storage = KINDS[kind](path)
+    monkeypatch.setattr(storage, "pack_step", 100)
+    expected = build(storage)
+    packer = storage.get_packer()
+    next(packer)
+    (late,) = new_oids(storage, 1)
+    commit(storage, pack_record(late, b"during", b""))
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError, match="Input/output error"):
+        for _step in packer:
+            pass
+    monkeypatch.undo()
+    assert not (tmp_path / "db.pack").exists()
+    assert storage.load(late)[8:].endswith(b"during")
+    storage.close()
+    with KINDS[kind](path) as reopened:
+        assert_holds(reopened, expected)
+        assert reopened.load(late)[8:].endswith(b"during")
+
+
+#: Packs the database given, in a process that may not write to its folder.
+PACK_IN_READONLY_FOLDER = """
+import sys
+from dhruva.error import StorageError
+from dhruva.file_storage import FileStorage
+from dhruva.file_storage2 import FileStorage2
+from dhruva.record import pack_record
+
+storage = {"file": FileStorage, "file2": FileStorage2}[sys.argv[1]](sys.argv[2])
+try:
+    storage.pack()
+except StorageError as e:
+    print("refused:", e)
+oid = storage.new_oid()
+storage.begin()
+storage.store(oid, pack_record(oid, b"committed after", b""))
+storage.end()
+storage.close()
+print("committed", oid.hex())
+"""
+
+
+def test_a_pack_in_a_readonly_folder_is_refused_and_the_database_stays_writable(
+    tmp_path, kind
+):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path = folder / "db"
+    with KINDS[kind](path) as storage:
+        expected = build(storage)
+    before = path.read_bytes()
+
+    # Root writes anywhere; a root test process drops that privilege.
+    command = [sys.executable, "-c", PACK_IN_READONLY_FOLDER, kind, str(path)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and no setpriv to drop CAP_DAC_OVERRIDE")
+        caps = "-dac_override,-dac_read_search"
+        command = [setpriv, "--bounding-set", caps, "--inh-caps", caps, *command]
+    folder.chmod(0o555)
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, check=False
+        )
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    refused, committed = result.stdout.splitlines()
+    assert refused.startswith(f"refused: packing {path} failed at {path}.pack: ")
+    assert "Permission denied" in refused
+    assert f"make {folder} writable" in refused
+
+    assert path.read_bytes().startswith(before)
+    assert not (folder / "db.pack").exists()
+    late = bytes.fromhex(committed.split()[1])
+    with KINDS[kind](path) as reopened:
+        assert_holds(reopened, expected)
+        assert reopened.load(late)[8:].endswith(b"committed after")
+
+
+#: Packs the database given with file writes limited to a size (as when the
+#: disk fills up), then lifts the limit and commits.
+PACK_WITH_SIZE_LIMIT = """
+import resource, sys
+from dhruva.error import StorageError
+from dhruva.file_storage import FileStorage
+from dhruva.file_storage2 import FileStorage2
+from dhruva.record import pack_record
+from dhruva.sqlite_storage import SqliteStorage
+
+kinds = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
+storage = kinds[sys.argv[1]](sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), hard))
+try:
+    storage.pack()
+    print("packed")
+except StorageError as e:
+    print("refused:", e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+oid = storage.new_oid()
+storage.begin()
+storage.store(oid, pack_record(oid, b"committed after", b""))
+storage.end()
+storage.close()
+print("committed", oid.hex())
+"""
+
+
+def test_a_pack_stopped_by_a_file_size_limit_leaves_the_database_as_it_was(
+    tmp_path, kind
+):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        expected = build(storage)
+    before = path.read_bytes()
+
+    # The packed copy needs about half the file; the limit lets through a tenth.
+    limit = str(len(before) // 10)
+    result = subprocess.run(
+        [sys.executable, "-c", PACK_WITH_SIZE_LIMIT, kind, str(path), limit],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    refused, committed = result.stdout.splitlines()
+    assert refused == (
+        f"refused: packing {path} failed at {path}.pack: File too large; the "
+        "database is unchanged and still writable. To pack it, free disk space "
+        f"in {tmp_path} (a pack writes a new copy of the reachable objects "
+        "there) and pack again"
+    )
+    assert path.read_bytes().startswith(before)
+    assert not (tmp_path / "db.pack").exists()
+    late = bytes.fromhex(committed.split()[1])
+    with KINDS[kind](path) as reopened:
+        assert_holds(reopened, expected)
+        assert reopened.load(late)[8:].endswith(b"committed after")
+
+
+# --- leftovers and files ------------------------------------------------------------
+
+
+def test_the_leftover_of_an_interrupted_pack_is_removed_at_open(tmp_path, kind, caplog):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        expected = build(storage, 10)
+    (tmp_path / "db.pack").write_bytes(b"half a packed file")
+    with KINDS[kind](path, readonly=True) as reader:
+        assert (tmp_path / "db.pack").exists()  # a reader never removes files
+        assert_holds(reader, expected)
+    with caplog.at_level(logging.WARNING), KINDS[kind](path) as storage:
+        assert not (tmp_path / "db.pack").exists()
+        assert_holds(storage, expected)
+    assert f"removed {path}.pack, the unfinished new file of a pack" in caplog.text
+
+
+def test_the_packed_file_keeps_the_database_files_mode(tmp_path, kind):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        build(storage, 10)
+        path.chmod(0o600)
+        storage.pack()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_pack_and_reopen_hand_out_no_removed_oid(tmp_path, kind):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        build(storage, 10)
+        removed = {oid for oid, _r in storage.gen_oid_record()}
+        storage.pack()
+        removed -= {oid for oid, _r in storage.gen_oid_record()}
+        assert len(removed) == 10
+        assert not set(new_oids(storage, 50)) & removed
+    with KINDS[kind](path) as storage:
+        assert not set(new_oids(storage, 100)) & removed
