@@ -240,11 +240,13 @@ def describe_address(address: Address) -> str:
 
 
 @contextmanager
-def library_errors(what: str) -> Iterator[None]:
+def library_errors(what: str, subject: str | None = None) -> Iterator[None]:
     """Turn a library or OS error raised in the block into a click error.
 
-    :param what: what was being done, e.g. ``"opening test.durus"``; it leads
-        the message.
+    :param what: what was being done, e.g. ``"cannot open test.durus"``; it
+        leads the message.
+    :param subject: the file (or other thing) ``what`` names; when the error's
+        own message names it already, ``what`` is left out.
     """
     try:
         yield
@@ -252,7 +254,10 @@ def library_errors(what: str) -> Iterator[None]:
         raise
     except (DhruvaError, OSError) as error:
         log.debug("%s failed", what, exc_info=True)
-        raise click.ClickException(f"{what}: {error}") from error
+        message = str(error)
+        if subject is None or subject not in message:
+            message = f"{what}: {message}"
+        raise click.ClickException(message) from error
 
 
 def open_file_storage(
@@ -270,7 +275,7 @@ def open_file_storage(
     :raises click.ClickException: naming the file and what is wrong with it.
     """
     plugins = cli_plugins(ctx)
-    with library_errors(f"cannot open {file or storage}"):
+    with library_errors(f"cannot open {file or storage}", file):
         return plugins.open_storage(file, storage, readonly=readonly, repair=repair)
 
 
