@@ -664,3 +664,71 @@ def test_file_returns_to_its_journal_mode_after_readers_held_it_in_wal(tmp_path)
         assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     finally:
         con.close()
+
+
+# --- readers next to a writer, busy files (issue #3) ------------------------------
+
+
+def test_a_reader_is_not_blocked_by_a_commit_in_progress_and_sees_none_of_it(
+    tmp_path,
+):
+    path = tmp_path / "db"
+    with SqliteStorage(path, timeout=5) as writer:
+        a = writer.new_oid()
+        commit(writer, make_record(a, b"committed"))
+
+        # Another program is in the middle of a write transaction (WAL mode).
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("UPDATE objects SET data = ? WHERE id = ?", (b"half", 0))
+            other.execute(
+                "INSERT INTO objects (id, data, refs) VALUES (99, ?, ?)", (b"x", b"")
+            )
+            with SqliteStorage(path, readonly=True, timeout=5) as reader:
+                assert unpack_record(reader.load(a))[1] == b"committed"
+                with pytest.raises(DhruvaKeyError):
+                    reader.load(oid(99))
+                assert reader.get_size() == 1
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        assert unpack_record(writer.load(oid(99)))[1] == b"x"
+
+
+def test_a_read_of_a_file_locked_by_another_program_fails_clearly(tmp_path):
+    # A Durus process writing in rollback-journal mode locks readers out; a
+    # load waits for the timeout and then names the file, it does not hang.
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        a = writer.new_oid()
+        commit(writer, make_record(a, b"a"))
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        with SqliteStorage(path, readonly=True, timeout=0.2) as reader:
+            other.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StorageError, match=rf"{path} stayed locked .*0\.2 s"):
+                reader.load(a)
+            other.execute("ROLLBACK")
+            assert unpack_record(reader.load(a))[1] == b"a"
+    finally:
+        other.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TODO(#3): a read-only open of a file left in WAL mode without its "
+    "-wal file (no writer open) makes SQLite create -wal and -shm beside it",
+)
+def test_readonly_creates_no_side_files_for_a_file_left_in_wal_mode(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        commit(writer, make_record(writer.new_oid(), b"a"))
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    before = sorted(os.listdir(tmp_path))
+    with SqliteStorage(path, readonly=True) as reader:
+        reader.load(oid(0))
+    assert sorted(os.listdir(tmp_path)) == before
