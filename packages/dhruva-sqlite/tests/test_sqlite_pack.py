@@ -3,9 +3,19 @@ steps, packs killed with SIGKILL in a real process, and packs that fail."""
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
 import pytest
+from dhruva.error import StorageError
+from dhruva.record import pack_record
 from dhruva.sqlite_storage import SqliteStorage
-from dhruva.storage_testing import IncrementalPackStorageContract
+from dhruva.storage import Storage, gen_reachable_records
+from dhruva.storage_testing import IncrementalPackStorageContract, commit
 
 
 class TestSqliteStorageIncrementalPack(IncrementalPackStorageContract):
@@ -14,3 +24,122 @@ class TestSqliteStorageIncrementalPack(IncrementalPackStorageContract):
         s = SqliteStorage(tmp_path / "db.sqlite")
         yield s
         s.close()
+
+
+def build(storage: Storage, reachable: int = 2000) -> dict[bytes, bytes]:
+    """Commit a chain of objects and as much garbage; return the chain's records."""
+    oids = [storage.new_oid() for _ in range(reachable)]
+    records = {}
+    for oid, following in zip(oids, [*oids[1:], b""], strict=True):
+        records[oid] = pack_record(oid, b"kept " + oid + b"x" * 200, following)
+    storage.begin()
+    for record in records.values():
+        storage.store(record[:8], record)
+    for _ in range(reachable):
+        oid = storage.new_oid()
+        storage.store(oid, pack_record(oid, b"garbage" * 30, b""))
+    storage.end()
+    return records
+
+
+def rows(path: Path) -> list[tuple[int, bytes, bytes]]:
+    with closing(sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)) as c:
+        return c.execute("SELECT id, data, refs FROM objects ORDER BY id").fetchall()
+
+
+class DiskFull:
+    """A stand-in for the storage's SQLite connection whose deletes fail."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.con, name)
+
+    def executemany(self, sql: str, params: Any) -> Any:
+        if sql.startswith("DELETE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.con.executemany(sql, params)
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_failed_pack_removes_nothing_and_the_database_stays_writable(
+    tmp_path, monkeypatch, incremental
+):
+    path = tmp_path / "db.sqlite"
+    storage = SqliteStorage(path)
+    expected = build(storage)
+    before = rows(path)
+    monkeypatch.setattr(storage, "_con", DiskFull(storage._con))  # type: ignore[arg-type]
+    with pytest.raises(StorageError) as failed:
+        if incremental:
+            for _step in storage.get_packer() or ():
+                pass
+        else:
+            storage.pack()
+    assert str(failed.value) == (
+        f"packing {path} failed: SQLite failed while writing: database or disk "
+        "is full; nothing was removed and the database is still writable"
+    )
+    monkeypatch.undo()
+
+    assert rows(path) == before
+    late = storage.new_oid()
+    commit(storage, pack_record(late, b"after the failed pack", b""))
+    storage.close()
+    with SqliteStorage(path) as reopened:
+        assert dict(gen_reachable_records(reopened)) == expected
+        assert reopened.load(late).endswith(b"after the failed pack")
+
+
+PACK_WITH_SIZE_LIMIT = """
+import resource, sys
+from dhruva.error import StorageError
+from dhruva.record import pack_record
+from dhruva.sqlite_storage import SqliteStorage
+
+storage = SqliteStorage(sys.argv[1])
+wal = sys.argv[1] + "-wal"
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), hard))
+try:
+    storage.pack()
+    print("packed")
+except StorageError as e:
+    print("refused:", e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+oid = storage.new_oid()
+storage.begin()
+storage.store(oid, pack_record(oid, b"committed after", b""))
+storage.end()
+storage.close()
+print("committed", oid.hex())
+"""
+
+
+def test_a_pack_stopped_by_a_file_size_limit_removes_nothing(tmp_path):
+    path = tmp_path / "db.sqlite"
+    with SqliteStorage(path) as storage:
+        expected = build(storage)
+    before = rows(path)
+
+    # Writes past 64 KiB fail, as on a full disk: the deletions do not fit.
+    result = subprocess.run(
+        [sys.executable, "-c", PACK_WITH_SIZE_LIMIT, str(path), str(1 << 16)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    refused, committed = result.stdout.splitlines()
+    assert refused.startswith(f"refused: packing {path} failed: ")
+    assert refused.endswith("nothing was removed and the database is still writable")
+
+    late = int(committed.split()[1], 16)
+    after = rows(path)
+    assert [row for row in after if row[0] != late] == before
+    with SqliteStorage(path) as reopened:
+        assert dict(gen_reachable_records(reopened)) == expected
+        reopened.pack()
+        assert reopened.get_size() == len(expected)

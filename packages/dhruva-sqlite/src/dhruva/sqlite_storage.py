@@ -626,12 +626,17 @@ class SqliteStorage(Storage):
             )
         if self._pack_extra is not None:
             raise StorageError(f"a pack of {self.filename} is already running")
-        with self._write_transaction() as con:
-            alive: set[int] = set()
-            root = [_oid_int(ROOT_OID)]
-            for _step in self._walk_alive(con, alive, root, follow_commits=True):
-                pass
-            self._delete_dead(con, alive)
+        try:
+            with self._write_transaction() as con:
+                alive: set[int] = set()
+                root = [_oid_int(ROOT_OID)]
+                for _step in self._walk_alive(con, alive, root, follow_commits=True):
+                    pass
+                self._delete_dead(con, alive)
+        except sqlite3.Error as exc:
+            raise self._pack_failed(self._sqlite_error(exc, "reading")) from exc
+        except StorageError as exc:
+            raise self._pack_failed(exc) from exc
 
     def get_packer(self) -> Iterator[None] | None:
         """Return a pack that yields between steps, for a server to interleave.
@@ -659,8 +664,22 @@ class SqliteStorage(Storage):
                 for _step in self._walk_alive(con, alive, [], follow_commits=True):
                     pass
                 self._delete_dead(con, alive)
+        except sqlite3.Error as exc:
+            raise self._pack_failed(self._sqlite_error(exc, "reading")) from exc
+        except StorageError as exc:
+            raise self._pack_failed(exc) from exc
         finally:
             self._pack_extra = None
+
+    def _pack_failed(self, error: StorageError) -> StorageError:
+        """Say that a pack failed, why, and that it changed nothing."""
+        reason = str(error).removeprefix(f"{self.filename}: ")
+        message = (
+            f"packing {self.filename} failed: {reason}; nothing was removed and "
+            "the database is still writable"
+        )
+        log.error("%s", message)
+        return StorageError(message)
 
     def _walk_alive(
         self,
