@@ -1,0 +1,85 @@
+"""Connection.pack() and ``dhruva -p --file F`` on every file storage kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dhruva.cli import make_cli
+from dhruva.connection import Connection
+from dhruva.file_storage import FileStorage
+from dhruva.file_storage2 import FileStorage2
+from dhruva.persistent_dict import PersistentDict
+from dhruva.plugins import Plugins
+from dhruva.sqlite_storage import SqliteStorage
+from dhruva.storage import Storage
+
+KINDS = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
+
+
+@pytest.fixture(params=sorted(KINDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fill(storage: Storage) -> None:
+    """Commit 10 kept objects and 20 that a later commit cuts loose."""
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["kept"] = PersistentDict((i, PersistentDict(n=i)) for i in range(10))
+    root["dropped"] = PersistentDict((i, PersistentDict(n=-i)) for i in range(19))
+    connection.commit()
+    del root["dropped"]
+    connection.commit()
+    connection.close()
+
+
+def check(path: Path, kind: str) -> None:
+    with Connection(KINDS[kind](path, readonly=True)) as connection:
+        root = connection.get_root()
+        assert sorted(root) == ["kept"]
+        assert [root["kept"][i]["n"] for i in range(10)] == list(range(10))
+
+
+def test_connection_pack_removes_what_a_commit_cut_loose(tmp_path: Path, kind: str):
+    path = tmp_path / "db"
+    fill(KINDS[kind](path))
+    storage = KINDS[kind](path)
+    assert storage.get_size() == 32
+    with Connection(storage) as connection:
+        connection.get_root()["kept"][3]["n"] = 33
+        connection.pack()  # drops the uncommitted change, then packs
+        assert storage.get_size() == 12
+        assert connection.get_root()["kept"][3]["n"] == 3
+        connection.get_root()["after"] = PersistentDict(ok=True)
+        connection.commit()
+    with Connection(KINDS[kind](path)) as connection:
+        assert connection.get_root()["after"]["ok"] is True
+
+
+def test_dhruva_p_packs_a_file_of_each_kind(tmp_path: Path, kind: str):
+    path = tmp_path / "db"
+    fill(KINDS[kind](path))
+    cli = make_cli(Plugins())
+    result = CliRunner().invoke(cli, ["-p", "--file", str(path)], prog_name="dhruva")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"packed {path}: 32 objects before, 12 after\n"
+    check(path, kind)
+    assert sorted(p.name for p in tmp_path.iterdir() if "pack" in p.name) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "file2"])  # sqlite waits 10 s first
+def test_dhruva_p_on_a_locked_file_says_who_holds_it(tmp_path: Path, kind: str):
+    path = tmp_path / "db"
+    fill(KINDS[kind](path))
+    holder = KINDS[kind](path)
+    try:
+        cli = make_cli(Plugins())
+        args = ["-p", "--file", str(path)]
+        result = CliRunner().invoke(cli, args, prog_name="dhruva")
+    finally:
+        holder.close()
+    assert result.exit_code != 0
+    assert str(path) in result.output
+    assert "open for writing in another process" in result.output
