@@ -214,6 +214,13 @@ def test_an_unknown_kind_lists_the_installed_ones(made, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_kind_that_keeps_no_file_is_refused_as_destination(made, tmp_path):
+    result = convert(str(made), str(tmp_path / "x"), "--storage", "memory")
+    assert result.exit_code == 1
+    assert "keeps no file" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made.durus"]
+
+
 def test_a_missing_source_is_an_error_and_creates_nothing(tmp_path):
     result = convert(str(tmp_path / "missing"), str(tmp_path / "dst"))
     assert result.exit_code == 1

@@ -4,6 +4,7 @@ as of one of them, restoring one to a new file, and the CLI commands."""
 from __future__ import annotations
 
 import fcntl
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -284,3 +285,13 @@ def test_cli_restore_and_its_refusals(counted, kind, tmp_path):
     result = runner.invoke(cli, [*args[:3], str(sizes[1] + 3), *args[4:], "--force"])
     assert result.exit_code == 1
     assert f"byte offset {sizes[1] + 3}" in result.output
+
+
+def test_dhruva_plugins_shows_the_commands_under_the_file_plugin():
+    result = CliRunner().invoke(make_cli(), ["plugins"])
+    assert result.exit_code == 0, result.output
+    found = re.search(r"^file .*?\n(?=\S)", result.output, re.M | re.S)
+    assert found is not None, result.output
+    section = found.group()
+    assert "command    history" in section
+    assert "command    restore" in section

@@ -732,3 +732,21 @@ def test_readonly_creates_no_side_files_for_a_file_left_in_wal_mode(tmp_path):
     with SqliteStorage(path, readonly=True) as reader:
         reader.load(oid(0))
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TODO(#3): a read-only SqliteStorage reads each load at the newest "
+    "commit, so a connection can mix objects of two commits (the file storages "
+    "read one state until sync())",
+)
+def test_a_readonly_storage_reads_one_state_between_syncs(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        root, child = writer.new_oid(), writer.new_oid()
+        commit(writer, make_record(root, b"1", [child]), make_record(child, b"1"))
+        with SqliteStorage(path, readonly=True) as reader:
+            assert unpack_record(reader.load(root))[1] == b"1"
+            commit(writer, make_record(root, b"2", [child]), make_record(child, b"2"))
+            # Loaded after the root, the child must be of the root's commit.
+            assert unpack_record(reader.load(child))[1] == b"1"

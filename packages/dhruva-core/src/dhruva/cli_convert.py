@@ -99,6 +99,13 @@ def convert_command(
 
     plugins = cli_plugins(ctx)
     kind = storage or DEFAULT_STORAGE
+    with library_errors("choosing the destination"):
+        if not plugins.get_storage_kind(kind).file_based:
+            raise click.ClickException(
+                f"the {kind} storage keeps no file, so DST would be lost when "
+                "the command ends; give --storage a kind that writes a file "
+                "(see `dhruva plugins`)"
+            )
     _refuse_existing(src, dst)
     existed = {p for p in (dst, *(dst + s for s in _SIDE_FILES)) if os.path.exists(p)}
 
