@@ -20,6 +20,7 @@ from dhruva.storage_testing import (
     InvalidatingStorageContract,
     IterableStorageContract,
     PackableStorageContract,
+    ReadOnlyStorageContract,
     commit,
     make_record,
     new_oids,
@@ -71,6 +72,7 @@ class TestClientStorageOverFileStorage(
     IterableStorageContract,
     InvalidatingStorageContract,
     PackableStorageContract,
+    ReadOnlyStorageContract,
 ):
     """A FileStorage served: its incremental packer runs between requests."""
 
@@ -105,19 +107,55 @@ class TestClientStorageOverFileStorage(
 
         return reopen
 
+    @pytest.fixture
+    def open_readonly(self, server, run_server, path):
+        def open_readonly(client):
+            client.stop_server()
+            assert server.process.wait(20) == 0
+            readonly = run_server("--file", path, "--readonly", "--port", "0")
+            return ClientStorage(address=readonly.address)
+
+        return open_readonly
+
 
 class TestClientStorageOverSqliteStorage(
     BasicStorageContract,
+    DurableStorageContract,
     IterableStorageContract,
     InvalidatingStorageContract,
     PackableStorageContract,
+    ReadOnlyStorageContract,
 ):
     """A SqliteStorage served."""
 
     @pytest.fixture
-    def server(self, run_server, tmp_path):
-        path = str(tmp_path / "served.sqlite")
+    def path(self, tmp_path):
+        return str(tmp_path / "served.sqlite")
+
+    @pytest.fixture
+    def server(self, run_server, path):
         return run_server("--file", path, "--storage", "sqlite", "--port", "0")
+
+    @pytest.fixture
+    def reopen(self, server, run_server, path):
+        def reopen(client):
+            client.stop_server()
+            assert server.process.wait(20) == 0
+            return ClientStorage(
+                address=run_server("--file", path, "--port", "0").address
+            )
+
+        return reopen
+
+    @pytest.fixture
+    def open_readonly(self, server, run_server, path):
+        def open_readonly(client):
+            client.stop_server()
+            assert server.process.wait(20) == 0
+            readonly = run_server("--file", path, "--readonly", "--port", "0")
+            return ClientStorage(address=readonly.address)
+
+        return open_readonly
 
     @pytest.fixture
     def storage(self, server):
