@@ -223,6 +223,9 @@ class TransactionSpan:
     end: int
     #: The number of records it holds.
     records: int
+    #: When it was committed, in seconds since the epoch; None when the
+    #: format records no times (SHELF-1, DFS20).
+    time: float | None = None
 
 
 @dataclass
