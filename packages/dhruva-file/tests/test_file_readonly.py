@@ -7,6 +7,7 @@ test runs on both layouts.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -177,6 +178,7 @@ WRITER = textwrap.dedent(
     from dhruva.record import ROOT_OID, pack_record
 
     kind, path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+    pack_every = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     RECORDS = 8
     storage = {"file": FileStorage, "file2": FileStorage2}[kind](path)
     oids = [(n + 1).to_bytes(8, "big") for n in range(RECORDS)]
@@ -191,6 +193,8 @@ WRITER = textwrap.dedent(
         storage.end()
         if n == 1:
             print("ready", flush=True)
+        if pack_every and n % pack_every == 0:
+            storage.pack()
         if n % 20 == 0 and storage.get_size() and __import__("os").path.exists(stop):
             break
     storage.close()
@@ -209,11 +213,18 @@ def check_consistent(storage: FileStorage) -> int:
 
 
 @pytest.fixture
-def writer_process(path: Path, kind: type[FileStorage]) -> Iterator[Path]:
+def pack_every() -> int:
+    return 0
+
+
+@pytest.fixture
+def writer_process(
+    path: Path, kind: type[FileStorage], pack_every: int
+) -> Iterator[Path]:
     stop = path.with_name("stop")
     name = next(k for k, v in KINDS.items() if v is kind)
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, name, str(path), str(stop)],
+        [sys.executable, "-c", WRITER, name, str(path), str(stop), str(pack_every)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -257,6 +268,22 @@ def test_a_long_lived_reader_follows_the_commits(path, kind, writer_process):
             marks.append(mark)
         assert marks == sorted(marks)
         assert marks[-1] > first
+
+
+@pytest.mark.parametrize("pack_every", [7])
+def test_a_long_lived_reader_follows_a_writer_that_packs(
+    path, kind, writer_process, caplog
+):
+    caplog.set_level(logging.INFO, logger="dhruva.file_storage")
+    with kind(path, readonly=True) as reader:
+        marks = [check_consistent(reader)]
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            reader.sync()
+            marks.append(check_consistent(reader))
+        assert marks == sorted(marks)
+        assert marks[-1] > marks[0] + 7, "the writer packed no time while reading"
+    assert any("was replaced" in r.getMessage() for r in caplog.records)
 
 
 def test_the_file_of_a_killed_writer_reads_to_its_last_whole_commit(path, kind):
