@@ -402,7 +402,13 @@ print([type(a).__name__ for a in accounts], [a.number for a in accounts])
 """
 
 
-def test_dhruva_migrate_rewrites_renamed_classes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("terminal", [False, True])
+def test_dhruva_migrate_rewrites_renamed_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    import dhruva.cli
+
+    monkeypatch.setattr(dhruva.cli, "_is_terminal", lambda: terminal)
     (tmp_path / "oldmodels.py").write_text(
         "from dhruva.persistent import Persistent\n"
         "class Account(Persistent):\n"
@@ -429,7 +435,11 @@ def test_dhruva_migrate_rewrites_renamed_classes(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("newmodels", None)
     assert result.exit_code == 0, result.output
-    assert result.output == f"rewrote 6 records in {path}\n"  # 5 + the root
+    summary = f"rewrote 6 records in {path}\n"  # 5 + the root
+    if terminal:
+        assert "migrating" in result.output and result.output.endswith(summary)
+    else:
+        assert result.output == summary  # piped: no progress bar
 
     out = run(tmp_path, MIGRATE_CHECK, str(path)).splitlines()
     assert out[0] == (

@@ -196,3 +196,13 @@ def test_client_command_refuses_an_unknown_serializer() -> None:
     )
     assert result.exit_code == 2
     assert "no serializer called 'yaml'" in result.output
+
+
+@pytest.mark.parametrize("name", ["", "a\0b", "naïve", "two\nlines"])
+def test_serializer_names_must_fit_a_tag(name: str) -> None:
+    from dhruva.registry import SerializerKind, SerializerRegistry
+
+    registry = SerializerRegistry()
+    registry.current_plugin = "myplugin"
+    with pytest.raises(PluginError, match="plugin 'myplugin' registers a serializer"):
+        registry.add(SerializerKind(name=name, factory=lambda: None))

@@ -42,6 +42,7 @@ from dhruva.cli_options import (
     server_only_option,
     storage_options,
 )
+from dhruva.cli_tools import backup_command, info_command, verify_command
 from dhruva.plugins import Plugins, get_plugins
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ def make_cli(plugins: Plugins | None = None) -> click.Group:
     cli.add_command(pack_command)
     cli.add_command(migrate_command)
     cli.add_command(plugins_command)
+    cli.add_command(verify_command)
+    cli.add_command(info_command)
+    cli.add_command(backup_command)
     with library_errors("loading the command-line plugins"):
         plugins.register_commands(cli)
     return cli
@@ -233,6 +237,11 @@ def pack_command(
 
 
 # --- dhruva migrate ------------------------------------------------------------
+
+
+def _is_terminal() -> bool:
+    # A progress bar on a terminal; piped output stays quiet.
+    return sys.stdout.isatty()
 
 
 def _parse_renames(
@@ -299,7 +308,7 @@ def migrate_command(
             raise
         try:
             oids = oids_to_migrate(connection, renames, serializer is not None)
-            if sys.stdout.isatty():
+            if _is_terminal():
                 with click.progressbar(length=len(oids), label="migrating") as bar:
                     count = migrate(connection, oids, progress=bar.update)
             else:

@@ -37,10 +37,13 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
 def dhruva_register_serializers(registry: SerializerRegistry) -> None:
     """Add the serializers this plugin provides.
 
-    :param registry: call ``registry.add(...)`` once per serializer.
+    :param registry: call ``registry.add(SerializerKind(...))`` once per
+        serializer; its factory imports the serializer's library, not the hook.
     :return: nothing; a name another plugin registered already is refused.
 
-    Called once, when the plugin manager first lists the serializers.
+    Called once, when the plugin manager first lists the serializers (a
+    connection resolves its serializers by name once; records are never read
+    or written through hooks).
     """
 
 

@@ -102,6 +102,16 @@ class StorageRegistry(_Registry[StorageKind]):
 
 
 class SerializerRegistry(_Registry[SerializerKind]):
-    """The serializers, by name."""
+    """The serializers, by name (records written by one are tagged with it)."""
 
     what = "serializer"
+
+    def add(self, item: SerializerKind) -> None:
+        """Register ``item``; a taken name, or one unfit for a tag, is refused."""
+        name = item.name
+        if not name or not name.isascii() or not name.isprintable():
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registers a serializer named "
+                f"{name!r}: names are printable ASCII (they tag the records)"
+            )
+        super().add(item)

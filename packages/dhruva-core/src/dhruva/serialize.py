@@ -241,9 +241,16 @@ class ObjectWriter(BaseWriter):
         self._written = 0
 
     def _persistent_id(self, obj: Any) -> tuple[bytes, type] | None:
+        # BaseWriter._reference inlined for the common case: this runs for
+        # every object the pickler meets.
         if not isinstance(obj, PersistentBase):
             return None
-        return self._reference(obj), type(obj)
+        oid = obj._p_oid
+        if oid is None or obj._p_connection is not self.connection:
+            oid = self._reference(obj)
+        else:
+            self._refs.add(oid)
+        return oid, type(obj)
 
     def get_state(self, obj: PersistentBase) -> tuple[bytes, bytes]:
         """Return ``(data, refs)`` for ``obj``'s record."""

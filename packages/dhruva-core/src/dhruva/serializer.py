@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dhruva.broken import BROKEN_TYPES
-from dhruva.error import DhruvaError, StorageError
+from dhruva.error import StorageError
 from dhruva.persistent import PersistentBase
 
 if TYPE_CHECKING:
@@ -316,7 +316,3 @@ class LoadPolicy:
 
 #: The policy of a connection that was given none.
 DEFAULT_POLICY = LoadPolicy()
-
-
-class MissingClass(DhruvaError):
-    """Raised inside readers when a class is not found (becomes a placeholder)."""
