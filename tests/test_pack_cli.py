@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from dhruva.btree import BTree
 from dhruva.cli import make_cli
 from dhruva.connection import Connection
 from dhruva.file_storage import FileStorage
@@ -83,3 +85,45 @@ def test_dhruva_p_on_a_locked_file_says_who_holds_it(tmp_path: Path, kind: str):
     assert result.exit_code != 0
     assert str(path) in result.output
     assert "open for writing in another process" in result.output
+
+
+def test_btree_changes_between_pack_steps_are_all_kept(tmp_path: Path, kind: str):
+    """Inserts and deletes split and merge BTree nodes, moving items between
+    objects, while a pack is under way."""
+    path = tmp_path / "db"
+    storage = KINDS[kind](path)
+    if hasattr(storage, "pack_step"):
+        storage.pack_step = 50
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["tree"] = tree = BTree()
+    for i in range(0, 6000, 2):
+        tree[i] = PersistentDict(n=i)
+    root["garbage"] = PersistentDict((i, PersistentDict()) for i in range(500))
+    connection.commit()
+    del root["garbage"]
+    connection.commit()
+
+    expected = {i: i for i in range(0, 6000, 2)}
+    packer = storage.get_packer()
+    assert packer is not None
+    rng = random.Random(kind)
+    steps = 0
+    for _step in packer:
+        steps += 1
+        for _ in range(20):
+            key = rng.randrange(6000)
+            if key in expected and rng.random() < 0.5:
+                del tree[key]
+                del expected[key]
+            else:
+                tree[key] = PersistentDict(n=-key)
+                expected[key] = -key
+        connection.commit()
+    assert steps > 3
+    assert storage.get_size() < 6000 + 500
+
+    connection.close()
+    with Connection(KINDS[kind](path, readonly=True)) as reader:
+        tree = reader.get_root()["tree"]
+        assert {key: value["n"] for key, value in tree.items()} == expected

@@ -296,3 +296,23 @@ def test_pack_and_reopen_hand_out_no_removed_oid(tmp_path, kind):
         assert not set(new_oids(storage, 50)) & removed
     with KINDS[kind](path) as storage:
         assert not set(new_oids(storage, 100)) & removed
+
+
+class TestFileStorageIncrementalPackInSmallSteps(IncrementalPackStorageContract):
+    """Many more steps, so that commits fall between most of the walk."""
+
+    @pytest.fixture
+    def storage(self, tmp_path):
+        s = FileStorage(tmp_path / "db.durus")
+        s.pack_step = 29
+        yield s
+        s.close()
+
+
+class TestFileStorage2IncrementalPackInSmallSteps(IncrementalPackStorageContract):
+    @pytest.fixture
+    def storage(self, tmp_path):
+        s = FileStorage2(tmp_path / "db.dfs20")
+        s.pack_step = 29
+        yield s
+        s.close()

@@ -500,7 +500,9 @@ class IncrementalPackStorageContract:
             with pytest.raises(KeyError):
                 storage.load(oid)
 
-        # A second pack, and commits after it, find everything in place.
+        # A second pack, and commits after it, find everything in place;
+        # what the first pack removed is not re-attached (it is gone).
+        graph.detached.clear()
         storage.pack()
         graph.check()
         graph.change()
