@@ -1,0 +1,359 @@
+"""``dhruva verify``, ``dhruva info`` and ``dhruva backup``: checking a database,
+describing it, and copying it while it is in use.
+
+::
+
+    dhruva verify test.durus             # exit status 0: sound, 1: not
+    dhruva verify --port 2972 --json     # the database a server holds
+    dhruva info test.durus --json        # format, size, commits, census
+    dhruva backup test.durus copy.durus  # again later: appends what is new
+    dhruva backup --port 2972 copy.durus # through a server
+
+Progress goes to stderr as a bar when stderr is a terminal, and nothing when
+it is piped; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import click
+from dhruva.cli_options import (
+    _check_storage_name,
+    address_options,
+    cli_plugins,
+    describe_address,
+    library_errors,
+    make_address,
+    open_client_storage,
+    open_file_storage,
+)
+from dhruva.storage import Storage
+
+log = logging.getLogger(__name__)
+
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, default=False, help="Print JSON."
+)
+
+
+def _storage_option(help_text: str) -> Any:
+    return click.option(
+        "--storage",
+        "storage",
+        metavar="NAME",
+        default=None,
+        callback=_check_storage_name,
+        help=help_text,
+    )
+
+
+class ProgressBar:
+    """A progress callback ``(advance, total)``: a bar on a terminal only.
+
+    :param label: shown before the bar.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: Any = None
+        self._shown = sys.stderr.isatty()
+
+    def __call__(self, advance: int, total: int) -> None:
+        if not self._shown:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(
+                length=max(total, 1), label=self.label, file=sys.stderr
+            )
+            self._bar.__enter__()
+        self._bar.length = max(total, self._bar.length)
+        self._bar.update(advance)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(kind, error, traceback)
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings storages log while a file is checked."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _collect_warnings() -> Iterator[list[str]]:
+    handler = _Collect()
+    logger = logging.getLogger("dhruva")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _open_source(
+    ctx: click.Context,
+    file: str | None,
+    storage: str | None,
+    host: str,
+    port: int,
+    address: str | None,
+) -> tuple[Storage, str]:
+    """Open a file read-only, or connect to the server; return it and its name."""
+    if file is None:
+        where = make_address(host, port, address)
+        return open_client_storage(where), f"the server at {describe_address(where)}"
+    if not os.path.exists(file):
+        raise click.ClickException(f"no database file {file}; check the path")
+    return open_file_storage(file, storage, readonly=True, ctx=ctx), file
+
+
+# --- dhruva verify ------------------------------------------------------------------
+
+
+@click.command("verify")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@_storage_option("Storage kind of FILE; by default it is recognized from the file.")
+@address_options
+@_json_option
+@click.pass_context
+def verify_command(
+    ctx: click.Context,
+    file: str | None,
+    storage: str | None,
+    host: str,
+    port: int,
+    address: str | None,
+    as_json: bool,
+) -> None:
+    """Check every record of FILE (or of a server's database).
+
+    Every record is read (which checks its checksum, in formats that keep
+    one), every reference is followed, and references to missing records are
+    listed with the objects and attributes holding them. Exit status 0 when
+    the database is sound, 1 when it is not. Without FILE, the server at
+    --host/--port or --address is checked.
+    """
+    from dhruva.verify import verify_storage
+
+    with _collect_warnings() as warnings:
+        source, name = _open_source(ctx, file, storage, host, port, address)
+        try:
+            with (
+                library_errors(f"verifying {name}", file),
+                ProgressBar("verifying") as bar,
+            ):
+                total = source.get_size() or 0
+                report = verify_storage(source, lambda n: bar(n, total))
+        finally:
+            source.close()
+
+    sound = report.sound and not warnings
+    if as_json:
+        data = report.as_dict()
+        data.update(database=name, sound=sound, warnings=warnings)
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_report(name, report, warnings, sound)
+    ctx.exit(0 if sound else 1)
+
+
+def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> None:
+    click.echo(f"{name}: {'sound' if sound else 'NOT SOUND'}")
+    if report.complete:
+        click.echo(
+            f"  {report.records} records: {report.reachable} reachable from the "
+            f"root, {report.unreachable} unreachable (a pack removes them)"
+        )
+    else:
+        click.echo(f"  {report.records} records reachable from the root were read")
+    if not report.has_root and report.records:
+        click.echo("  no root object (oid 0): nothing is reachable")
+    if report.scan_error:
+        click.echo(f"  reading every record stopped: {report.scan_error}")
+    for message in warnings:
+        click.echo(f"  warning: {message}")
+    if report.damaged:
+        click.echo(f"  {len(report.damaged)} damaged records:")
+        for damaged in report.damaged:
+            click.echo(f"    oid {damaged.oid}: {damaged.message}")
+    if report.dangling:
+        click.echo(f"  {len(report.dangling)} dangling references:")
+        for dangling in report.dangling:
+            click.echo(f"    oid {dangling.oid} has no record; it is referred to by")
+            for holder in dangling.holders:
+                where = ", ".join(holder.attributes) or "(attribute unknown)"
+                click.echo(f"      oid {holder.oid} ({holder.class_name}) at {where}")
+    if not sound:
+        click.echo(
+            "  restore from a backup, or open the file with --repair for a "
+            "damaged tail (see `dhruva backup`)"
+        )
+
+
+# --- dhruva info -------------------------------------------------------------------
+
+
+def _header_text(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    text = head.split(b"\0", 1)[0].strip()
+    return text.decode("ascii", "replace") if text.isascii() else head.hex()
+
+
+@click.command("info")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@_storage_option("Storage kind of FILE; by default it is recognized from the file.")
+@_json_option
+@click.pass_context
+def info_command(
+    ctx: click.Context, file: str, storage: str | None, as_json: bool
+) -> None:
+    """Describe FILE: format, size, commits, objects and a census by class."""
+    from dhruva.storage import get_census
+
+    plugins = cli_plugins(ctx)
+    with library_errors(f"reading {file}", file):
+        kind_name = storage or plugins.recognize(file) or "?"
+        kind = plugins.get_storage_kind(kind_name)
+        header = _header_text(file)
+        size = os.path.getsize(file)
+    opened = open_file_storage(file, kind_name, readonly=True, ctx=ctx)
+    try:
+        with library_errors(f"reading {file}", file):
+            transactions = getattr(opened, "transactions", None)
+            commits = len(transactions()) - 1 if transactions is not None else None
+            objects = opened.get_size()
+            census = get_census(opened)
+    finally:
+        opened.close()
+
+    ordered = dict(sorted(census.items(), key=lambda item: (-item[1], item[0])))
+    if as_json:
+        data = {
+            "file": file,
+            "storage": kind_name,
+            "format": kind.description,
+            "header": header,
+            "size": size,
+            "commits_since_pack": commits,
+            "objects": objects if objects is not None else sum(census.values()),
+            "census": ordered,
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{file}")
+    click.echo(f"  storage:  {kind_name} ({kind.description}); header {header!r}")
+    click.echo(f"  size:     {size} bytes")
+    if commits is not None:
+        click.echo(f"  commits:  {commits} since the last pack (or creation)")
+    click.echo(f"  objects:  {sum(census.values())}")
+    width = max((len(name) for name in ordered), default=0)
+    for name, count in ordered.items():
+        click.echo(f"    {name:<{width}}  {count:>8}")
+
+
+# --- dhruva backup -----------------------------------------------------------------
+
+
+@click.command("backup")
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] DEST")
+@_storage_option(
+    "Storage kind of SRC (recognized by default); through a server, the kind "
+    "of DEST [default: file]."
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    default=False,
+    help="Copy the whole file even when DEST is an earlier backup of it.",
+)
+@address_options
+@click.pass_context
+def backup_command(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    storage: str | None,
+    full: bool,
+    host: str,
+    port: int,
+    address: str | None,
+) -> None:
+    """Copy a database in use to DEST, consistently.
+
+    With SRC, a database file: a FileStorage or FileStorage2 file is copied up
+    to its last complete commit (and only the new commits when DEST is an
+    earlier backup of it); a SQLite file with SQLite's backup API. Without
+    SRC, the database of the server at --host/--port or --address is copied
+    into a new file. DEST, if it exists, must be an earlier backup; it is
+    replaced only once the new copy is on disk. Restore by opening the copy;
+    check it with `dhruva verify DEST`.
+    """
+    from dhruva import backup
+
+    if len(paths) > 2:
+        raise click.UsageError("give SRC DEST, or DEST alone with a server address")
+    plugins = cli_plugins(ctx)
+    dest = paths[-1]
+    with ProgressBar("backing up") as bar:
+        if len(paths) == 1:
+            where = make_address(host, port, address)
+            name = f"the server at {describe_address(where)}"
+            source = open_client_storage(where)
+            try:
+                with library_errors(f"backing up {name} to {dest}", dest):
+                    result = backup.backup_server(
+                        source, dest, plugins, kind=storage or "file", progress=bar
+                    )
+            finally:
+                source.close()
+        else:
+            name = paths[0]
+            with library_errors(f"backing up {name} to {dest}", name):
+                if not os.path.exists(name):
+                    raise click.ClickException(f"no database file {name}")
+                kind = storage or plugins.recognize(name)
+                if kind == "sqlite":
+                    result = backup.backup_sqlite(name, dest, plugins, progress=bar)
+                else:
+                    result = backup.backup_file(
+                        name, dest, plugins, kind=kind, full=full, progress=bar
+                    )
+
+    what = {
+        "full": "full copy",
+        "incremental": "appended the new commits",
+        "unchanged": "already up to date",
+    }[result.mode]
+    unit = "records" if len(paths) == 1 else "bytes"
+    click.echo(
+        f"backed up {name} to {dest}: {what}, {result.copied} {unit} copied, "
+        f"{result.size} bytes"
+    )
+    if result.dangling:
+        click.echo(
+            f"warning: {result.dangling} references to missing objects were "
+            f"copied as they are; run `dhruva verify {dest}`",
+            err=True,
+        )
