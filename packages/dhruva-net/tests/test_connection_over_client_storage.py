@@ -145,14 +145,10 @@ def test_concurrent_increments_with_retries_lose_no_update(memory_server):
     workers, increments = 4, 25
     conflicts = []
     errors = []
-    # Opened before any thread commits. TODO(#2): a Connection opened while
-    # others commit the root in a tight loop can still get ReadConflictError:
-    # get_stored_pickle syncs and retries its load only once.
-    connections = [
-        Connection(ClientStorage(address=memory_server.address)) for _ in range(workers)
-    ]
 
-    def work(connection):
+    def work():
+        # Each thread opens its connection while the others already commit.
+        connection = Connection(ClientStorage(address=memory_server.address))
         try:
             for _ in range(increments):
                 while True:
@@ -168,7 +164,7 @@ def test_concurrent_increments_with_retries_lose_no_update(memory_server):
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in connections]
+    threads = [threading.Thread(target=work) for _ in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -60,6 +60,10 @@ __all__ = [
 ]
 
 
+#: How often a load is retried while other clients keep changing what it reads.
+_LOAD_ATTEMPTS = 100
+
+
 def _as_oid(oid: bytes | int) -> bytes:
     if isinstance(oid, int):
         return oid.to_bytes(8, "big")
@@ -195,11 +199,16 @@ class Connection(ConnectionBase):
         """
         if oid in self.invalid_oids:
             raise ReadConflictError([oid])
-        try:
-            record = self.storage.load(oid)
-        except ReadConflictError:
-            self._handle_invalidations(self.storage.sync(), read_oid=oid)
-            record = self.storage.load(oid)
+        for _attempt in range(_LOAD_ATTEMPTS):
+            try:
+                record = self.storage.load(oid)
+                break
+            except ReadConflictError:
+                # Others committed meanwhile: take in their invalidations (this
+                # raises if the transaction used a changed object) and retry.
+                self._handle_invalidations(self.storage.sync(), read_oid=oid)
+        else:
+            raise ReadConflictError([oid])
         record_oid, data, _refs = unpack_record(record)
         if record_oid != oid:
             raise StorageError(
