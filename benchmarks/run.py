@@ -342,9 +342,23 @@ def main() -> None:
     parser.add_argument("--zodb-python", type=Path)
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--dir", type=Path, help="where the databases go")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="print the table of earlier --json files (later ones win) and exit",
+    )
     args = parser.parse_args()
 
     targets = args.only.split(",") if args.only else ALL_TARGETS
+    if args.merge:
+        merged: dict[str, dict] = {}
+        for path in args.merge:
+            saved = json.loads(path.read_text())
+            merged.update(saved["results"])
+            print(f"{path}: {saved['machine']}", file=sys.stderr)
+        print(table(merged, [t for t in targets if t in merged]))
+        return
     pythons: dict[str, Path] = {"dhruva": Path(sys.executable)}
     if any(t.startswith("durus") for t in targets):
         pythons["durus"] = args.durus_python or ensure_env(

@@ -324,11 +324,15 @@ def btree_workload(db: Database, quick: bool) -> dict[str, float]:
 
 
 def pack_build(db: Database, quick: bool) -> dict[str, float]:
+    # Chunks of 1000 objects, one commit each: ZODB slows down badly on one
+    # transaction of 200k new objects.
     size = 10_000 if quick else 100_000
-    db.root["live"] = [Item(i) for i in range(size)]
-    db.root["dead"] = [Item(i) for i in range(size)]
-    db.commit()
-    del db.root["dead"]
+    for chunk in range(size // 1000):
+        db.root[f"live{chunk}"] = [Item(i) for i in range(1000)]
+        db.root[f"dead{chunk}"] = [Item(i) for i in range(1000)]
+        db.commit()
+    for chunk in range(size // 1000):
+        del db.root[f"dead{chunk}"]
     db.commit()
     return {}
 
