@@ -1,0 +1,689 @@
+"""CheckedFileStorage: dhruva's own file format, with a checksum per transaction.
+
+Durus's file layouts (SHELF-1, DFS20) carry no checksums: a bit flipped on
+disk is read back as other data. New dhruva files use this layout instead
+(``FileStorage(path)`` on a missing file creates one; see
+``docs/file-format.md``). All integers are unsigned big-endian; every
+checksum is ``zlib.crc32``, written as an int4::
+
+    header (36 bytes)
+        b"DHRUVA1\\n" | int8 index_at | int8 next_oid | int8 written | crc32
+    base transactions   (written by a pack; none in a new file)
+    index block         (at index_at)
+        b"IDX1" | int8 size | int8 count | count * (oid, int8 offset) | crc32
+    transactions        (one per commit, appended)
+
+A transaction is::
+
+    b"TXN1" | int8 size | int8 time | int4 count | crc32 of those 24 bytes
+    count records, each: int8 n | crc32 of (n and the record) | n-byte record
+    crc32 of every byte of the transaction before it
+
+``size`` counts every byte of the transaction, ``time`` is when it was
+committed in nanoseconds since the epoch (UTC), and each record is an object
+record in the Durus layout (see :mod:`dhruva.record`). The header's
+``next_oid`` is the oid counter when the file was written (oids a pack
+removed are never handed out again) and ``written`` the time of that. The
+index block maps each record of the base transactions to its offset; the
+transactions after it are found by scanning them when the file is opened.
+The whole index is kept in memory.
+
+What the checksums catch, and what happens then:
+
+- At open, every transaction after the index block is read whole and its
+  checksums are checked. A bad transaction with no good one after it is a
+  torn tail (a crash mid-commit, zeros where a write never reached the disk,
+  garbage): a writable open refuses it with
+  :class:`~dhruva.shelf.TornTailError` unless ``repair=True`` cuts it off and
+  saves it as ``<file>.torn-<offset>``, as FileStorage does. A read-only open
+  reads up to it.
+- A bad transaction with a good one after it is damage in the middle of the
+  file. A writable open refuses it, with or without ``repair``, raising
+  :class:`DamagedFileError` with the path and byte offset: cutting there
+  would drop later commits. A read-only open reads the database as it was
+  just before the damage (logged as an error); ``dhruva restore FILE --at
+  POSITION`` can write that state to a new file.
+- The header and the index block are checked at open; damage there is a
+  :class:`DamagedFileError`.
+- Every :meth:`~CheckedFileStorage.load` checks the record's own checksum
+  (base records are not read at open), so a damaged record raises
+  :class:`DamagedRecordError` naming the path, byte offset and oid; it is
+  never returned as other data.
+
+Each commit is one ``write`` and one ``fsync`` of the file before
+:meth:`~CheckedFileStorage.end` returns (a new file or a pack also syncs the
+folder). Commits with no records write nothing. Locking, read-only opens that
+follow the file, point-in-time views (``at=``; :meth:`transactions` gives
+each commit's time) and crash-safe packs are
+:class:`~dhruva.file_storage.FileStorage`'s.
+
+Limitations:
+
+- The index is in memory: about 100 bytes per object.
+- Durus can not read this format; ``FileStorage(path, format="durus")``
+  creates a SHELF-1 file for programs that still run Durus.
+- A damaged index block or header makes the file unreadable (the base
+  records could be found again by scanning the base transactions).
+  TODO(#7): rebuild a damaged index block from the base transactions.
+- Damage inside the base (records a pack wrote) is found only when such a
+  record is loaded (or by reading every record, as ``dhruva verify`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Mapping, MutableSequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from dhruva.error import DhruvaKeyError, StorageError
+from dhruva.file_storage import FileStorage, _fsync_directory
+from dhruva.record import ROOT_OID
+from dhruva.shelf import ScanResult, TransactionSpan
+from dhruva.storage import InvalidationHandler, gen_reachable_records
+
+log = logging.getLogger(__name__)
+
+#: The first bytes of every file in this format.
+MAGIC = b"DHRUVA1\n"
+
+#: Marks the start of a transaction.
+TXN_MARK = b"TXN1"
+
+#: Marks the start of the index block.
+INDEX_MARK = b"IDX1"
+
+_header = struct.Struct(">8sQQQI")
+_txn_head = struct.Struct(">4sQQII")
+_index_head = struct.Struct(">4sQQ")
+_record_head = struct.Struct(">QI")
+_int4 = struct.Struct(">I")
+_entry = struct.Struct(">8sQ")
+
+#: Bytes of the file header.
+HEADER_SIZE = _header.size
+#: Bytes of a transaction's header (the checksum of its first 24 included).
+TXN_HEAD = _txn_head.size
+#: Bytes of a record's length and checksum.
+RECORD_HEAD = _record_head.size
+#: The smallest object record: oid and data length.
+_MIN_RECORD = 12
+#: Bytes read at a time when looking for a good transaction after a bad one.
+_SEARCH_CHUNK = 1 << 20
+
+
+class DamagedRecordError(StorageError):
+    """A record's bytes do not match their checksum.
+
+    :param path: the database file.
+    :param offset: the byte offset of the record.
+    :param oid: the oid that was loaded.
+    :param reason: what is wrong.
+    """
+
+    def __init__(self, path: str, offset: int, oid: bytes, reason: str) -> None:
+        super().__init__(path, offset, oid, reason)
+        self.path = path
+        self.offset = offset
+        self.oid = oid
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: the record of oid {int.from_bytes(self.oid, 'big')} at "
+            f"byte offset {self.offset} is damaged ({self.reason}); restore the "
+            "file from a backup (`dhruva verify` lists every damaged record)"
+        )
+
+
+class DamagedFileError(StorageError):
+    """Part of the file other than its last transaction fails its checksum.
+
+    :param path: the database file.
+    :param offset: the byte offset of the damaged part.
+    :param reason: what is wrong, and what can be done.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(path, offset, reason)
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: damaged at byte offset {self.offset}: {self.reason}"
+
+
+# --- encoding ----------------------------------------------------------------------
+
+
+def encode_header(index_at: int, next_oid: int, written_ns: int) -> bytes:
+    """Return the 36-byte file header."""
+    body = _header.pack(MAGIC, index_at, next_oid, written_ns, 0)[:-4]
+    return body + _int4.pack(zlib.crc32(body))
+
+
+def encode_index(offsets: Mapping[bytes, int]) -> bytes:
+    """Return an index block mapping oids to record offsets."""
+    entries = b"".join(_entry.pack(oid, at) for oid, at in sorted(offsets.items()))
+    size = _index_head.size + len(entries) + 4
+    body = _index_head.pack(INDEX_MARK, size, len(offsets)) + entries
+    return body + _int4.pack(zlib.crc32(body))
+
+
+def encode_empty_file(written_ns: int | None = None) -> bytes:
+    """Return the bytes of a new, empty file: the header and an empty index."""
+    now = time.time_ns() if written_ns is None else written_ns
+    return encode_header(HEADER_SIZE, 0, now) + encode_index({})
+
+
+def encode_transaction(
+    records: Mapping[bytes, bytes], time_ns: int
+) -> tuple[bytes, dict[bytes, int]]:
+    """Return one transaction and the offset of each record in it.
+
+    :param records: object records by oid.
+    :param time_ns: the commit's time, in nanoseconds since the epoch.
+    """
+    parts: list[bytes] = []
+    offsets: dict[bytes, int] = {}
+    at = TXN_HEAD
+    for oid, record in records.items():
+        length = _record_head.pack(len(record), 0)[:8]
+        parts.append(length + _int4.pack(zlib.crc32(record, zlib.crc32(length))))
+        parts.append(record)
+        offsets[oid] = at
+        at += RECORD_HEAD + len(record)
+    size = at + 4
+    head = _txn_head.pack(TXN_MARK, size, time_ns, len(records), 0)[:-4]
+    head += _int4.pack(zlib.crc32(head))
+    body = head + b"".join(parts)
+    return body + _int4.pack(zlib.crc32(body)), offsets
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Transaction:
+    """A transaction read whole and found good."""
+
+    #: Offsets of its records by oid.
+    records: dict[bytes, int]
+    #: Its size in bytes.
+    size: int
+    #: Commit time, nanoseconds since the epoch.
+    time_ns: int
+
+
+def read_transaction(fd: int, position: int, limit: int) -> _Transaction | str:
+    """Read and check the transaction at ``position``, not past ``limit``.
+
+    :return: the transaction, or what is wrong with it.
+    """
+    if limit - position < TXN_HEAD:
+        return f"{limit - position} bytes where a transaction header belongs"
+    head = os.pread(fd, TXN_HEAD, position)
+    mark, size, time_ns, count, check = _txn_head.unpack(head)
+    if mark != TXN_MARK or zlib.crc32(head[:-4]) != check:
+        if head.count(0) == len(head):
+            return "zero bytes where a transaction header belongs"
+        return "no transaction header, or a damaged one, is there"
+    if size < TXN_HEAD + 4:
+        return f"its header gives it an impossible size of {size} bytes"
+    if position + size > limit:
+        return f"its header says {size} bytes but only {limit - position} follow"
+
+    data = os.pread(fd, size, position)
+    if (
+        len(data) != size
+        or zlib.crc32(memoryview(data)[:-4]) != _int4.unpack_from(data, size - 4)[0]
+    ):
+        return "its checksum does not match its bytes"
+
+    # The checksum holds: the records must add up (else it was written so).
+    records: dict[bytes, int] = {}
+    at = TXN_HEAD
+    for _ in range(count):
+        if size - 4 - at < RECORD_HEAD + _MIN_RECORD:
+            return f"its record at byte offset {position + at} is cut short"
+        length, _check = _record_head.unpack_from(data, at)
+        if length < _MIN_RECORD or at + RECORD_HEAD + length > size - 4:
+            return f"its record at byte offset {position + at} has a bad length"
+        records[data[at + RECORD_HEAD : at + RECORD_HEAD + 8]] = position + at
+        at += RECORD_HEAD + length
+    if at != size - 4:
+        return f"{size - 4 - at} stray bytes follow its records"
+    return _Transaction(records, size, time_ns)
+
+
+def find_good_transaction(fd: int, start: int, limit: int) -> int | None:
+    """Return the offset of the first good transaction at or after ``start``."""
+    position = start
+    while position < limit:
+        chunk = os.pread(fd, min(_SEARCH_CHUNK, limit - position), position)
+        if not chunk:
+            return None
+        found = chunk.find(TXN_MARK)
+        while found >= 0:
+            if not isinstance(read_transaction(fd, position + found, limit), str):
+                return position + found
+            found = chunk.find(TXN_MARK, found + 1)
+        # A mark may straddle two chunks.
+        position += max(1, len(chunk) - len(TXN_MARK) + 1)
+    return None
+
+
+@dataclass
+class _Scan(ScanResult):
+    """A :class:`~dhruva.shelf.ScanResult` that also knows about mid-file damage."""
+
+    #: Where a bad transaction with good ones after it starts, or None.
+    damaged_at: int | None = None
+    #: Where the first good transaction after the damage starts.
+    resumes_at: int = 0
+
+
+def scan_transactions(
+    fd: int,
+    start: int,
+    limit: int,
+    spans: MutableSequence[TransactionSpan] | None = None,
+) -> _Scan:
+    """Index the good transactions from ``start`` up to ``limit``.
+
+    Stops at the first bad one: a torn tail when no good transaction follows
+    it, damage in the middle of the file otherwise.
+
+    :param spans: when given, a :class:`~dhruva.shelf.TransactionSpan` is
+        appended to it for each good transaction.
+    """
+    result = _Scan(index={}, end=start, transactions=0)
+    position = start
+    while position < limit:
+        found = read_transaction(fd, position, limit)
+        if isinstance(found, str):
+            later = find_good_transaction(fd, position + 1, limit)
+            if later is None:
+                result.torn_at, result.reason = position, found
+            else:
+                result.damaged_at, result.reason = position, found
+                result.resumes_at = later
+            break
+        result.index.update(found.records)
+        if spans is not None:
+            spans.append(
+                TransactionSpan(
+                    position,
+                    position + found.size,
+                    len(found.records),
+                    time=found.time_ns / 1e9,
+                )
+            )
+        position = result.end = position + found.size
+        result.transactions += 1
+    return result
+
+
+# --- the storage -------------------------------------------------------------------
+
+
+class CheckedFileStorage(FileStorage):
+    """A storage in one file of dhruva's checked format (``DHRUVA1``).
+
+    ``FileStorage(path)`` returns one when ``path`` is missing, empty or in
+    this format. It shares :class:`~dhruva.file_storage.FileStorage`'s
+    locking, repair, read-only, point-in-time and temporary-file handling;
+    the layout and its checks are its own.
+
+    :param path: the database file; created when missing (unless read-only).
+        None makes a temporary file that is removed on :meth:`close`.
+    :param readonly: open without locking and refuse every write; the file
+        is never created or changed.
+    :param repair: cut an incomplete last transaction off the file instead
+        of refusing to open it.
+    :param at: with ``readonly``, a view as of a position of
+        :meth:`transactions`.
+    :raises FileLockedError: when another process has the file open for
+        writing.
+    :raises TornTailError: when the file ends in an incomplete transaction
+        and ``repair`` is false.
+    :raises DamagedFileError: when the header, the index block, or a
+        transaction before the last one fails its checksum (read-only opens
+        read up to a damaged transaction instead).
+    :raises StorageError: when the file is missing (read-only) or not in
+        this format.
+    """
+
+    packable = True
+    iterable = True
+
+    _LAYOUT_STATE = (
+        "_file",
+        "_index",
+        "_end",
+        "_base_end",
+        "_next_oid",
+        "_base_count",
+        "_written_ns",
+    )
+
+    # --- opening -------------------------------------------------------------------
+
+    def _write_new_shelf(self) -> None:
+        """Write an empty file: the header and an empty index block."""
+        file = self._live_file()
+        file.seek(0)
+        file.write(encode_empty_file())
+        file.flush()
+        os.fsync(file.fileno())
+        _fsync_directory(self.path)
+        log.info("created %s", self.path)
+
+    def _damaged(self, offset: int, what: str) -> DamagedFileError:
+        error = DamagedFileError(
+            self.path, offset, f"{what}; restore the file from a backup"
+        )
+        log.error("%s", error)
+        return error
+
+    def _load_layout(self, repair: bool) -> None:
+        """Check the header and the index block, then scan the transactions
+        after it."""
+        fd = self._live_file().fileno()
+        visible = self._visible_size()
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, HEADER_SIZE, 0)
+        if not head.startswith(MAGIC):
+            raise StorageError(
+                f"{self.path} is not a dhruva checked file (DHRUVA1): it starts "
+                f"with {head[:8]!r}; open it with the storage kind that wrote it"
+            )
+        magic, index_at, next_oid, written_ns, check = _header.unpack(
+            head.ljust(HEADER_SIZE, b"\0")
+        )
+        if len(head) < HEADER_SIZE or zlib.crc32(head[:-4]) != check:
+            raise self._damaged(0, "the file header fails its checksum")
+
+        # The index block of the base.
+        block = os.pread(fd, _index_head.size, index_at)
+        if len(block) < _index_head.size:
+            raise self._damaged(index_at, "the index block is cut short")
+        mark, block_size, count = _index_head.unpack(block)
+        if (
+            mark != INDEX_MARK
+            or block_size != _index_head.size + count * _entry.size + 4
+            or index_at + block_size > size
+        ):
+            raise self._damaged(index_at, "the index block's header is damaged")
+        block = os.pread(fd, block_size, index_at)
+        if (
+            zlib.crc32(memoryview(block)[:-4])
+            != _int4.unpack_from(block, block_size - 4)[0]
+        ):
+            raise self._damaged(index_at, "the index block fails its checksum")
+        index = dict(
+            _entry.iter_unpack(memoryview(block)[_index_head.size : block_size - 4])
+        )
+
+        # The transactions committed after it.
+        base_end = index_at + block_size
+        if visible < base_end:
+            raise self._not_a_position(
+                "the index block, written when the file was created or last "
+                f"packed, ends at byte offset {base_end}"
+            )
+        scan = self._scan(self._live_file(), base_end, visible)
+        self._check_tail(scan, visible, repair)
+        self._base_count = len(index)
+        self._written_ns = written_ns
+        index.update(scan.index)
+        self._index = index
+        self._end = scan.end
+        self._base_end = base_end
+        highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
+        self._next_oid = max(next_oid, highest + 1)
+        log.debug(
+            "%s: %d records, %d transactions after the index block",
+            self.path,
+            len(index),
+            scan.transactions,
+        )
+
+    def _scan(
+        self,
+        file: BinaryIO,
+        start: int,
+        size: int,
+        spans: MutableSequence[TransactionSpan] | None = None,
+    ) -> ScanResult:
+        scan = scan_transactions(file.fileno(), start, size, spans)
+        if scan.damaged_at is None:
+            return scan
+        where = (
+            f"the transaction there {scan.reason}, and a good one follows at byte "
+            f"offset {scan.resumes_at}, so this is not a crash mid-commit"
+        )
+        if not self.readonly:
+            raise self._damaged(
+                scan.damaged_at,
+                f"{where}. Repair would lose later commits, so it is refused. Open "
+                "the file read-only to read the database as it was before the "
+                f"damage, or `dhruva restore {self.path} --at {scan.damaged_at} "
+                "--output NEW` to write that to a new file",
+            )
+        if getattr(self, "_damage_reported", None) != scan.damaged_at:
+            self._damage_reported = scan.damaged_at
+            log.error(
+                "%s: damaged at byte offset %d: %s; reading the database as it "
+                "was before it",
+                self.path,
+                scan.damaged_at,
+                where,
+            )
+        return scan
+
+    # --- reading -------------------------------------------------------------------
+
+    def _position(self, oid: bytes) -> int | None:
+        return self._index.get(oid)
+
+    def _base_records(self) -> int:
+        return self._base_count
+
+    def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
+        yield from list(self._index.items())
+
+    def _read_record(self, fd: int, oid: bytes, offset: int) -> bytes:
+        head = os.pread(fd, RECORD_HEAD, offset)
+        reason = "it is cut short"
+        if len(head) == RECORD_HEAD:
+            length, check = _record_head.unpack(head)
+            room = os.fstat(fd).st_size - offset - RECORD_HEAD
+            record = os.pread(fd, min(length, room), offset + RECORD_HEAD)
+            if len(record) != length:
+                reason = f"its length word says {length} bytes"
+            elif zlib.crc32(record, zlib.crc32(head[:8])) != check:
+                reason = "its bytes do not match its checksum"
+            elif record[:8] != oid:
+                reason = f"it holds oid {int.from_bytes(record[:8], 'big')}"
+            else:
+                return record
+        error = DamagedRecordError(self.path, offset, oid, reason)
+        log.error("%s", error)
+        raise error
+
+    def load(self, oid: bytes) -> bytes:
+        """Return the record of ``oid``, its checksum checked.
+
+        :raises DhruvaKeyError: when there is no record of ``oid``.
+        :raises DamagedRecordError: when its bytes fail their checksum.
+        """
+        file = self._live_file()
+        position = self._index.get(oid)
+        if position is None:
+            raise DhruvaKeyError(oid)
+        return self._read_record(file.fileno(), oid, position)
+
+    def gen_oid_record(
+        self, start_oid: bytes | None = None, batch_size: int = 100
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(oid, record)``: every current record, or those reachable
+        from ``start_oid`` when it is given."""
+        if start_oid is not None:
+            yield from gen_reachable_records(self, start_oid, batch_size)
+            return
+        fd = self._live_file().fileno()
+        for oid, position in self._gen_positions():
+            yield oid, self._read_record(fd, oid, position)
+
+    def get_size(self) -> int:
+        """Return the number of current records."""
+        self._live_file()
+        return len(self._index)
+
+    def transactions(self) -> list[TransactionSpan]:
+        """List the points in time this storage can be viewed at, oldest first.
+
+        The first is the base (what the file's creation or last pack wrote,
+        with that time); each later one is a commit, with its time in
+        seconds since the epoch.
+        """
+        file = self._live_file()
+        spans = [
+            TransactionSpan(
+                0, self._base_end, self._base_count, time=self._written_ns / 1e9
+            )
+        ]
+        self._scan(file, self._base_end, self._end, spans)
+        return spans
+
+    def check(self) -> list[DamagedFileError | DamagedRecordError]:
+        """Read every byte this storage can see and check it against its
+        checksums, the base (which opening does not read) included.
+
+        :return: what is damaged, as the errors a load or open would raise;
+            empty when the file is sound.
+        """
+        fd = self._live_file().fileno()
+        problems: list[DamagedFileError | DamagedRecordError] = []
+        index_at = int.from_bytes(os.pread(fd, 8, len(MAGIC)), "big")
+
+        # The base transactions must run exactly to the index block.
+        for start, limit in ((HEADER_SIZE, index_at), (self._base_end, self._end)):
+            scan = scan_transactions(fd, start, limit)
+            bad = scan.damaged_at if scan.damaged_at is not None else scan.torn_at
+            if bad is not None:
+                problems.append(DamagedFileError(self.path, bad, scan.reason))
+
+        # Every current record, whichever transaction holds it.
+        for oid, position in self._gen_positions():
+            try:
+                self._read_record(fd, oid, position)
+            except DamagedRecordError as e:
+                problems.append(e)
+        return problems
+
+    # --- writing -------------------------------------------------------------------
+
+    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
+        """Write the commit as one transaction and fsync it before returning."""
+        self._check_writable("end()")
+        file = self._live_file()
+        pending, self._pending = self._pending or {}, None
+        if not pending:
+            return
+        data, offsets = encode_transaction(pending, time.time_ns())
+
+        # One write, one fsync; on failure cut back whatever reached the file.
+        start = self._end
+        try:
+            file.seek(start)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                file.truncate(start)
+                file.flush()
+            raise StorageError(
+                f"{self.path}: writing a transaction at byte offset {start} "
+                f"failed ({e}); nothing was committed"
+            ) from e
+
+        for oid, at in offsets.items():
+            self._index[oid] = start + at
+            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
+        self._end = start + len(data)
+        if self._pack_extra is not None:
+            self._pack_extra.update(pending)
+        log.debug(
+            "%s: committed %d records at byte offset %d", self.path, len(pending), start
+        )
+
+    # --- packing -------------------------------------------------------------------
+
+    def _packer(self) -> Iterator[None]:
+        if ROOT_OID not in self._index:
+            log.info("%s has no root object; nothing to pack", self.path)
+            return
+        log.info("packing %s", self.path)
+        self._pack_extra = set()
+        new: BinaryIO | None = None
+        now = time.time_ns()
+        try:
+            new = self._create_pack_file()
+            old_oids = set(self._index)
+            new.write(bytes(HEADER_SIZE))
+            position = HEADER_SIZE
+            offsets: dict[bytes, int] = {}
+
+            def put(records: dict[bytes, bytes]) -> None:
+                nonlocal position
+                assert new is not None
+                data, where = encode_transaction(records, now)
+                new.write(data)
+                offsets.update((oid, position + at) for oid, at in where.items())
+                position += len(data)
+
+            # The reachable records, a transaction per step.
+            chunk: dict[bytes, bytes] = {}
+            for oid, record in gen_reachable_records(self):
+                chunk[oid] = record
+                if len(chunk) == self.pack_step:
+                    put(chunk)
+                    chunk = {}
+                    yield None
+            if chunk:
+                put(chunk)
+
+            # Records committed while packing, and what they reach anew.
+            carried = self._carry_over(set(offsets) - self._pack_extra)
+            if carried:
+                put(carried)
+
+            # The index, then the header that points to it and keeps the oid
+            # counter, so that the oids of dropped records are not reused.
+            new.write(encode_index(offsets))
+            new.seek(0)
+            new.write(encode_header(position, self._next_oid, now))
+            packed, new = new, None
+            self._replace_with(packed)
+        except OSError as e:
+            raise self._pack_error(e) from e
+        finally:
+            self._pack_extra = None
+            if new is not None:
+                self._discard_pack_file(new)
+        self._invalid.update(old_oids - set(offsets))
+        log.info(
+            "packed %s: %d records kept, %d removed",
+            self.path,
+            len(offsets),
+            len(old_oids - set(offsets)),
+        )
