@@ -5,6 +5,7 @@ fail, and the leftovers of interrupted packs."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 from dhruva.error import StorageError
-from dhruva.file_storage import FileStorage
+from dhruva.file_storage import FileLockedError, FileStorage
 from dhruva.file_storage2 import FileStorage2
 from dhruva.record import pack_record
 from dhruva.storage import Storage, gen_reachable_records
@@ -316,3 +317,51 @@ class TestFileStorage2IncrementalPackInSmallSteps(IncrementalPackStorageContract
         s.pack_step = 29
         yield s
         s.close()
+
+
+# --- a pack by Durus, interrupted -------------------------------------------------
+
+
+@pytest.fixture
+def moved_aside(tmp_path, kind):
+    """A database that a Durus pack moved to <file>.prepack before it crashed,
+    next to the complete packed file it did not get to rename."""
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        expected = build(storage, 10)
+        packed = tmp_path / "packed"
+        shutil.copy(path, packed)
+    path.rename(tmp_path / "db.prepack")
+    packed.rename(tmp_path / "db.pack")
+    return path, expected
+
+
+def test_a_file_moved_aside_by_an_interrupted_durus_pack_is_put_back(
+    moved_aside, kind, caplog
+):
+    path, expected = moved_aside
+    with caplog.at_level(logging.WARNING), KINDS[kind](path) as storage:
+        assert_holds(storage, expected)
+    assert "interrupted Durus pack" in caplog.text
+    assert sorted(p.name for p in path.parent.iterdir()) == ["db"]
+
+
+def test_a_readonly_open_of_a_file_moved_aside_says_what_happened(moved_aside, kind):
+    path, _expected = moved_aside
+    with pytest.raises(StorageError) as refused:
+        KINDS[kind](path, readonly=True)
+    assert str(refused.value) == (
+        f"no database file {path}, but {path}.prepack is there: a Durus pack "
+        "was interrupted after moving the database aside. Open it once without "
+        f"readonly=True to put it back, or rename {path}.prepack to {path}"
+    )
+    assert not path.exists()
+
+
+def test_a_file_moved_aside_by_a_running_pack_is_left_alone(moved_aside, kind):
+    path, _expected = moved_aside
+    with open(f"{path}.prepack", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(FileLockedError, match="a process packing it"):
+            KINDS[kind](path)
+    assert not path.exists()

@@ -217,6 +217,8 @@ class FileStorage(Storage):
     # --- opening and closing ---------------------------------------------------
 
     def _open(self, repair: bool) -> None:
+        if not self.temporary:
+            self._restore_interrupted_durus_pack()
         if self.readonly:
             try:
                 self._file = open(self.path, "rb")  # noqa: SIM115 (kept open)
@@ -755,6 +757,47 @@ class FileStorage(Storage):
             "interrupted; the database is as it was before that pack",
             self.path,
             leftover,
+        )
+
+    def _restore_interrupted_durus_pack(self) -> None:
+        """Put back a database file that a Durus pack moved aside.
+
+        Durus packs a DFS20 file by renaming it to ``<file>.prepack``, then
+        renaming the packed file to ``<file>``: a crash between the two
+        leaves no file under the name. The file moved aside is complete, so
+        a writable open renames it back (and the ``.pack`` file is removed
+        as a leftover); a read-only open, which changes nothing, refuses.
+        """
+        aside = self.path + ".prepack"
+        if os.path.exists(self.path) or not os.path.exists(aside):
+            return
+        if self.readonly:
+            raise StorageError(
+                f"no database file {self.path}, but {aside} is there: a Durus "
+                "pack was interrupted after moving the database aside. Open it "
+                f"once without readonly=True to put it back, or rename {aside} "
+                f"to {self.path}"
+            )
+
+        # A Durus process still between its two renames holds its lock.
+        with open(aside, "rb") as moved:
+            try:
+                fcntl.flock(moved.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FileLockedError(
+                    self.path, f"a process packing it, which holds {aside}"
+                ) from None
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                return  # someone else put a file there meanwhile: open that
+            os.unlink(aside)
+            _fsync_directory(self.path)
+        log.warning(
+            "%s was missing after an interrupted Durus pack; put back the "
+            "database it had moved to %s (the pack is lost, no commit is)",
+            self.path,
+            aside,
         )
 
     def _create_pack_file(self) -> BinaryIO:
