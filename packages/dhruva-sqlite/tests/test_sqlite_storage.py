@@ -6,10 +6,12 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dhruva import sqlite_storage
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
 from dhruva.record import ROOT_OID, pack_record, split_oids, unpack_record
 from dhruva.sqlite_storage import SQLITE_HEADER, SqliteStorage
@@ -734,12 +736,6 @@ def test_readonly_creates_no_side_files_for_a_file_left_in_wal_mode(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TODO(#3): a read-only SqliteStorage reads each load at the newest "
-    "commit, so a connection can mix objects of two commits (the file storages "
-    "read one state until sync())",
-)
 def test_a_readonly_storage_reads_one_state_between_syncs(tmp_path):
     path = tmp_path / "db"
     with SqliteStorage(path) as writer:
@@ -748,5 +744,156 @@ def test_a_readonly_storage_reads_one_state_between_syncs(tmp_path):
         with SqliteStorage(path, readonly=True) as reader:
             assert unpack_record(reader.load(root))[1] == b"1"
             commit(writer, make_record(root, b"2", [child]), make_record(child, b"2"))
-            # Loaded after the root, the child must be of the root's commit.
+            # Loaded after the root, the child is of the root's commit.
             assert unpack_record(reader.load(child))[1] == b"1"
+
+            assert reader.sync() == [root, child]
+            assert unpack_record(reader.load(child))[1] == b"2"
+            assert reader.sync() == []
+
+
+def test_sync_reports_what_commits_and_packs_changed(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        root, a, b, c = (writer.new_oid() for _ in range(4))
+        commit(writer, make_record(root, b"r", [a, b]), make_record(a), make_record(b))
+        with SqliteStorage(path, readonly=True) as reader:
+            commit(writer, make_record(a, b"a2", [c]), make_record(c))
+            commit(writer, make_record(root, b"r", [a]))
+            writer.pack()  # b is gone
+            assert reader.sync() == [root, a, b, c]
+            with pytest.raises(DhruvaKeyError):
+                reader.load(b)
+
+
+def test_a_reader_far_behind_gets_every_oid(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_storage, "KEEP_CHANGES", 3)
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        oids = [writer.new_oid() for _ in range(5)]
+        commit(writer, *(make_record(o) for o in oids))
+        with SqliteStorage(path, readonly=True) as reader:
+            for _ in range(2):
+                commit(writer, make_record(oids[1], b"again"))
+            assert reader.sync() == [oids[1]]
+            for _ in range(4):
+                commit(writer, make_record(oids[2], b"again"))
+            assert reader.sync() == oids
+    con = raw(path)
+    try:
+        assert con.execute("SELECT count(*) FROM dhruva_changes").fetchone() == (3,)
+    finally:
+        con.close()
+
+
+def test_commits_to_a_durus_file_no_dhruva_writer_opened_report_every_oid(
+    tmp_path,
+):
+    # Durus's own SqliteStorage keeps no list of changes.
+    path = tmp_path / "durus.sqlite"
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("CREATE TABLE objects (id integer primary key, data blob, refs blob)")
+    con.execute("INSERT INTO objects VALUES (0, ?, ?)", (b"r", b""))
+    con.execute("INSERT INTO objects VALUES (1, ?, ?)", (b"a", b""))
+    try:
+        with SqliteStorage(path, readonly=True) as reader:
+            assert reader.sync() == []
+            con.execute("UPDATE objects SET data = ? WHERE id = 1", (b"a2",))
+            assert reader.sync() == [oid(0), oid(1)]
+            assert unpack_record(reader.load(oid(1)))[1] == b"a2"
+    finally:
+        con.close()
+
+
+def test_a_readonly_connection_refreshes_on_abort(tmp_path):
+    from dhruva.connection import Connection
+    from dhruva.persistent_dict import PersistentDict
+
+    path = tmp_path / "db"
+    writer = Connection(SqliteStorage(path))
+    reader = None
+    try:
+        writer.get_root()["items"] = PersistentDict(a=1)
+        writer.commit()
+        reader = Connection(SqliteStorage(path, readonly=True))
+        items = reader.get_root()["items"]
+        assert items["a"] == 1
+        writer.get_root()["items"]["a"] = 2
+        writer.get_root()["new"] = "here"
+        writer.commit()
+
+        assert items["a"] == 1
+        reader.abort()
+        assert items["a"] == 2
+        assert reader.get_root()["new"] == "here"
+    finally:
+        if reader is not None:
+            reader.close()
+        writer.close()
+
+
+#: Commits in a loop: each transaction rewrites the root and 8 records, all
+#: holding the transaction's number.
+LOOP_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from dhruva.record import ROOT_OID, pack_record
+    from dhruva.sqlite_storage import SqliteStorage
+
+    path, stop = sys.argv[1], sys.argv[2]
+    storage = SqliteStorage(path)
+    oids = [(n + 1).to_bytes(8, "big") for n in range(8)]
+    n = 0
+    while not (n % 20 == 0 and os.path.exists(stop)):
+        n += 1
+        mark = str(n).encode()
+        storage.begin()
+        storage.store(ROOT_OID, pack_record(ROOT_OID, mark, b"".join(oids)))
+        for oid in oids:
+            storage.store(oid, pack_record(oid, mark + b" " * 20000, b""))
+        storage.end()
+        if n == 1:
+            print("ready", flush=True)
+    storage.close()
+    print(n, flush=True)
+    """
+)
+
+
+def _check_consistent(storage: SqliteStorage) -> int:
+    _oid, mark, refs = unpack_record(storage.load(ROOT_OID))
+    for ref in split_oids(refs):
+        data = unpack_record(storage.load(ref))[1]
+        assert data.rstrip(b" ") == mark, "a reader mixed two commits"
+    return int(mark)
+
+
+def test_readers_next_to_a_writer_process_read_whole_commits(tmp_path):
+    path, stop = tmp_path / "db", tmp_path / "stop"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOOP_WRITER, str(path), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        with SqliteStorage(path, readonly=True) as follower:
+            marks = [_check_consistent(follower)]
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                with SqliteStorage(path, readonly=True) as fresh:
+                    _check_consistent(fresh)
+                changed = follower.sync()
+                marks.append(_check_consistent(follower))
+                if marks[-1] != marks[-2]:
+                    assert ROOT_OID in changed
+            assert marks == sorted(marks)
+            assert marks[-1] > marks[0]
+        stop.touch()
+        out, _err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and int(out) > 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -28,15 +28,24 @@ the side file ``<path>.lock``; a second writer waits up to ``timeout`` seconds
 for it and then gets a :class:`~dhruva.error.StorageError` naming the file.
 Read-only opens take no lock and never write.
 
+A read-only storage reads one state of the file between calls of
+:meth:`SqliteStorage.sync` (a SQLite read transaction, in WAL mode), so a
+Connection on it never mixes objects of two commits. Each ``sync()`` moves it to
+the newest state and returns the oids changed since: every commit also notes
+its oids in the table ``dhruva_changes(serial, oids)``, which keeps the last
+:data:`KEEP_CHANGES` commits (a reader further behind, or a file no dhruva
+writer has opened, gets every oid reported).
+
 Limitations:
 
-- No invalidations (``invalidating = False``): a process that reads the file
-  while another writes to it is not told which objects changed, and its
-  connection may keep stale objects in its cache. Share a database between
-  processes through the storage server. TODO(#3): report commits of other
-  processes through ``sync()``.
-- A read-only storage sees each commit of a writer as soon as it lands; it has
-  no snapshot spanning several loads.
+- Writers get no invalidations (``invalidating = False``): one writer at a
+  time; share a database between processes through the storage server.
+- A read-only storage holds its state only while the file is in WAL mode,
+  that is while a dhruva writer has it open. Otherwise (no writer, or a Durus
+  writer in rollback-journal mode) each load reads the newest commit, and
+  the commits of Durus writers are reported only for files no dhruva writer
+  has opened. A reader that does not sync keeps SQLite from shrinking the
+  ``-wal`` file of the writer.
 - A file left in WAL mode (by a writer that crashed, or by another program)
   gets ``-wal`` and ``-shm`` side files from SQLite even when opened read-only;
   the database file itself is not changed.
@@ -78,6 +87,13 @@ _CREATE_OBJECTS = (
     "CREATE TABLE IF NOT EXISTS objects (id integer primary key, data blob, refs blob)"
 )
 _CREATE_META = "CREATE TABLE IF NOT EXISTS dhruva_meta (key text primary key, value)"
+_CREATE_CHANGES = (
+    "CREATE TABLE IF NOT EXISTS dhruva_changes "
+    "(serial integer primary key autoincrement, oids blob)"
+)
+
+#: The commits ``dhruva_changes`` keeps for read-only storages to catch up from.
+KEEP_CHANGES = 1000
 
 
 def _oid_int(oid: bytes) -> int:
@@ -206,6 +222,10 @@ class SqliteStorage(Storage):
         self._next_oid = 0
         #: The counter as last written to ``dhruva_meta`` (or found at open).
         self._durable_next = 0
+        #: Read-only: the last ``dhruva_changes`` serial read (None: no table),
+        #: and SQLite's data_version then.
+        self._serial: int | None = None
+        self._data_version = 0
 
         if readonly:
             self._open_readonly()
@@ -253,6 +273,7 @@ class SqliteStorage(Storage):
                 )
             self._check_objects_columns()
             self._next_oid = self._durable_next = self._read_next_oid(tables)
+            self._begin_snapshot()
         except BaseException:
             self._close_connection()
             raise
@@ -283,6 +304,7 @@ class SqliteStorage(Storage):
                     raise self._foreign_error(tables)
                 con.execute(_CREATE_OBJECTS)
                 con.execute(_CREATE_META)
+                con.execute(_CREATE_CHANGES)
                 self._check_objects_columns()
                 self._next_oid = self._read_next_oid({"objects", "dhruva_meta"})
                 self._write_next_oid(con)
@@ -507,9 +529,73 @@ class SqliteStorage(Storage):
         return int(count)
 
     def sync(self) -> list[bytes]:
-        """Return no oids: this storage does not report other writers' commits."""
-        # TODO(#3): report commits made by other processes.
-        return []
+        """Return the oids other processes changed since the last call.
+
+        A writable storage returns none (it is the only writer). A read-only
+        one moves to the newest state of the file and returns the oids the
+        commits since its last state wrote or a pack removed.
+        """
+        if not self.readonly:
+            return []
+        con = self._connection()
+        try:
+            if con.in_transaction:
+                con.execute("COMMIT")  # ends the read snapshot
+            serial, version = self._serial, self._data_version
+            self._begin_snapshot()
+            changed = self._changed_since(serial, version)
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(exc, "reading the commits of others") from exc
+        if changed:
+            log.debug("%s: %d records changed by others", self.filename, len(changed))
+        return changed
+
+    # --- following a writer (read-only) ---------------------------------------
+
+    def _begin_snapshot(self) -> None:
+        """Read one state of the file from now until the next :meth:`sync`.
+
+        In WAL mode (whenever a writer is open) this is a read transaction,
+        which never holds up the writer. In other modes each read sees the
+        newest commit: holding a read lock there would shut writers out.
+        """
+        con = self._connection()
+        if self._journal_mode() == "wal":
+            con.execute("BEGIN")
+        try:
+            (serial,) = con.execute("SELECT max(serial) FROM dhruva_changes").fetchone()
+            self._serial = serial or 0
+        except sqlite3.OperationalError:
+            self._serial = None  # no writer of dhruva's has opened the file yet
+        (self._data_version,) = con.execute("PRAGMA data_version").fetchone()
+
+    def _changed_since(self, serial: int | None, version: int) -> list[bytes]:
+        """Return the oids the commits after ``serial`` changed."""
+        con = self._connection()
+        if self._serial is not None and serial is not None:
+            if self._serial == serial:
+                return []
+            rows = con.execute(
+                "SELECT serial, oids FROM dhruva_changes WHERE serial > ? "
+                "ORDER BY serial",
+                (serial,),
+            ).fetchall()
+            if rows and rows[0][0] == serial + 1:
+                changed: set[bytes] = set()
+                for _serial, oids in rows:
+                    changed.update(split_oids(bytes(oids)))
+                return sorted(changed)
+            log.info(
+                "%s: more than %d commits since the last sync; every object "
+                "is reported changed",
+                self.filename,
+                KEEP_CHANGES,
+            )
+        elif self._data_version == version:
+            return []
+
+        # No list of changes to go by: report every record as changed.
+        return [_oid_bytes(n) for (n,) in con.execute("SELECT id FROM objects")]
 
     # --- writing ------------------------------------------------------------
 
@@ -567,6 +653,7 @@ class SqliteStorage(Storage):
                 "INSERT OR REPLACE INTO objects (id, data, refs) VALUES (?, ?, ?)",
                 rows,
             )
+            self._log_changes(con, pending)
             # Records copied in from elsewhere (dhruva convert) bring their own
             # oids: new ones start above them, never on them.
             highest = max(number for number, _d, _r in rows)
@@ -576,6 +663,17 @@ class SqliteStorage(Storage):
         if self._pack_extra is not None:
             self._pack_extra.extend(pending)
         log.debug("committed %d records to %s", len(rows), self.filename)
+
+    def _log_changes(self, con: sqlite3.Connection, oids: Iterable[bytes]) -> None:
+        """Note the oids a commit changes, for read-only storages to sync."""
+        cursor = con.execute(
+            "INSERT INTO dhruva_changes (oids) VALUES (?)", (b"".join(oids),)
+        )
+        if cursor.lastrowid is not None and cursor.lastrowid > KEEP_CHANGES:
+            con.execute(
+                "DELETE FROM dhruva_changes WHERE serial <= ?",
+                (cursor.lastrowid - KEEP_CHANGES,),
+            )
 
     def _check_foreign_records(
         self, con: sqlite3.Connection, numbers: list[int]
@@ -733,6 +831,8 @@ class SqliteStorage(Storage):
             if number not in alive
         ]
         con.executemany("DELETE FROM objects WHERE id = ?", ((n,) for n in dead))
+        if dead:
+            self._log_changes(con, [_oid_bytes(n) for n in dead])
 
         # The counter never goes back, even when the newest records went.
         if dead:
