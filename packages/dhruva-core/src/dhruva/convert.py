@@ -14,9 +14,10 @@ import) would overwrite the root with the next new object.
 
 Limitations:
 
-- The source should not be written to while it is copied. File storages
-  opened read-only read a fixed state; a SQLite source shows each commit of
-  a writer as it lands, so the copy could mix two states.
+- The copy reads one state of the source when the source's storage keeps
+  one for a read-only open (file storages, and SQLite files while a dhruva
+  writer has them open); a source written by a Durus process while it is
+  copied may give a copy that mixes two commits.
 - The oids the source handed out but no longer holds are not carried over:
   the destination may hand them out again. No reference to them is copied.
 """
