@@ -10,6 +10,7 @@ into a msgspec record that reads back the same.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 import sys
@@ -41,7 +42,7 @@ def model(tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(FIXTURES, tmp_path / "fixtures")
     folder = tmp_path / "fixtures"
     sys.path.insert(0, str(folder))
-    import legacy_model  # noqa: F401
+    importlib.import_module("legacy_model")
 
     yield folder
     sys.path.remove(str(folder))

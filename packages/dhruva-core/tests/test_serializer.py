@@ -206,3 +206,26 @@ def test_serializer_names_must_fit_a_tag(name: str) -> None:
     registry.current_plugin = "myplugin"
     with pytest.raises(PluginError, match="plugin 'myplugin' registers a serializer"):
         registry.add(SerializerKind(name=name, factory=lambda: None))
+
+
+@pytest.mark.parametrize("name", ["pickle", "msgspec", "dill"])
+def test_records_list_their_references_so_pack_keeps_them(name: str) -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer=name)
+    root = connection.get_root()
+    kept, dropped, deep = Thing(), Thing(), Thing()
+    root["keys"] = {(1, kept): "a key", "x": [({"deep": deep},)]}
+    root["dropped"] = dropped
+    kept.self = kept
+    connection.commit()
+    refs = unpack_record(storage.load(ROOT_OID))[2]
+    oids = {kept._p_oid, dropped._p_oid, deep._p_oid}
+    assert {refs[i : i + 8] for i in range(0, len(refs), 8)} == oids
+    assert unpack_record(storage.load(kept._p_oid))[2] == b""  # not itself
+
+    del root["dropped"]
+    connection.commit()
+    connection.pack()
+    assert storage.get_size() == 3
+    again = Connection(storage).get_root()
+    assert again["keys"]["x"][0][0]["deep"]._p_oid == deep._p_oid
