@@ -25,6 +25,7 @@ from dhruva.checked_file import (
     DamagedRecordError,
 )
 from dhruva.error import DhruvaKeyError, StorageError
+from dhruva.file_storage import FileStorage
 from dhruva.record import ROOT_OID
 from dhruva.shelf import TornTailError
 from dhruva.storage_testing import (
@@ -437,3 +438,37 @@ def test_commits_that_returned_survive_sigkill(tmp_path):
                 done += 1  # killed after end() returned, before it printed
             assert_holds(s, expected_after(done))
             assert s.check() == []
+
+
+# --- which format FileStorage gives a file --------------------------------------------
+
+
+def test_filestorage_opens_each_file_in_its_own_format(tmp_path):
+    new = tmp_path / "new"
+    durus = tmp_path / "durus"
+    with FileStorage(durus, format="durus") as s:
+        assert type(s) is FileStorage
+        commit(s, make_record(ROOT_OID, b"durus"))
+    with FileStorage(new, format="dhruva") as s:
+        assert type(s) is CheckedFileStorage
+        commit(s, make_record(ROOT_OID, b"dhruva"))
+    assert durus.read_bytes().startswith(b"SHELF-1\n")
+    assert new.read_bytes().startswith(MAGIC)
+
+    # Reopened without a format, each keeps its own.
+    with FileStorage(durus) as s:
+        assert type(s) is FileStorage
+        assert s.load(ROOT_OID) == make_record(ROOT_OID, b"durus")
+    with FileStorage(new, readonly=True) as s:
+        assert type(s) is CheckedFileStorage
+        assert s.load(ROOT_OID) == make_record(ROOT_OID, b"dhruva")
+
+
+def test_a_format_that_is_not_the_files_is_refused(tmp_path):
+    path = tmp_path / "db"
+    FileStorage(path, format="durus").close()
+    with pytest.raises(StorageError, match="dhruva convert"):
+        FileStorage(path, format="dhruva")
+    with pytest.raises(StorageError, match="unknown file format 'zodb'"):
+        FileStorage(tmp_path / "other", format="zodb")
+    assert not (tmp_path / "other").exists()

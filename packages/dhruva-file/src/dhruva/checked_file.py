@@ -330,6 +330,55 @@ def scan_transactions(
     return result
 
 
+# --- choosing the format ------------------------------------------------------------
+
+#: The formats ``FileStorage(path, format=...)`` can give a new file:
+#: ``"dhruva"`` (this one) and ``"durus"`` (SHELF-1, which Durus reads).
+FORMATS = ("dhruva", "durus")
+
+#: The format of a file ``FileStorage(path)`` creates.
+DEFAULT_FORMAT = "durus"
+
+
+def storage_class_for(
+    path: str | os.PathLike[str] | None, format: str | None = None
+) -> type[FileStorage]:
+    """Return the class :class:`~dhruva.file_storage.FileStorage` opens
+    ``path`` with: the file's own format, or ``format`` for a new file.
+
+    :param format: the format of a new (missing or empty) file, one of
+        :data:`FORMATS`; None for :data:`DEFAULT_FORMAT`.
+    :raises StorageError: when ``format`` is unknown, or names another
+        format than an existing file's.
+    """
+    if format is not None and format not in FORMATS:
+        raise StorageError(
+            f"{path}: unknown file format {format!r}; choose one of "
+            f"{', '.join(map(repr, FORMATS))}"
+        )
+    header = b""
+    if path is not None:
+        # A Durus pack may have moved the file aside (FileStorage puts it back).
+        for candidate in (os.fspath(path), os.fspath(path) + ".prepack"):
+            with contextlib.suppress(OSError), open(candidate, "rb") as f:
+                header = f.read(len(MAGIC))
+                break
+    if not header:
+        return (
+            CheckedFileStorage
+            if (format or DEFAULT_FORMAT) == "dhruva"
+            else (FileStorage)
+        )
+    found = "dhruva" if header.startswith(MAGIC) else "durus"
+    if format is not None and format != found:
+        raise StorageError(
+            f"{path} is a {found} file already; format={format!r} chooses the "
+            f"format of a new file only. To change it, `dhruva convert {path} NEW`"
+            + (" --storage shelf" if format == "durus" else "")
+        )
+    return CheckedFileStorage if found == "dhruva" else FileStorage
+
+
 # --- the storage -------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ import stat
 import tempfile
 from collections import deque
 from collections.abc import Iterator, MutableSequence
-from typing import BinaryIO, Self
+from typing import BinaryIO, Self, cast
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
 from dhruva.record import ROOT_OID, split_oids, unpack_record
@@ -142,6 +142,9 @@ class FileStorage(Storage):
     :param at: with ``readonly``, a view of the database as it was when the
         file ended at this byte offset: the ``position`` of one of
         :meth:`transactions`. Such a view does not follow later commits.
+    :param format: the format of a new file: ``"dhruva"`` (checksummed,
+        see :mod:`dhruva.checked_file`) or ``"durus"`` (SHELF-1); an
+        existing file keeps its own.
     :raises FileLockedError: when another process has the file open for
         writing.
     :raises TornTailError: when the file ends in an incomplete transaction
@@ -167,6 +170,33 @@ class FileStorage(Storage):
         "_map",
     )
 
+    def __new__(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        readonly: bool = False,
+        repair: bool = False,
+        *,
+        at: int | None = None,
+        format: str | None = None,
+    ) -> Self:
+        """Open the file in its own format; a new file in ``format``.
+
+        ``FileStorage(...)`` returns a
+        :class:`~dhruva.checked_file.CheckedFileStorage` for a file in
+        dhruva's checked format, and for a new file unless ``format="durus"``
+        asks for SHELF-1 (see :func:`dhruva.checked_file.storage_class_for`).
+        """
+        klass: type[FileStorage] = cls
+        if cls is FileStorage:
+            from dhruva.checked_file import storage_class_for
+
+            klass = storage_class_for(path, format)
+        elif format is not None:
+            raise StorageError(
+                f"{path}: {cls.__name__} has one format; format= is for FileStorage"
+            )
+        return cast(Self, super().__new__(klass))
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -174,6 +204,7 @@ class FileStorage(Storage):
         repair: bool = False,
         *,
         at: int | None = None,
+        format: str | None = None,
     ) -> None:
         self.readonly = readonly
         #: The byte offset a point-in-time view ends at; None for the whole file.
