@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from dhruva.checked_file import (
     HEADER_SIZE,
     MAGIC,
@@ -24,8 +26,10 @@ from dhruva.checked_file import (
     DamagedFileError,
     DamagedRecordError,
 )
+from dhruva.cli import make_cli
 from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import FileStorage
+from dhruva.plugins import get_plugins, open_storage
 from dhruva.record import ROOT_OID
 from dhruva.shelf import TornTailError
 from dhruva.storage_testing import (
@@ -246,7 +250,7 @@ def test_garbage_after_the_last_transaction_is_a_torn_tail(tmp_path, seed):
     assert path.stat().st_size == points[-1][0]
 
 
-# --- flips: never read as other data -------------------------------------------------
+# --- flips: never read as other data ----------------------------------------------
 
 
 def history_of(points: list[tuple[int, dict[bytes, bytes]]]) -> dict[bytes, set[bytes]]:
@@ -371,7 +375,7 @@ def test_another_format_is_refused(tmp_path):
         CheckedFileStorage(path)
 
 
-# --- SIGKILL of a committing process --------------------------------------------------
+# --- SIGKILL of a committing process ----------------------------------------------
 
 WRITER = textwrap.dedent(
     """
@@ -440,7 +444,7 @@ def test_commits_that_returned_survive_sigkill(tmp_path):
             assert s.check() == []
 
 
-# --- which format FileStorage gives a file --------------------------------------------
+# --- which format FileStorage gives a file ----------------------------------------
 
 
 def test_filestorage_opens_each_file_in_its_own_format(tmp_path):
@@ -472,3 +476,49 @@ def test_a_format_that_is_not_the_files_is_refused(tmp_path):
     with pytest.raises(StorageError, match="unknown file format 'zodb'"):
         FileStorage(tmp_path / "other", format="zodb")
     assert not (tmp_path / "other").exists()
+
+
+# --- plugin, history, restore -----------------------------------------------------
+
+
+def test_the_plugin_recognizes_the_format_and_offers_shelf(tmp_path):
+    checked = tmp_path / "new"
+    with open_storage(checked, "file", format="dhruva") as s:
+        assert isinstance(s, CheckedFileStorage)
+    assert get_plugins().recognize(str(checked)) == "file"
+    with open_storage(checked) as s:
+        assert isinstance(s, CheckedFileStorage)
+
+    shelf = tmp_path / "durus"
+    with open_storage(shelf, "shelf") as s:
+        assert type(s) is FileStorage
+    assert shelf.read_bytes().startswith(b"SHELF-1\n")
+    assert get_plugins().recognize(str(shelf)) == "file"
+
+
+def test_history_shows_commit_times_and_restore_writes_a_copy(tmp_path):
+    path = tmp_path / "db"
+    points = build(path)
+    result = CliRunner().invoke(make_cli(), ["history", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "CheckedFileStorage, 2 commits since the base" in result.output
+    assert "records no commit times" not in result.output
+    year = time.strftime("%Y", time.gmtime())
+    assert (
+        len(
+            re.findall(rf"\s{year}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\+00:00", result.output)
+        )
+        == 3
+    )
+
+    position, state = points[1]
+    output = tmp_path / "then"
+    result = CliRunner().invoke(
+        make_cli(),
+        ["restore", str(path), "--at", str(position), "--output", str(output)],
+    )
+    assert result.exit_code == 0, result.output
+    with FileStorage(output) as s:
+        assert isinstance(s, CheckedFileStorage)
+        assert_holds(s, state)
+        assert s.check() == []

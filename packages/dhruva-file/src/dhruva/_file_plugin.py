@@ -1,10 +1,12 @@
 """The plugin of dhruva-file: registers its file storages, recognizes their files,
 and adds the ``dhruva history`` and ``dhruva restore`` commands.
 
-The kinds are ``file`` (FileStorage, "SHELF-1") and ``file2`` (FileStorage2,
-"DFS20"); both take the option ``at`` (a position, read-only; see
-:mod:`dhruva.file_history`). The storages themselves are imported only when a
-file is opened.
+The kinds are ``file`` (FileStorage: a new file in dhruva's checked format
+"DHRUVA1", see :mod:`dhruva.checked_file`; an existing DHRUVA1 or SHELF-1 file
+in its own), ``shelf`` (FileStorage, a new file in Durus's "SHELF-1") and
+``file2`` (FileStorage2, "DFS20"); all take the option ``at`` (a position,
+read-only; see :mod:`dhruva.file_history`), and ``file`` takes ``format``.
+The storages themselves are imported only when a file is opened.
 """
 
 from __future__ import annotations
@@ -25,8 +27,28 @@ SHELF_PREFIX = b"SHELF-1"
 #: The first bytes of a FileStorage2 ("DFS20") file.
 DFS20_PREFIX = b"DFS20"
 
+#: The first bytes of a file in dhruva's checked format ("DHRUVA1").
+DHRUVA1_PREFIX = b"DHRUVA1\n"
+
 
 def _open_file(
+    path: str | os.PathLike[str] | None,
+    *,
+    readonly: bool = False,
+    repair: bool = False,
+    at: int | None = None,
+    format: str | None = None,
+    **options: Any,
+) -> Storage:
+    from dhruva.file_storage import FileStorage
+
+    if options:
+        names = ", ".join(sorted(options))
+        raise TypeError(f"the file storage takes no options {names}")
+    return FileStorage(path, readonly=readonly, repair=repair, at=at, format=format)
+
+
+def _open_shelf(
     path: str | os.PathLike[str] | None,
     *,
     readonly: bool = False,
@@ -38,8 +60,8 @@ def _open_file(
 
     if options:
         names = ", ".join(sorted(options))
-        raise TypeError(f"the file storage takes no options {names}")
-    return FileStorage(path, readonly=readonly, repair=repair, at=at)
+        raise TypeError(f"the shelf storage takes no options {names}")
+    return FileStorage(path, readonly=readonly, repair=repair, at=at, format="durus")
 
 
 def _open_file2(
@@ -64,6 +86,18 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
         StorageKind(
             name="file",
             open=_open_file,
+            description=(
+                "one append-only file; new files in dhruva's checksummed DHRUVA1 "
+                "format, Durus SHELF-1 files in their own"
+            ),
+            file_based=True,
+            distribution="dhruva-file",
+        )
+    )
+    registry.add(
+        StorageKind(
+            name="shelf",
+            open=_open_shelf,
             description="one append-only file in Durus's SHELF-1 format",
             file_based=True,
             distribution="dhruva-file",
@@ -82,7 +116,7 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
 
 @hookimpl
 def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
-    if header.startswith(SHELF_PREFIX):
+    if header.startswith(SHELF_PREFIX) or header.startswith(DHRUVA1_PREFIX):
         return "file"
     if header.startswith(DFS20_PREFIX):
         return "file2"
@@ -94,6 +128,8 @@ def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
 
 def make_history_commands() -> list[click.Command]:
     """Return the ``history`` and ``restore`` commands; imports happen here."""
+    import datetime
+
     import click
     from dhruva.cli_options import library_errors
 
@@ -105,7 +141,8 @@ def make_history_commands() -> list[click.Command]:
         Each line is a point in time: its position (give it to `dhruva
         restore --at`), and the number of objects written there. The first
         line, the base, is what the last pack (or the file's creation) kept;
-        the commits before it are gone. These formats record no commit times.
+        the commits before it are gone. Files in dhruva's own format show when
+        each commit was made (UTC); Durus's formats record no times.
         """
         from dhruva.file_history import list_transactions, storage_class
 
@@ -113,11 +150,16 @@ def make_history_commands() -> list[click.Command]:
             kind = storage_class(file).__name__
             spans = list_transactions(file)
         click.echo(f"{file}: {kind}, {len(spans) - 1} commits since the base")
-        click.echo("(this format records no commit times)")
+        if all(span.time is None for span in spans):
+            click.echo("(this format records no commit times)")
         click.echo(f"{'#':>6}  {'position':>12}  {'objects':>8}  time")
         for number, span in enumerate(spans):
             label = "base" if number == 0 else str(number)
-            click.echo(f"{label:>6}  {span.end:>12}  {span.records:>8}  -")
+            when = "-"
+            if span.time is not None:
+                moment = datetime.datetime.fromtimestamp(span.time, datetime.UTC)
+                when = moment.isoformat(sep=" ", timespec="microseconds")
+            click.echo(f"{label:>6}  {span.end:>12}  {span.records:>8}  {when}")
 
     @click.command("restore")
     @click.argument("file", type=click.Path(dir_okay=False))

@@ -1,8 +1,8 @@
 """Point in time for the file storages: list the commits, view or restore one.
 
-FileStorage ("SHELF-1") and FileStorage2 ("DFS20") files only ever grow at
-the end, one transaction per commit, until the next pack rewrites them. Each
-commit therefore leaves a point the database can be seen at again: the
+FileStorage ("SHELF-1", "DHRUVA1") and FileStorage2 ("DFS20") files only
+ever grow at the end, one transaction per commit, until the next pack rewrites
+them. Each commit therefore leaves a point the database can be seen at again: the
 file's size right after it, called its *position*. The commits made before
 the last pack are gone; what the pack kept is the *base*, the first point.
 
@@ -16,7 +16,9 @@ the last pack are gone; what the pack kept is the *base*, the first point.
 
 Limitations:
 
-- Neither format records when a commit was made, so no times are shown.
+- Durus's formats do not record when a commit was made, so no times are
+  shown for them; dhruva's checked format (:mod:`dhruva.checked_file`)
+  records each commit's time.
 - A restored file is the first ``position`` bytes of the source: a valid file
   of the same format, with the history up to that point. Its oid counter
   starts after the oids it holds, so oids the source handed out later may be
@@ -34,6 +36,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from dhruva.checked_file import MAGIC as CHECKED_MAGIC
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
 from dhruva.file_storage import FileLockedError, FileStorage, _fsync_directory
 from dhruva.file_storage2 import MAGIC, FileStorage2
@@ -59,6 +63,8 @@ def storage_class(path: str | os.PathLike[str]) -> type[FileStorage]:
         ) from None
     if header.startswith(PREFIX):
         return FileStorage
+    if header.startswith(CHECKED_MAGIC):
+        return CheckedFileStorage
     if header.startswith(MAGIC):
         return FileStorage2
     what = "a SQLite database" if header.startswith(b"SQLite format 3") else "not"
