@@ -22,6 +22,17 @@ each :meth:`FileStorage.sync` brings in the commits made since, reporting
 their oids so that a Connection refreshes those objects. A pack by the
 writer, which renames a new file over the old one, is followed too.
 
+A pack (:meth:`FileStorage.pack`, or step by step through
+:meth:`FileStorage.get_packer` while commits go on between the steps) copies
+the records reachable from the root, and those committed meanwhile, to
+``<file>.pack``, makes it durable and renames it over the file: a crash at
+any moment leaves the old file or the packed one, never neither, and the
+next writable open removes a ``.pack`` left behind. A pack that fails (disk
+full, a read-only folder) removes its ``.pack`` file, raises a
+:class:`~dhruva.error.StorageError` naming the path and the cause, and leaves
+the database as it was, still open for writing. A file that a Durus pack
+moved to ``<file>.prepack`` before crashing is put back at a writable open.
+
 Point in time: until a pack, every commit is still in the file.
 :meth:`FileStorage.transactions` lists them, and ``at=`` opens a read-only
 view of the database as it was right after one of them (see
@@ -36,6 +47,9 @@ Limitations:
   records); it is read once something follows it.
 - Oids freed by a pack are never handed out again by dhruva (Durus reuses
   them).
+- A pack needs room for a second copy of the reachable records next to the
+  file, and fails on a record that refers to an oid with no record (a
+  dangling reference) without removing anything.
 """
 
 from __future__ import annotations
