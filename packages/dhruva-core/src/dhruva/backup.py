@@ -28,9 +28,11 @@ Limitations:
 - The incremental check compares the destination's size with the file's
   transaction boundaries and its first and last 64 KiB with the file; it
   does not read the whole destination.
-- A copy through a server may keep records that became unreachable while it
-  was taken (a pack of the copy removes them), and gives up after
-  :data:`MAX_ROUNDS` passes on a server committing faster than it copies.
+- A copy through a server needs a moment with no commit between two of its
+  requests (a millisecond or so, once the first pass is done); on a server
+  that commits without any pause it gives up after :data:`MAX_ROUNDS`
+  passes. The copy may keep records that became unreachable while it was
+  taken (a pack of the copy removes them).
 - POSIX only (``fcntl``).
 """
 
@@ -69,8 +71,16 @@ _CHUNK = 1 << 20
 #: Records read from a server per request.
 _SERVER_BATCH = 500
 
-#: Passes over records changed by other clients before giving up.
-MAX_ROUNDS = 50
+#: Up to this many records are loaded one request each: a bulk load costs a
+#: network round trip or two more.
+_FEW = 16
+
+#: Bytes of records written to the copy per transaction.
+_SERVER_TRANSACTION_BYTES = 16 << 20
+
+#: Passes over records changed by other clients before giving up (each
+#: pass after the first reads only what changed).
+MAX_ROUNDS = 200
 
 #: Suffix of the file a full copy is written to before it is renamed.
 PARTIAL_SUFFIX = ".backup-partial"
@@ -349,6 +359,8 @@ def _load_batch(
     for _attempt in range(MAX_ROUNDS):
         try:
             try:
+                if len(oids) <= _FEW:
+                    return [(oid, source.load(oid)) for oid in oids]
                 return list(zip(oids, source.bulk_load(oids), strict=True))
             except DhruvaKeyError:
                 result: list[tuple[bytes, bytes | None]] = []
@@ -388,24 +400,39 @@ def copy_snapshot(
     missing: set[bytes] = set()
     seen = {ROOT_OID}
     todo = [ROOT_OID]
-    written = 0
+    # Records are written in transactions of a few megabytes; the passes
+    # after the first read few records and write nothing until the end, so
+    # that they take as short a time as possible.
+    pending: dict[bytes, bytes] = {}
+    pending_bytes = written = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        destination.begin()
+        for oid, record in pending.items():
+            destination.store(oid, record)
+        destination.end()
+        pending.clear()
+        pending_bytes = 0
+
     for round_ in range(MAX_ROUNDS):
         while todo:
             batch, todo = todo[:_SERVER_BATCH], todo[_SERVER_BATCH:]
-            destination.begin()
             for oid, record in _load_batch(source, batch, changed):
                 if record is None:
                     missing.add(oid)
                     continue
                 missing.discard(oid)
-                destination.store(oid, record)
+                pending[oid] = record
+                pending_bytes += len(record)
                 copied.add(oid)
                 written += 1
                 for ref in split_oids(unpack_record(record)[2]):
                     if ref not in seen:
                         seen.add(ref)
                         todo.append(ref)
-            destination.end()
+            if pending_bytes >= _SERVER_TRANSACTION_BYTES:
+                flush()
             progress(len(batch), max(total, written))
         if ROOT_OID not in copied:
             raise StorageError(f"{source} has no root object: nothing to back up")
@@ -414,13 +441,16 @@ def copy_snapshot(
         changed.clear()
         if not again:
             break
-        log.info("backup pass %d: %d records changed meanwhile", round_ + 1, len(again))
+        log.debug(
+            "backup pass %d: %d records changed meanwhile", round_ + 1, len(again)
+        )
         todo = again
     else:
         raise StorageError(
             f"{source}: still {len(todo)} records changed after {MAX_ROUNDS} "
             "passes; retry the backup when the server is less busy"
         )
+    flush()
 
     # Report only the missing oids the copy still refers to.
     dangling = 0

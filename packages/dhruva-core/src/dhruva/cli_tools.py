@@ -157,17 +157,18 @@ def verify_command(
     """
     from dhruva.verify import verify_storage
 
+    # What the storage finds wrong as it opens (a torn tail) counts too.
     with _collect_warnings() as warnings:
         source, name = _open_source(ctx, file, storage, host, port, address)
-        try:
-            with (
-                library_errors(f"verifying {name}", file),
-                ProgressBar("verifying") as bar,
-            ):
-                total = source.get_size() or 0
-                report = verify_storage(source, lambda n: bar(n, total))
-        finally:
-            source.close()
+    try:
+        with (
+            library_errors(f"verifying {name}", file),
+            ProgressBar("verifying") as bar,
+        ):
+            total = source.get_size() or 0
+            report = verify_storage(source, lambda n: bar(n, total))
+    finally:
+        source.close()
 
     sound = report.sound and not warnings
     if as_json:

@@ -1,0 +1,457 @@
+"""`dhruva verify`, `dhruva info` and `dhruva backup` on real files and servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from dhruva.cli import make_cli
+from dhruva.connection import Connection
+from dhruva.file_storage import FileStorage
+from dhruva.persistent import Persistent
+from dhruva.persistent_dict import PersistentDict
+from dhruva.persistent_list import PersistentList
+from dhruva.plugins import open_storage
+from dhruva.record import ROOT_OID
+from dhruva.storage import MemoryStorage
+
+KINDS = ["file", "file2", "sqlite"]
+
+
+class Thing(Persistent):
+    """An application object; verify never needs to import it."""
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(make_cli(), list(args), prog_name="dhruva")
+
+
+def make_database(path: Path, kind: str, objects: int = 30) -> None:
+    """A root with a list of small lists, and a few commits after it."""
+    connection = Connection(open_storage(path, kind))
+    root = connection.get_root()
+    root["items"] = PersistentList(PersistentList([i]) for i in range(objects))
+    connection.commit()
+    for i in range(3):
+        root["n"] = i
+        connection.commit()
+    connection.close()
+
+
+def read_values(path: Path, kind: str | None = None) -> tuple[int, list[int]]:
+    storage = open_storage(path, kind, readonly=True)
+    connection = Connection(storage)
+    root = connection.get_root()
+    result = (root["n"], [item[0] for item in root["items"]])
+    connection.close()
+    return result
+
+
+# --- verify ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_a_sound_database(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"db.{kind}"
+    make_database(path, kind)
+
+    result = run("verify", str(path))
+    assert result.exit_code == 0, result.output
+    assert "sound" in result.output and "32 records" in result.output
+
+    report = json.loads(run("verify", "--json", str(path)).stdout)
+    assert report["sound"] is True
+    assert (report["records"], report["reachable"], report["unreachable"]) == (
+        32,
+        32,
+        0,
+    )
+
+
+def test_verify_counts_unreachable_records(tmp_path: Path) -> None:
+    path = tmp_path / "db.durus"
+    make_database(path, "file")
+    connection = Connection(FileStorage(path))
+    del connection.get_root()["items"][:10]
+    connection.commit()
+    connection.close()
+
+    report = json.loads(run("verify", "--json", str(path)).stdout)
+    assert report["sound"] is True
+    assert (report["reachable"], report["unreachable"]) == (22, 10)
+
+
+def _database_missing_one_object(path: Path) -> tuple[int, int]:
+    """A file whose Thing refers to a friend that has no record.
+
+    :return: the missing oid and the oid of the Thing holding it.
+    """
+    memory = MemoryStorage()
+    connection = Connection(memory)
+    thing = Thing()
+    thing.friends = [Thing(), Thing()]
+    thing.name = "holder"
+    connection.get_root()["thing"] = thing
+    connection.commit()
+    victim = thing.friends[1]._p_oid
+    assert victim is not None and thing._p_oid is not None
+
+    storage = FileStorage(path)
+    storage.begin()
+    for oid, record in memory.records.items():
+        if oid != victim:
+            storage.store(oid, record)
+    storage.end()
+    storage.close()
+    return int.from_bytes(victim, "big"), int.from_bytes(thing._p_oid, "big")
+
+
+def test_verify_names_the_holder_and_attribute_of_a_dangling_reference(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.durus"
+    missing, holder = _database_missing_one_object(path)
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1
+    assert "NOT SOUND" in result.output
+    assert f"oid {missing} has no record" in result.output
+    assert f"oid {holder} (" in result.output and "Thing) at .friends[1]" in (
+        result.output
+    )
+
+    report = json.loads(run("verify", "--json", str(path)).stdout)
+    assert report["sound"] is False
+    [dangling] = report["dangling"]
+    assert dangling["oid"] == missing
+    [found] = dangling["holders"]
+    assert found["oid"] == holder
+    assert found["class"].endswith("Thing")
+    assert found["attributes"] == [".friends[1]"]
+
+
+def test_verify_reports_a_damaged_record_by_oid_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "db.durus"
+    connection = Connection(FileStorage(path))
+    root = connection.get_root()
+    root["items"] = PersistentList(PersistentList([f"marker-{i}"]) for i in range(5))
+    connection.commit()
+    damaged_oid = root["items"][3]._p_oid
+    assert damaged_oid is not None
+    connection.pack()  # records in the packed part are checked when read
+    connection.close()
+
+    # Overwrite the oid at the start of that object's record.
+    data = bytearray(path.read_bytes())
+    at = data.index(b"marker-3")
+    start = data.rindex(damaged_oid, 0, at)
+    data[start : start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1, result.output
+    number = int.from_bytes(damaged_oid, "big")
+    assert f"oid {number}: {path}: the record of oid {number} at byte offset" in (
+        result.output
+    )
+    report = json.loads(run("verify", "--json", str(path)).stdout)
+    assert [d["oid"] for d in report["damaged"]] == [number]
+    assert report["complete"] is False and report["unreachable"] is None
+
+
+def test_verify_reports_an_incomplete_last_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "db.durus"
+    make_database(path, "file")
+    with open(path, "ab") as f:
+        f.write(b"\0" * 40)  # a commit whose bytes never reached the disk
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1
+    assert "warning:" in result.output and "incomplete" in result.output
+    assert "32 records" in result.output  # every complete commit is there
+
+
+def test_verify_a_database_through_a_server(
+    tmp_path: Path, dhruva_server: Callable[..., Any]
+) -> None:
+    path = tmp_path / "db.durus"
+    make_database(path, "file")
+    server = dhruva_server("--file", str(path))
+
+    result = run("verify", *server.options)
+    assert result.exit_code == 0, result.output
+    assert "32 records: 32 reachable" in result.output
+
+
+def test_verify_of_a_dangling_reference_through_a_server(
+    tmp_path: Path, dhruva_server: Callable[..., Any]
+) -> None:
+    path = tmp_path / "db.durus"
+    missing, _holder = _database_missing_one_object(path)
+    server = dhruva_server("--file", str(path))
+
+    result = run("verify", "--json", *server.options)
+    assert result.exit_code == 1
+    assert [d["oid"] for d in json.loads(result.stdout)["dangling"]] == [missing]
+
+
+def test_verify_of_a_missing_file_names_it(tmp_path: Path) -> None:
+    result = run("verify", str(tmp_path / "nothing.durus"))
+    assert result.exit_code == 1
+    assert "nothing.durus" in result.output
+
+
+# --- info -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_info_describes_the_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"db.{kind}"
+    make_database(path, kind)
+
+    info = json.loads(run("info", "--json", str(path)).stdout)
+    assert info["storage"] == kind
+    assert info["size"] == path.stat().st_size
+    assert info["objects"] == 32
+    assert info["census"] == {
+        "dhruva.persistent_list.PersistentList": 31,
+        "dhruva.persistent_dict.PersistentDict": 1,
+    }
+    # The new root, the list, three more; SQLite keeps no list of commits.
+    assert info["commits_since_pack"] == (None if kind == "sqlite" else 5)
+
+    text = run("info", str(path)).output
+    assert (
+        f"storage:  {kind}" in text and "dhruva.persistent_list.PersistentList" in text
+    )
+
+
+# --- backup -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "file2"])
+def test_backup_is_full_then_incremental_then_full_after_a_pack(
+    tmp_path: Path, kind: str
+) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, kind)
+
+    result = run("backup", str(path), str(copy))
+    assert result.exit_code == 0, result.output
+    assert "full copy" in result.output
+    assert copy.read_bytes() == path.read_bytes()
+    assert "already up to date" in run("backup", str(path), str(copy)).output
+
+    connection = Connection(open_storage(path, kind))
+    connection.get_root()["n"] = 99
+    connection.commit()
+    connection.close()
+    before = copy.stat().st_size
+    result = run("backup", str(path), str(copy))
+    assert "appended the new commits" in result.output
+    assert f"{path.stat().st_size - before} bytes copied" in result.output
+    assert read_values(copy) == (99, list(range(30)))
+
+    connection = Connection(open_storage(path, kind))
+    del connection.get_root()["items"][:5]
+    connection.commit()
+    connection.pack()
+    connection.close()
+    assert "full copy" in run("backup", str(path), str(copy)).output
+    assert copy.read_bytes() == path.read_bytes()
+    assert run("verify", str(copy)).exit_code == 0
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from dhruva.connection import Connection
+    from dhruva.persistent_list import PersistentList
+    from dhruva.plugins import open_storage
+
+    connection = Connection(open_storage(sys.argv[1], sys.argv[2]))
+    root = connection.get_root()
+    i = 0
+    while True:
+        root["a"] = i
+        root.setdefault("log", PersistentList()).append(PersistentList([i] * 50))
+        root["b"] = i
+        connection.commit()
+        i += 1
+        if i == 1:
+            print("ready", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backups_taken_during_commits_open_whole(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), kind],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "ready\n"
+        for round_ in range(4):
+            copy = tmp_path / f"copy{round_ % 2}"  # the second time: incremental
+            result = run("backup", str(path), str(copy))
+            assert result.exit_code == 0, result.output
+
+            # Opened for writing without repair: it ends at a commit's end.
+            connection = Connection(open_storage(copy, kind))
+            root = connection.get_root()
+            assert root["a"] == root["b"] == len(root["log"]) - 1
+            connection.close()
+            assert run("verify", str(copy)).exit_code == 0
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.communicate()
+
+
+def test_a_sqlite_backup_leaves_the_writers_wal_mode_behind(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db.sqlite", tmp_path / "copy.sqlite"
+    make_database(path, "sqlite")
+    storage = open_storage(path, "sqlite")  # a writer keeps it in WAL mode
+    try:
+        assert run("backup", str(path), str(copy)).exit_code == 0
+    finally:
+        storage.close()
+    with sqlite3.connect(copy) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert read_values(copy) == (2, list(range(30)))
+    assert not Path(f"{copy}-wal").exists()
+
+
+def test_backup_refuses_to_replace_a_file_that_is_no_database(tmp_path: Path) -> None:
+    path, notes = tmp_path / "db", tmp_path / "notes.txt"
+    make_database(path, "file")
+    notes.write_text("my notes")
+    result = run("backup", str(path), str(notes))
+    assert result.exit_code == 1
+    assert "notes.txt exists and is not a database file" in result.output
+    assert notes.read_text() == "my notes"
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_backup_through_a_server_is_one_moment_of_the_database(
+    tmp_path: Path, dhruva_server: Callable[..., Any]
+) -> None:
+    from dhruva.client_storage import ClientStorage
+
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "file", objects=3000)
+    server = dhruva_server("--file", str(path))
+
+    # Another client keeps the invariant a == b while the copy runs.
+    stop = threading.Event()
+
+    def commit_pairs() -> None:
+        connection = Connection(ClientStorage(address=server.address))
+        root = connection.get_root()
+        i = 0
+        while not stop.is_set():
+            root["a"] = PersistentDict(value=i)
+            root["items"][i % 3000].append(i)
+            root["b"] = PersistentDict(value=i)
+            connection.commit()
+            i += 1
+            time.sleep(0.05)  # a busy server, not one that never pauses
+        connection.close()
+
+    writer = threading.Thread(target=commit_pairs)
+    writer.start()
+    try:
+        time.sleep(0.1)
+        result = run("backup", *server.options, str(copy))
+    finally:
+        stop.set()
+        writer.join()
+    assert result.exit_code == 0, result.output
+    assert "full copy" in result.output
+
+    connection = Connection(FileStorage(copy, readonly=True))
+    root = connection.get_root()
+    assert root["a"]["value"] == root["b"]["value"]
+    assert [item[0] for item in root["items"]] == list(range(3000))
+    connection.close()
+    assert run("verify", str(copy)).exit_code == 0
+
+
+def _backup_process(args: list[str], stderr: int | None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "backup", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr if stderr is not None else subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_piped_backup_and_verify_print_no_progress(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "file")
+    result = _backup_process([str(path), str(tmp_path / "copy")], None)
+    assert result.returncode == 0 and result.stderr == ""
+    verify = subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0 and verify.stderr == ""
+
+
+def test_a_backup_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "file", objects=2000)
+    leader, follower = pty.openpty()
+    try:
+        result = _backup_process([str(path), str(tmp_path / "copy")], follower)
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert result.returncode == 0
+    assert b"backing up" in seen and b"100%" in seen
+    assert result.stdout.startswith("backed up")
+
+
+def test_a_backup_restores_by_opening_it(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "file")
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    path.unlink()  # the database is lost
+
+    os.replace(copy, path)
+    assert run("verify", str(path)).exit_code == 0
+    storage = FileStorage(path)
+    assert storage.load(ROOT_OID)
+    storage.close()
+    assert read_values(path) == (2, list(range(30)))
