@@ -155,8 +155,8 @@ def test_a_pack_killed_at_any_moment_loses_nothing(tmp_path: Path, kind: str) ->
         leftovers = sorted(p.name for p in tmp_path.glob(f"{path.name}.pack*"))
         assert leftovers == [], f"round {round_}"
 
-    # The kills did land inside packs (and elsewhere).
-    assert 0 < inside_a_pack < ROUNDS
+    # The kills did land inside packs (most of the child's time is spent there).
+    assert inside_a_pack > 0
 
     # After all that the database packs and takes commits as usual.
     storage = KINDS[kind](path)

@@ -17,7 +17,7 @@ import pytest
 from dhruva.error import StorageError
 from dhruva.file_storage import FileLockedError, FileStorage
 from dhruva.file_storage2 import FileStorage2
-from dhruva.record import pack_record
+from dhruva.record import ROOT_OID, pack_record
 from dhruva.storage import Storage, gen_reachable_records
 from dhruva.storage_testing import IncrementalPackStorageContract, commit, new_oids
 
@@ -365,3 +365,25 @@ def test_a_file_moved_aside_by_a_running_pack_is_left_alone(moved_aside, kind):
         with pytest.raises(FileLockedError, match="a process packing it"):
             KINDS[kind](path)
     assert not path.exists()
+
+
+def test_a_dangling_reference_stops_the_pack_and_removes_nothing(tmp_path, kind):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        (garbage,) = new_oids(storage, 1)
+        missing = (999).to_bytes(8, "big")
+        commit(
+            storage,
+            pack_record(ROOT_OID, b"root", missing),
+            pack_record(garbage, b"garbage", b""),
+        )
+        before = path.read_bytes()
+        with pytest.raises(StorageError) as failed:
+            storage.pack()
+        assert str(failed.value).startswith(
+            f"packing {path} failed: a reachable record refers to oid 999, which "
+            "has no record (a dangling reference); nothing was removed"
+        )
+        assert path.read_bytes() == before
+        assert not (tmp_path / "db.pack").exists()
+        assert storage.load(garbage)[8:].endswith(b"garbage")

@@ -761,6 +761,8 @@ class FileStorage(Storage):
             self._replace_with(packed)
         except OSError as e:
             raise self._pack_error(e) from e
+        except DhruvaKeyError as e:
+            raise self._dangling_error(e) from e
         finally:
             self._pack_extra = None
             if new is not None:
@@ -913,6 +915,20 @@ class FileStorage(Storage):
         handed_out = self._next_oid
         self._load_layout(repair=False)
         self._next_oid = max(self._next_oid, handed_out)
+
+    def _dangling_error(self, error: DhruvaKeyError) -> StorageError:
+        """Describe a pack stopped by a reference to an oid with no record."""
+        oid = error.args[0] if error.args else b""
+        number = int.from_bytes(oid, "big") if isinstance(oid, bytes) else oid
+        message = (
+            f"packing {self.path} failed: a reachable record refers to oid "
+            f"{number}, which has no record (a dangling reference); nothing was "
+            "removed and the database is still writable. Find the referring "
+            "records with dhruva.storage.gen_referring_oid_record, repair "
+            "them, and pack again"
+        )
+        log.error("%s", message)
+        return StorageError(message)
 
     def _pack_error(self, error: OSError) -> StorageError:
         """Describe a pack that failed, and what to do about it."""
