@@ -36,8 +36,17 @@ its oids in the table ``dhruva_changes(serial, oids)``, which keeps the last
 :data:`KEEP_CHANGES` commits (a reader further behind, or a file no dhruva
 writer has opened, gets every oid reported).
 
+:meth:`SqliteStorage.pack` deletes the records not reachable from the root in
+one transaction: a crash or a failure (a full disk) removes nothing, and the
+failure is raised as a :class:`~dhruva.error.StorageError` naming the file.
+:meth:`SqliteStorage.get_packer` does the same in steps a server can run
+between client requests: it walks from the root a batch at a time, then
+walks from the records committed meanwhile and deletes in one transaction.
+
 Limitations:
 
+- A pack frees pages inside the file for later commits; the file does not
+  shrink. Shrink it with ``sqlite3 FILE VACUUM`` while no one has it open.
 - Writers get no invalidations (``invalidating = False``): one writer at a
   time; share a database between processes through the storage server.
 - A read-only storage holds its state only while the file is in WAL mode,
