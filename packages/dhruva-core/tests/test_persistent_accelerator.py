@@ -366,3 +366,30 @@ def test_persistent_objects_pickle_and_copy_as_unsaved_copies() -> None:
     point_copy = copy.copy(point)
     assert point_copy.x == 1 and point_copy._p_oid is None
     assert weakref.ref(item)() is item
+
+
+def test_properties_getattr_and_getattribute_in_subclasses(impl: ModuleType) -> None:
+    connection_class, thing_class = make_classes(impl)
+
+    class Rich(thing_class):  # type: ignore[misc,valid-type]
+        @property
+        def doubled(self) -> str:
+            return str(self.value) * 2
+
+        def __getattr__(self, name: str) -> str:
+            return f"missing {name}"
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "shout":
+                return "HEY"
+            return super().__getattribute__(name)
+
+    connection = connection_class()
+    rich = Rich()
+    attach(impl, rich, connection, impl.GHOST)
+    assert rich.shout == "HEY"
+    assert connection.log.loaded == []
+    assert rich.doubled == "loadedloaded"
+    assert connection.log.loaded == [rich]
+    assert rich.nothing == "missing nothing"
+    assert connection.log.accessed == [rich]
