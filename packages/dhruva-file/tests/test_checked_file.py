@@ -161,6 +161,24 @@ def test_each_commit_appends_one_transaction_with_its_time(tmp_path):
     assert all(data[span.start : span.start + 4] == TXN_MARK for span in spans[1:])
 
 
+def test_a_commit_is_one_write_and_one_fsync(tmp_path, monkeypatch):
+    with CheckedFileStorage(tmp_path / "db") as s:
+        commit(s, make_record(ROOT_OID, b"root"))
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        records = [make_record(oid(n), b"x" * n) for n in range(1, 200)]
+        commit(s, *records)
+        assert synced == [s._live_file().fileno()]
+        commit(s)  # nothing to write, nothing to sync
+        assert len(synced) == 1
+
+
 def test_each_point_in_time_opens_as_it_was(tmp_path):
     path = tmp_path / "db"
     points = build(path)
