@@ -10,6 +10,7 @@ from dhruva.connection import (
 from dhruva.error import (
     InvalidObjectReference,
     ReadConflictError,
+    RemovedObjectError,
     StorageError,
     WriteConflictError,
 )
@@ -333,3 +334,36 @@ def test_load_count_counts_state_loads():
     before = fresh.get_load_count()
     fresh.get_root()["a"].name  # noqa: B018
     assert fresh.get_load_count() == before + 2
+
+
+def test_an_object_removed_by_pack_is_stored_anew_when_reattached():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["x"] = victim = Item("victim")
+    connection.commit()
+    old_oid = victim._p_oid
+    del root["x"]
+    connection.commit()
+    connection.pack()
+    assert victim._p_oid is None and victim.name == "victim"
+    root["x"] = victim
+    connection.commit()
+    assert victim._p_oid != old_oid
+    assert reopen(storage).get_root()["x"].name == "victim"
+    connection.pack()
+    assert reopen(storage).get_root()["x"].name == "victim"
+
+
+def test_a_ghost_whose_record_a_pack_removed_says_so():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["x"] = Item("gone")
+    connection.commit()
+    other = Connection(storage)
+    ghost = other.get_root()["x"]
+    del connection.get_root()["x"]
+    connection.commit()
+    connection.pack()
+    with pytest.raises(RemovedObjectError, match="pack removed it"):
+        ghost.name  # noqa: B018

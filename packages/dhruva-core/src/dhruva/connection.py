@@ -28,11 +28,13 @@ from dhruva.error import (
     ConflictError,
     DhruvaKeyError,
     ReadConflictError,
+    RemovedObjectError,
     StorageError,
     WriteConflictError,
 )
 from dhruva.persistent import (
     GHOST,
+    UNSAVED,
     ConnectionBase,
     PersistentBase,
     _getattribute,
@@ -252,7 +254,7 @@ class Connection(ConnectionBase):
             data = self.get_stored_pickle(oid)
         except DhruvaKeyError:
             # The record is gone, removed by a pack after this ghost was made.
-            raise ReadConflictError([oid], [type(obj).__name__]) from None
+            raise RemovedObjectError([oid], [type(obj).__name__]) from None
         self._set_state(obj, data)
 
     def get_crawler(
@@ -402,9 +404,30 @@ class Connection(ConnectionBase):
             raise error
 
     def pack(self) -> None:
-        """Drop uncommitted changes, then remove unreachable records."""
+        """Drop uncommitted changes, then remove unreachable records.
+
+        Loaded objects whose records the pack removed are detached: they become
+        new objects again, so storing one in the database later stores it anew
+        instead of leaving a reference to a record that is gone.
+        """
         self.abort()
         self.storage.pack()
+        self._detach_removed()
+
+    def _detach_removed(self) -> None:
+        for obj in self.cache:
+            if obj is None or _getattribute(obj, "_p_status") == GHOST:
+                continue
+            oid = _getattribute(obj, "_p_oid")
+            try:
+                self.storage.load(oid)
+            except KeyError:
+                del self.cache[oid]
+                _setattribute(obj, "_p_oid", None)
+                _setattribute(obj, "_p_connection", None)
+                _setattribute(obj, "_p_status", UNSAVED)
+            except ReadConflictError:
+                pass  # changed by another client: it exists
 
     def close(self) -> None:
         """Drop uncommitted changes and close the storage."""

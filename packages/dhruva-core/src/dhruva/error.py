@@ -93,6 +93,29 @@ class ReadConflictError(ConflictError):
     _what = "read conflict: another connection changed"
 
 
+class RemovedObjectError(ReadConflictError):
+    """An object's record is gone: a pack removed it as unreachable.
+
+    That happens to an object this connection still held (or a ghost of it)
+    after every reference to it from the root was deleted and the database was
+    packed, by this connection or another client.
+    """
+
+    def __str__(self) -> str:
+        shown = ", ".join(
+            f"{_format_oid(oid)} ({name})" if name else _format_oid(oid)
+            for oid, name in zip(
+                self.oids, self.classes + [""] * len(self.oids), strict=False
+            )
+        )
+        return (
+            f"object oid {shown} is no longer in the database: a pack removed it "
+            "because nothing reachable from the root referred to it. Call "
+            "connection.abort(); to keep an object, keep it reachable from the "
+            "root until it is stored again"
+        )
+
+
 #: The names Durus code uses.
 DurusError = DhruvaError
 DurusKeyError = DhruvaKeyError
