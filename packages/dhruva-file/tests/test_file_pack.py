@@ -387,3 +387,23 @@ def test_a_dangling_reference_stops_the_pack_and_removes_nothing(tmp_path, kind)
         assert path.read_bytes() == before
         assert not (tmp_path / "db.pack").exists()
         assert storage.load(garbage)[8:].endswith(b"garbage")
+
+
+def test_a_second_packer_is_refused_while_one_runs(tmp_path, kind):
+    path = tmp_path / "db"
+    with KINDS[kind](path) as storage:
+        storage.pack_step = 100
+        expected = build(storage)
+        first = storage.get_packer()
+        second = storage.get_packer()  # made before the first one started
+        next(first)
+        with pytest.raises(StorageError, match="a pack is running already"):
+            next(second)
+        with pytest.raises(StorageError, match="a pack is running already"):
+            storage.pack()
+        for _step in first:
+            pass
+        assert_holds(storage, expected)
+        assert storage.get_size() == len(expected)
+    with KINDS[kind](path) as storage:
+        assert_holds(storage, expected)

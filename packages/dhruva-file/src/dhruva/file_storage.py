@@ -722,6 +722,9 @@ class FileStorage(Storage):
         return self._packer()
 
     def _packer(self) -> Iterator[None]:
+        if self._pack_extra is not None:
+            # Another packer from get_packer() started after this one was made.
+            raise StorageError(f"{self.path}: a pack is running already")
         if self._position(ROOT_OID) is None:
             log.info("%s has no root object; nothing to pack", self.path)
             return
