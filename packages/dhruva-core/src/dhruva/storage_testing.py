@@ -41,7 +41,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
-from dhruva.error import DhruvaKeyError, ReadOnlyError
+from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
 from dhruva.record import ROOT_OID, pack_record, unpack_record
 from dhruva.storage import Storage, gen_reachable_records
 
@@ -519,6 +519,19 @@ class IncrementalPackStorageContract:
         assert len(set(during)) == len(during)
         assert not (set(during) | set(after)) & before
         assert not set(after) & set(during)
+
+    def test_a_second_packer_is_refused_while_one_runs(self, storage: Storage) -> None:
+        graph = self.graph(storage, 6)
+        first = storage.get_packer()
+        second = storage.get_packer()  # made before the first one started
+        assert first is not None
+        next(first)
+        graph.change()
+        if second is not None:
+            with pytest.raises(StorageError, match="already"):
+                next(second)
+        drive(first, graph.change)
+        graph.check()
 
     def test_an_abandoned_packer_changes_nothing(self, storage: Storage) -> None:
         graph = self.graph(storage, 5)

@@ -758,6 +758,9 @@ class SqliteStorage(Storage):
         return self._incremental_pack()
 
     def _incremental_pack(self) -> Iterator[None]:
+        if self._pack_extra is not None:
+            # Another packer from get_packer() started after this one was made.
+            raise StorageError(f"a pack of {self.filename} is already running")
         self._pack_extra = []
         try:
             # The walk from the root, a batch per step. Commits made between
