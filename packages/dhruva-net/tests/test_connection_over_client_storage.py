@@ -186,3 +186,31 @@ def test_a_connection_opens_on_a_storage_that_missed_a_root_commit(memory_server
     finally:
         first.close()
         late.close()
+
+
+def test_connections_open_while_another_client_commits_the_root(memory_server):
+    writer = Connection(ClientStorage(address=memory_server.address))
+    stop = threading.Event()
+
+    def commit_in_a_loop():
+        while not stop.is_set():
+            writer.get_root()["n"] = writer.get_root().get("n", 0) + 1
+            writer.commit()
+
+    thread = threading.Thread(target=commit_in_a_loop)
+    thread.start()
+    failures = []
+    try:
+        for _ in range(60):
+            storage = ClientStorage(address=memory_server.address)
+            try:
+                Connection(storage).get_root().get("n")
+            except ConflictError as error:
+                failures.append(error)
+            finally:
+                storage.close()
+    finally:
+        stop.set()
+        thread.join(30)
+        writer.close()
+    assert not failures
