@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,13 +45,26 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(log_path: Path, *args: str) -> ServerProcess:
-    """Start `dhruva server ARGS` and wait (generously) until it is listening."""
+def start_server(
+    log_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    pass_fds: tuple[int, ...] = (),
+) -> ServerProcess:
+    """Start `dhruva server ARGS` and wait (generously) until it is listening.
+
+    :param env: variables to add to the server's environment.
+    :param prefix: a command line the server's command is appended to.
+    :param pass_fds: file descriptors the server inherits.
+    """
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes it
     process = subprocess.Popen(
-        [*SERVER_COMMAND, *args],
+        [*prefix, *SERVER_COMMAND, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        pass_fds=pass_fds,
     )
     log_file.close()
     deadline = time.monotonic() + 30
@@ -75,8 +89,8 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start server processes on demand; every one is killed at teardown."""
     started: list[ServerProcess] = []
 
-    def run(*args: str) -> ServerProcess:
-        server = start_server(tmp_path / f"server{len(started)}.log", *args)
+    def run(*args: str, **options: Any) -> ServerProcess:
+        server = start_server(tmp_path / f"server{len(started)}.log", *args, **options)
         started.append(server)
         return server
 
@@ -96,3 +110,16 @@ def socket_path() -> Iterator[str]:
     """A unix socket path short enough for the 108-byte limit."""
     with tempfile.TemporaryDirectory(prefix="dhruva-") as tmp:
         yield os.path.join(tmp, "server.sock")
+
+
+def start_failing(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run `dhruva server ARGS`, which must fail to start; return its stderr."""
+    done = subprocess.run(
+        [*SERVER_COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode != 0, done.stderr
+    return done.stderr

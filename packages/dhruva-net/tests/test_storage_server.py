@@ -21,6 +21,7 @@ from dhruva.net_protocol import (
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     STATUS_ERROR,
+    ConnectionLostError,
     frame,
     hello,
     parse_hello,
@@ -203,8 +204,10 @@ def test_sigterm_ends_the_server_cleanly(memory_server):
         memory_server.process.send_signal(signal.SIGTERM)
         assert memory_server.process.wait(20) == 0
         assert "stopping on signal SIGTERM" in memory_server.log()
-        with pytest.raises(StorageError, match="lost the connection"):
+        # The load tries a new connection once, and finds nobody listening.
+        with pytest.raises(ConnectionLostError, match="cannot connect") as info:
             client.load(ROOT_OID)
+        assert info.value.retryable
     finally:
         client.close()
 

@@ -208,7 +208,7 @@ class Connection(ConnectionBase):
             except ReadConflictError:
                 # Others committed meanwhile: take in their invalidations (this
                 # raises if the transaction used a changed object) and retry.
-                self._handle_invalidations(self.storage.sync(), read_oid=oid)
+                self._handle_invalidations(self._storage_sync(), read_oid=oid)
         else:
             raise ReadConflictError([oid])
         record_oid, data, _refs = unpack_record(record)
@@ -292,9 +292,17 @@ class Connection(ConnectionBase):
         """Ghost least recently used objects beyond the cache size target."""
         self.cache.shrink(self.transaction_serial)
 
+    def _storage_sync(self) -> list[bytes]:
+        oids = self.storage.sync()
+        if getattr(oids, "everything", False):
+            # The storage lost track of other clients' commits (a ClientStorage
+            # that reconnected): any object in the cache may be out of date.
+            return [_getattribute(obj, "_p_oid") for obj in self.cache]
+        return oids
+
     def _sync(self) -> None:
         # Ghost every object another client changed, so it loads anew.
-        self.invalid_oids.update(self.storage.sync())
+        self.invalid_oids.update(self._storage_sync())
         for oid in self.invalid_oids:
             obj = self.cache.get(oid)
             if obj is not None and _getattribute(obj, "_p_status") != GHOST:

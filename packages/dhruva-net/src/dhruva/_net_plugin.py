@@ -50,6 +50,61 @@ def make_server_command() -> click.Command:
         default=False,
         help="Stop the server running at the address, and exit.",
     )
+    @click.option(
+        "--auth-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        envvar="DHRUVA_AUTH_FILE",
+        help="File holding the shared secret clients must prove they know "
+        "(or set DHRUVA_AUTH_KEY to the secret itself).",
+    )
+    @click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False, exists=True),
+        default=None,
+        help="PEM certificate (chain) of the server: serve over TLS. With "
+        "--stop, a client certificate.",
+    )
+    @click.option(
+        "--tls-key",
+        type=click.Path(dir_okay=False, exists=True),
+        default=None,
+        help="PEM private key of --tls-cert (if not in the same file).",
+    )
+    @click.option(
+        "--tls-ca",
+        type=click.Path(dir_okay=False, exists=True),
+        default=None,
+        help="PEM CA: clients must present certificates it signed. With "
+        "--stop, the CA of the server's certificate.",
+    )
+    @click.option(
+        "--insecure",
+        is_flag=True,
+        default=False,
+        help="Allow listening on a network address without --auth-file or TLS.",
+    )
+    @click.option("--socket-owner", default=None, help="Owner of the unix socket.")
+    @click.option("--socket-group", default=None, help="Group of the unix socket.")
+    @click.option(
+        "--socket-mode",
+        default=None,
+        metavar="OCTAL",
+        help="Permissions of the unix socket, e.g. 660.",
+    )
+    @click.option(
+        "--idle-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Close connections silent this many seconds (default: never).",
+    )
+    @click.option(
+        "--request-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=120.0,
+        show_default=True,
+        help="Seconds a client has to finish a request it started, or to read a reply.",
+    )
     @click.pass_context
     def server_command(
         ctx: click.Context,
@@ -63,6 +118,16 @@ def make_server_command() -> click.Command:
         cache_size: int,
         gcbytes: int,
         stop: bool,
+        auth_file: str | None,
+        tls_cert: str | None,
+        tls_key: str | None,
+        tls_ca: str | None,
+        insecure: bool,
+        socket_owner: str | None,
+        socket_group: str | None,
+        socket_mode: str | None,
+        idle_timeout: float | None,
+        request_timeout: float,
     ) -> None:
         """Serve a storage to clients until stopped (``dhruva -s``).
 
@@ -70,6 +135,11 @@ def make_server_command() -> click.Command:
         SIGTERM, SIGINT (Ctrl-C) or `dhruva server --stop`. --cache-size is
         accepted for symmetry with the other commands: the server keeps no
         object cache.
+
+        Under systemd socket activation (LISTEN_FDS) it serves the socket
+        systemd passes instead of --host/--port/--address. On anything but
+        loopback or a unix socket it needs --auth-file and/or --tls-cert, or
+        --insecure.
         """
         # The dhruva command line has configured logging already; this only
         # helps when the command runs on its own.
@@ -77,15 +147,38 @@ def make_server_command() -> click.Command:
             level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        import os
+
+        from dhruva.net_protocol import check_auth_key, read_auth_file
+        from dhruva.server_sockets import parse_mode, systemd_socket
+
         where = make_address(host, port, address)
+        with library_errors("reading the authentication key"):
+            auth_key: bytes | None = None
+            if auth_file is not None:
+                auth_key = read_auth_file(auth_file)
+            elif os.environ.get("DHRUVA_AUTH_KEY"):
+                auth_key = check_auth_key(
+                    os.environ["DHRUVA_AUTH_KEY"].encode(), "DHRUVA_AUTH_KEY"
+                )
 
         if stop:
             from dhruva.client_storage import stop_server
 
             with library_errors(f"stopping the server at {describe_address(where)}"):
-                stop_server(where)
+                stop_server(
+                    where,
+                    auth_key=auth_key,
+                    tls_ca=tls_ca,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                )
             click.echo(f"stopped the server at {describe_address(where)}")
             return
+
+        with library_errors("setting up the listening socket"):
+            mode = None if socket_mode is None else parse_mode(socket_mode)
+            inherited = systemd_socket()
 
         if file is None and storage is None:
             storage = "file"
@@ -102,7 +195,23 @@ def make_server_command() -> click.Command:
             from dhruva.storage_server import StorageServer
 
             with library_errors(f"serving on {describe_address(where)}"):
-                server = StorageServer(opened, address=where, gcbytes=gcbytes)
+                server = StorageServer(
+                    opened,
+                    address=where,
+                    gcbytes=gcbytes,
+                    auth_key=auth_key,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                    tls_ca=tls_ca,
+                    insecure=insecure,
+                    sock=inherited,
+                    socket_owner=socket_owner,
+                    socket_group=socket_group,
+                    socket_mode=mode,
+                    idle_timeout=idle_timeout,
+                    request_timeout=request_timeout,
+                    write_timeout=request_timeout,
+                )
                 server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
         finally:
             opened.close()

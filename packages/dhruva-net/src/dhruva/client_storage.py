@@ -21,11 +21,15 @@ Limitations:
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
+import secrets
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dhruva.error import (
     DhruvaKeyError,
@@ -36,29 +40,42 @@ from dhruva.error import (
 )
 from dhruva.net_protocol import (
     CMD_ABANDON,
+    CMD_AUTH,
     CMD_BULK_LOAD,
     CMD_COMMIT,
     CMD_LOAD,
     CMD_NEW_OIDS,
     CMD_PACK,
+    CMD_PREFETCH_LOAD,
     CMD_QUIT,
     CMD_SCAN,
     CMD_SIZE,
     CMD_SYNC,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    FLAG_AUTH,
     FLAG_ITERABLE,
     FLAG_PACKABLE,
     FLAG_READONLY,
     MAX_FRAME_SIZE,
+    MAX_PREFETCH,
+    NONCE_SIZE,
     PROTOCOL_VERSION,
+    STATUS_CHALLENGE,
     STATUS_CONFLICT,
     STATUS_ERROR,
     STATUS_INVALID,
     STATUS_KEYERROR,
     STATUS_OKAY,
     STATUS_REFUSED,
+    STATUS_RESYNC,
+    SYNC_EVERYTHING,
+    SYNC_MORE,
     Address,
+    AuthenticationError,
+    ConnectionLostError,
+    auth_proof,
+    check_auth_key,
     check_record_size,
     format_address,
     frame,
@@ -75,6 +92,7 @@ from dhruva.net_protocol import (
     version_mismatch,
 )
 from dhruva.record import ROOT_OID
+from dhruva.server_sockets import client_tls_context
 from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
 
 log = logging.getLogger(__name__)
@@ -88,11 +106,33 @@ OID_BATCH = 128
 #: Oids per bulk-load request.
 BULK_BATCH = 1024
 
+#: The most prefetched records a client keeps before it drops them all.
+PREFETCH_CACHE = 100_000
 
-def _connect(address: Address, timeout: float | None) -> socket.socket:
-    """Return a socket connected to ``address``.
+#: The environment variable that may hold the authentication key.
+AUTH_KEY_ENV = "DHRUVA_AUTH_KEY"
 
-    :raises StorageError: naming the address when nothing listens there.
+
+class _EverythingInvalid(list[bytes]):
+    """A :meth:`ClientStorage.sync` answer meaning "any object may have changed".
+
+    It is an empty list to code that does not know it; a Connection sees
+    ``everything`` and ghosts its whole cache.
+    """
+
+    everything = True
+
+
+def _connect(
+    address: Address,
+    timeout: float | None,
+    tls: ssl.SSLContext | None = None,
+    tls_hostname: str | None = None,
+) -> socket.socket:
+    """Return a socket connected to ``address`` (TLS-wrapped with ``tls``).
+
+    :raises StorageError: naming the address when nothing listens there, or
+        the TLS handshake fails.
     """
     family, target = socket_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -101,25 +141,56 @@ def _connect(address: Address, timeout: float | None) -> socket.socket:
         sock.connect(target)
     except OSError as exc:
         sock.close()
-        raise StorageError(
+        raise ConnectionLostError(
             f"cannot connect to a dhruva server at {format_address(address)}: "
             f"{exc.strerror or exc}; start one with `dhruva server` "
             "(see --help for --file, --port and --address)"
         ) from exc
     if family != socket.AF_UNIX:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if tls is None:
+        return sock
+    hostname = tls_hostname
+    if hostname is None and not isinstance(address, str):
+        hostname = address[0]
+    try:
+        return tls.wrap_socket(sock, server_hostname=hostname)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise StorageError(
+            f"TLS handshake with the dhruva server at {format_address(address)} "
+            f"failed: {exc}; check --tls-ca (the CA that signed the server's "
+            "certificate) and that the server was started with --tls-cert"
+        ) from exc
 
 
 class ClientStorage(Storage):
     """The storage of a StorageServer, reached over TCP or a unix socket.
 
+    After the connection breaks (the server restarted, say), the operation
+    under way raises :class:`~dhruva.net_protocol.ConnectionLostError`
+    (retryable) and the next one connects again. What this client knew may be
+    out of date then: loads are refused with ReadConflictError and commits with
+    ConnectionLostError until :meth:`sync`, which answers "everything may have
+    changed" (a Connection ghosts its whole cache).
+
     :param host: the server's host, when ``address`` is not given.
     :param port: the server's port, when ``address`` is not given.
     :param address: ``(host, port)`` or a unix socket path.
     :param timeout: seconds to wait for any one reply; None waits for ever.
+    :param auth_key: the server's shared secret; by default the
+        ``DHRUVA_AUTH_KEY`` environment variable, if set.
+    :param tls_ca: PEM file of the CA that signed the server's certificate;
+        giving it (or ``tls=True``) turns TLS on.
+    :param tls_cert: a client certificate, for servers that require one;
+        ``tls_key`` its key.
+    :param tls_hostname: the name to check the server's certificate against
+        (by default the host connected to).
+    :param prefetch: with each load, also fetch up to this many records the
+        loaded one refers to, saving their round trips; 0 turns it off.
     :raises StorageError: when no server listens at the address.
     :raises ProtocolError: when the server speaks another protocol version.
+    :raises AuthenticationError: when the keys differ or one side has none.
     """
 
     invalidating = True
@@ -131,26 +202,59 @@ class ClientStorage(Storage):
         address: Address | None = None,
         *,
         timeout: float | None = None,
+        auth_key: bytes | str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_hostname: str | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.address: Address = resolve_address(host, port, address)
-        self._sock: socket.socket | None = _connect(self.address, CONNECT_TIMEOUT)
-        self._file: BinaryIO = self._sock.makefile("rb")
+        self.timeout = timeout
+        if auth_key is None and os.environ.get(AUTH_KEY_ENV):
+            auth_key = os.environ[AUTH_KEY_ENV]
+        if isinstance(auth_key, str):
+            auth_key = auth_key.encode()
+        self._auth_key = (
+            None if auth_key is None else check_auth_key(auth_key, "auth_key")
+        )
+        self._tls = (
+            client_tls_context(tls_ca, tls_cert, tls_key) if tls or tls_ca else None
+        )
+        self._tls_hostname = tls_hostname
+        self.prefetch = max(0, min(int(prefetch), MAX_PREFETCH))
+        #: Requests sent to the server (each waits for its replies).
+        self.round_trips = 0
+        self._sock: socket.socket | None = None
+        self._file: BinaryIO | None = None
+        self._closed = False
         self._oid_pool: list[bytes] = []
         self._records: dict[bytes, bytes] = {}
         self._transaction_new_oids: list[bytes] = []
+        self._prefetched: dict[bytes, bytes] = {}
         #: Invalid oids received during a commit that had no callback for them.
         self._pending_invalid: list[bytes] = []
-        try:
-            self._handshake()
-        except BaseException:
-            self.close()
-            raise
-        self._sock.settimeout(timeout)
+        #: True after a reconnect or a resync, until sync() says so.
+        self._everything_invalid = False
+        self._open()
 
     def __str__(self) -> str:
         return f"ClientStorage({format_address(self.address)})"
 
     # --- the wire ------------------------------------------------------------
+
+    def _open(self) -> None:
+        self._sock = _connect(
+            self.address, CONNECT_TIMEOUT, self._tls, self._tls_hostname
+        )
+        self._file = self._sock.makefile("rb")
+        try:
+            self._handshake()
+        except BaseException:
+            self._drop_socket()
+            raise
+        self._sock.settimeout(self.timeout)
 
     def _handshake(self) -> None:
         self._send(hello(version=PROTOCOL_VERSION))
@@ -166,15 +270,66 @@ class ClientStorage(Storage):
         version, flags = parse_hello(reply)
         if version != PROTOCOL_VERSION:
             raise version_mismatch(PROTOCOL_VERSION, version)
+        if flags & FLAG_AUTH:
+            self._authenticate()
+        elif self._auth_key is not None:
+            raise AuthenticationError(
+                f"the server at {format_address(self.address)} does not ask for "
+                "authentication, but this client has a key: it may not be the "
+                "server you mean. Start the server with the same --auth-file, "
+                "or connect without a key"
+            )
         self.readonly = bool(flags & FLAG_READONLY)
         self.packable = bool(flags & FLAG_PACKABLE)
         self.iterable = bool(flags & FLAG_ITERABLE)
         log.info("connected to the dhruva server at %s", format_address(self.address))
 
+    def _authenticate(self) -> None:
+        where = format_address(self.address)
+        if self._auth_key is None:
+            raise AuthenticationError(
+                f"the dhruva server at {where} requires authentication; give "
+                f"auth_key=, --auth-file or the {AUTH_KEY_ENV} environment variable"
+            )
+        challenge = self._receive()
+        if challenge[:1] != STATUS_CHALLENGE or len(challenge) != 1 + NONCE_SIZE:
+            raise ProtocolError(f"expected an authentication challenge from {where}")
+        server_nonce = challenge[1:]
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        proof = auth_proof(self._auth_key, b"client", server_nonce, nonce)
+        self._send(CMD_AUTH + nonce + proof)
+        try:
+            status, body = self._reply()
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"the dhruva server at {where} refused this client's key ({exc}); "
+                "use the server's --auth-file"
+            ) from None
+        expected = auth_proof(self._auth_key, b"server", nonce, server_nonce)
+        if status != STATUS_OKAY or not hmac.compare_digest(body, expected):
+            raise AuthenticationError(
+                f"the dhruva server at {where} could not prove it knows the key; "
+                "it may be an impostor"
+            )
+
     def _socket(self) -> socket.socket:
+        """Return the socket, connecting again after a lost connection."""
         if self._sock is None:
-            raise StorageError(f"{self} is closed; open a new ClientStorage")
+            if self._closed:
+                raise StorageError(f"{self} is closed; open a new ClientStorage")
+            self._reconnect()
+        assert self._sock is not None
         return self._sock
+
+    def _reconnect(self) -> None:
+        log.info("connecting again to the dhruva server at %s", self.address)
+        self._open()
+        # Oids handed out before are released by the server; what we knew may
+        # be out of date.
+        self._oid_pool = []
+        self._prefetched = {}
+        self._pending_invalid = []
+        self._everything_invalid = True
 
     def _send(self, payload: bytes) -> None:
         data = frame(payload)
@@ -184,39 +339,58 @@ class ClientStorage(Storage):
         except OSError as exc:
             raise self._lost(exc) from exc
         except BaseException:
-            self.close()  # a frame cut short: the stream is out of step
+            self._drop_socket()  # a frame cut short: the stream is out of step
             raise
 
     def _receive(self) -> bytes:
-        self._socket()
+        file = self._file
+        if self._sock is None or file is None:
+            raise self._lost(None)
         try:
-            header = self._file.read(4)
+            header = file.read(4)
             if len(header) == 4:
                 size = parse_header(header, MAX_FRAME_SIZE)
-                payload = self._file.read(size)
+                payload = file.read(size)
                 if len(payload) == size:
                     return payload
+        except TimeoutError:
+            self._drop_socket()
+            raise ConnectionLostError(
+                f"the dhruva server at {format_address(self.address)} did not "
+                f"answer within {self.timeout} seconds; the request may or may "
+                "not have been carried out"
+            ) from None
         except OSError as exc:
             raise self._lost(exc) from exc
         except BaseException:
-            # A bad header, an interrupt or a timeout mid-frame: nothing
-            # after it on this stream can be trusted.
-            self.close()
+            # A bad header or an interrupt mid-frame: nothing after it on this
+            # stream can be trusted.
+            self._drop_socket()
             raise
         raise self._lost(None)
 
-    def _lost(self, exc: OSError | None) -> StorageError:
-        self.close()
+    def _lost(self, exc: OSError | None) -> ConnectionLostError:
+        self._drop_socket()
         why = f": {exc}" if exc else ""
-        return StorageError(
+        return ConnectionLostError(
             f"lost the connection to the dhruva server at "
-            f"{format_address(self.address)}{why}; the server may have stopped. "
-            "Open a new ClientStorage once it runs again"
+            f"{format_address(self.address)}{why}; the server may have "
+            "restarted. The next operation connects again; call "
+            "connection.abort() and run the transaction again"
         )
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        if sock is not None:
+            sock.close()
 
     def _request(self, payload: bytes) -> tuple[bytes, bytes]:
         """Send one command; return the reply's status and body."""
         self._send(payload)
+        self.round_trips += 1
         return self._reply()
 
     def _reply(self) -> tuple[bytes, bytes]:
@@ -226,6 +400,17 @@ class ClientStorage(Storage):
             raise unpack_error(body)
         return status, body
 
+    def _retrying(self, payload: bytes) -> tuple[bytes, bytes]:
+        """Send a request that is safe to repeat, once more on a new
+        connection when the old one turns out to be gone."""
+        connected = self._sock is not None
+        try:
+            return self._request(payload)
+        except ConnectionLostError:
+            if not connected or self._closed:
+                raise
+        return self._request(payload)
+
     def _expect_okay(self, status: bytes, what: str) -> None:
         if status != STATUS_OKAY:
             raise ProtocolError(f"{what}: the server answered with status {status!r}")
@@ -234,7 +419,7 @@ class ClientStorage(Storage):
 
     def new_oid(self) -> bytes:
         if not self._oid_pool:
-            status, body = self._request(CMD_NEW_OIDS + pack_uint32(OID_BATCH))
+            status, body = self._retrying(CMD_NEW_OIDS + pack_uint32(OID_BATCH))
             self._expect_okay(status, "new_oid")
             oids = split_oid_list(body, "new_oid reply")
             oids.reverse()
@@ -256,8 +441,31 @@ class ClientStorage(Storage):
             f"load of oid {int.from_bytes(oid, 'big')}: unknown status {status!r}"
         )
 
+    def _check_current(self, oids: list[bytes]) -> None:
+        """Refuse loads until a sync after a reconnect or resync."""
+        if self._everything_invalid:
+            raise ReadConflictError(oids[:1])
+
     def load(self, oid: bytes) -> bytes:
-        status, body = self._request(CMD_LOAD + oid)
+        self._socket()
+        self._check_current([oid])
+        record = self._prefetched.pop(oid, None)
+        if record is not None:
+            return record
+        if not self.prefetch:
+            status, body = self._retrying(CMD_LOAD + oid)
+            self._check_current([oid])
+            return self._load_result(oid, status, body)
+
+        status, body = self._retrying(
+            CMD_PREFETCH_LOAD + oid + pack_uint32(self.prefetch)
+        )
+        more_status, more = self._reply()
+        self._expect_okay(more_status, "prefetch")
+        self._check_current([oid])
+        if len(self._prefetched) > PREFETCH_CACHE:
+            self._prefetched.clear()
+        self._prefetched.update(unpack_records(more[1:]))
         return self._load_result(oid, status, body)
 
     def bulk_load(self, oids: Iterable[bytes]) -> Iterator[bytes]:
@@ -271,7 +479,10 @@ class ClientStorage(Storage):
             yield from self._bulk_load_batch(batch)
 
     def _bulk_load_batch(self, oids: list[bytes]) -> list[bytes]:
+        self._socket()
+        self._check_current(oids)
         self._send(CMD_BULK_LOAD + b"".join(oids))
+        self.round_trips += 1
         # Read every reply before raising, so the stream stays in step.
         replies = [self._receive() for _oid in oids]
         return [
@@ -293,15 +504,28 @@ class ClientStorage(Storage):
     def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
         records, self._records = self._records, {}
         new_oids, self._transaction_new_oids = self._transaction_new_oids, []
+        connected = self._sock is not None
+        if not connected or self._everything_invalid:
+            self._socket()
+            raise ConnectionLostError(
+                f"the connection to the dhruva server at "
+                f"{format_address(self.address)} was lost and made again since "
+                "this transaction began; nothing was committed. Call "
+                "connection.abort() and run the transaction again"
+            )
         try:
             for payload in pack_records(records.items()):
                 self._send(payload)
             self._commit(handle_invalidations)
         except BaseException:
-            # Oids of a failed commit are still ours: use them next time.
-            new_oids.reverse()
-            self._oid_pool.extend(new_oids)
+            # Oids of a failed commit are still ours: use them next time, as
+            # long as the connection that was given them is still there.
+            if self._sock is not None:
+                new_oids.reverse()
+                self._oid_pool.extend(new_oids)
             raise
+        for oid in records:
+            self._prefetched.pop(oid, None)
 
     def _commit(self, handle_invalidations: InvalidationHandler | None) -> None:
         while True:
@@ -310,12 +534,17 @@ class ClientStorage(Storage):
                 return
             if status == STATUS_CONFLICT:
                 raise WriteConflictError(split_oid_list(body, "conflict reply"))
+            if status == STATUS_RESYNC:
+                self._everything_invalid = True
+                raise WriteConflictError()
             if status != STATUS_REFUSED:
                 raise ProtocolError(f"commit: unknown status {status!r}")
 
             # Refused: other clients changed these oids. Ask the caller whether
             # they matter; if not, commit the records still held by the server.
             oids = split_oid_list(body, "refused commit reply")
+            for oid in oids:
+                self._prefetched.pop(oid, None)
             if handle_invalidations is None:
                 self._pending_invalid.extend(oids)
                 continue
@@ -326,22 +555,31 @@ class ClientStorage(Storage):
                 raise
 
     def sync(self) -> list[bytes]:
+        self._socket()
         result, self._pending_invalid = self._pending_invalid, []
         more = True
+        everything = False
         while more:
-            status, body = self._request(CMD_SYNC)
+            status, body = self._retrying(CMD_SYNC)
             self._expect_okay(status, "sync")
-            more = body[:1] == b"\1"
+            more = body[:1] == bytes([SYNC_MORE])
+            everything = everything or body[:1] == bytes([SYNC_EVERYTHING])
             result.extend(split_oid_list(body[1:], "sync reply"))
+        if everything or self._everything_invalid:
+            self._everything_invalid = False
+            self._prefetched = {}
+            return _EverythingInvalid()
+        for oid in result:
+            self._prefetched.pop(oid, None)
         return result
 
     def pack(self) -> None:
         """Pack the server's storage; return when the pack is done."""
-        status, _body = self._request(CMD_PACK)
+        status, _body = self._retrying(CMD_PACK)
         self._expect_okay(status, "pack")
 
     def get_size(self) -> int | None:
-        status, body = self._request(CMD_SIZE)
+        status, body = self._retrying(CMD_SIZE)
         self._expect_okay(status, "get_size")
         return int.from_bytes(body, "big") if body else None
 
@@ -363,10 +601,8 @@ class ClientStorage(Storage):
             yield from unpack_records(body[1:])
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._file.close()
-            sock.close()
+        self._closed = True
+        self._drop_socket()
 
     def stop_server(self) -> None:
         """Ask the server to stop; this storage is closed afterwards."""
@@ -378,13 +614,17 @@ class ClientStorage(Storage):
 
 
 def stop_server(
-    address: Address = (DEFAULT_HOST, DEFAULT_PORT), timeout: float = CONNECT_TIMEOUT
+    address: Address = (DEFAULT_HOST, DEFAULT_PORT),
+    timeout: float = CONNECT_TIMEOUT,
+    **options: Any,
 ) -> None:
     """Ask the server at ``address`` to stop; return once it has agreed.
 
+    :param options: ``auth_key``, ``tls_ca`` and the other security options of
+        :class:`ClientStorage`.
     :raises StorageError: when no server listens at ``address``.
     """
-    ClientStorage(address=address, timeout=timeout).stop_server()
+    ClientStorage(address=address, timeout=timeout, **options).stop_server()
 
 
 def wait_for_server(
@@ -422,4 +662,10 @@ def wait_for_server(
         time.sleep(0.05)
 
 
-__all__ = ["ClientStorage", "stop_server", "wait_for_server"]
+__all__ = [
+    "AuthenticationError",
+    "ClientStorage",
+    "ConnectionLostError",
+    "stop_server",
+    "wait_for_server",
+]

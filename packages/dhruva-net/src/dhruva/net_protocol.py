@@ -17,6 +17,8 @@ Limitations:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import socket
 import struct
 from collections.abc import Iterable, Iterator
@@ -25,7 +27,9 @@ from dhruva import error
 from dhruva.error import DhruvaError, ProtocolError, StorageError
 
 #: The protocol version this code speaks. Bump it on any incompatible change.
-PROTOCOL_VERSION = 1
+#: Version 2 added authentication, the load with prefetch, the "everything
+#: changed" sync answer and the resync status.
+PROTOCOL_VERSION = 2
 
 #: The first bytes of both hello payloads; they never change between versions.
 MAGIC = b"DHRUVA\r\n"
@@ -38,6 +42,9 @@ MAX_HELLO_SIZE = 256
 
 #: The most oids one ``new_oids`` request may ask for.
 MAX_NEW_OIDS = 1024
+
+#: The most records one prefetching load sends besides the one asked for.
+MAX_PREFETCH = 1024
 
 #: The most oids one frame can list.
 MAX_OIDS_PER_FRAME = (MAX_FRAME_SIZE - 16) // 8
@@ -67,6 +74,8 @@ CMD_PACK = b"P"
 CMD_SCAN = b"R"
 CMD_SIZE = b"Z"
 CMD_QUIT = b"Q"
+CMD_PREFETCH_LOAD = b"G"
+CMD_AUTH = b"U"
 
 # --- status codes (server to client) ------------------------------------------
 
@@ -76,12 +85,92 @@ STATUS_INVALID = b"I"
 STATUS_REFUSED = b"F"
 STATUS_CONFLICT = b"W"
 STATUS_ERROR = b"E"
+STATUS_RESYNC = b"X"
+STATUS_CHALLENGE = b"U"
+
+# --- the more byte of a sync reply --------------------------------------------
+
+SYNC_DONE = 0
+SYNC_MORE = 1
+#: The server stopped tracking this client's invalid oids: anything may have
+#: changed since it last synced.
+SYNC_EVERYTHING = 2
 
 # --- capability flags in the server's hello -----------------------------------
 
 FLAG_READONLY = 1
 FLAG_PACKABLE = 2
 FLAG_ITERABLE = 4
+FLAG_AUTH = 8
+
+# --- authentication -----------------------------------------------------------
+
+#: Bytes of each side's random challenge.
+NONCE_SIZE = 32
+
+#: Bytes of an HMAC-SHA256 proof.
+PROOF_SIZE = 32
+
+#: The most bytes an authentication key may have (and the least).
+MAX_AUTH_KEY_SIZE = 4096
+MIN_AUTH_KEY_SIZE = 16
+
+
+class AuthenticationError(StorageError):
+    """The client and the server do not share the same secret key."""
+
+
+class ConnectionLostError(StorageError):
+    """The connection to the server broke; the operation did not complete.
+
+    The client reconnects on its next operation. A transaction in flight is
+    lost: call ``connection.abort()`` and run it again.
+    """
+
+    retryable = True
+
+
+def auth_proof(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    """Return the HMAC-SHA256 proof that the sender of ``role`` knows ``key``.
+
+    :param role: ``b"client"`` or ``b"server"``; the proofs differ, so one side's
+        answer is never valid for the other.
+    :param first: the nonce of the side that must prove itself last.
+    :param second: the other nonce.
+    """
+    message = b"dhruva-net auth v%d %s " % (PROTOCOL_VERSION, role) + first + second
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def check_auth_key(key: bytes, where: str) -> bytes:
+    """Return ``key`` stripped of surrounding white space, once it is usable.
+
+    :raises AuthenticationError: naming ``where`` for a key too short or long.
+    """
+    key = key.strip()
+    if not MIN_AUTH_KEY_SIZE <= len(key) <= MAX_AUTH_KEY_SIZE:
+        raise AuthenticationError(
+            f"the authentication key from {where} has {len(key)} bytes; use "
+            f"{MIN_AUTH_KEY_SIZE} to {MAX_AUTH_KEY_SIZE} random bytes, for "
+            "example `python -c 'import secrets; print(secrets.token_hex(32))'`"
+        )
+    return key
+
+
+def read_auth_file(path: str) -> bytes:
+    """Return the key kept in the file at ``path``.
+
+    :raises AuthenticationError: when the file cannot be read or the key is
+        unusable.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_AUTH_KEY_SIZE + 1)
+    except OSError as exc:
+        raise AuthenticationError(
+            f"cannot read the authentication key file {path}: {exc.strerror or exc}"
+        ) from exc
+    return check_auth_key(data, path)
 
 
 def frame(payload: bytes) -> bytes:
@@ -248,6 +337,8 @@ _ERROR_CLASSES: dict[str, type[DhruvaError]] = {
         error.ReadOnlyError,
         error.ProtocolError,
         error.InvalidObjectReference,
+        AuthenticationError,
+        ConnectionLostError,
     )
 }
 

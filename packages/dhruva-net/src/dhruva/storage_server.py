@@ -1,57 +1,68 @@
 """StorageServer: one storage shared by many ClientStorage clients.
 
-The server runs one asyncio event loop in one thread. Every connection has its
-own reader task and its own state (invalid oids, oids handed out, records
-staged for a commit), so a slow or stuck client only ever waits on itself.
-Storage calls are made in the event-loop thread, one at a time: storages are
-not thread-safe, and they are fast.
+The server runs one asyncio event loop. Every connection has its own task and
+its own state, so a slow, idle or stuck client only ever waits on itself:
 
-What the server keeps per client, as Durus does:
+- reads of a request have a deadline once its first byte arrived
+  (``request_timeout``), idle connections may be closed (``idle_timeout``), and
+  replies wait for a slow reader at most ``write_timeout`` seconds;
+- storage calls that may take long (a commit and its fsync, a pack step, the
+  listing of a scan) run in one worker thread, so the loop keeps accepting,
+  handshaking and answering. Storages are not thread-safe: every storage call,
+  in the loop or the worker, holds one lock, and quick calls (loads) run in the
+  loop only when nobody else holds it.
+
+What the server keeps per client, as Durus does, and checks itself:
 
 - ``invalid``: oids other clients committed since this client last synced.
   :meth:`~dhruva.client_storage.ClientStorage.sync` returns and clears them; a
-  load of one of them is refused (the client raises ReadConflictError); a
-  commit while there are some is refused before anything is written, and the
-  client hands them to its ``handle_invalidations`` callback.
-- ``unused_oids``: oids handed to this client and not committed yet; another
-  client may not commit them.
+  load of one is refused (the client raises ReadConflictError); a commit while
+  there are some is refused before anything is written.
+- ``refused``: oids a refused commit told the client about. Records staged
+  before the client knew are refused if they write one of them, even when the
+  client does not check (an old, buggy or hostile client).
+- ``unused_oids``: oids handed to this client and not committed yet. A record
+  is accepted only for an oid the storage holds or this client was given; the
+  client's unused oids are forgotten when it disconnects (the storage never
+  hands out an oid twice).
 
 The wire protocol is in :mod:`dhruva.net_protocol` and ``docs/protocol.md``.
 
 Limitations:
 
-- A commit's fsync, a non-incremental ``pack()`` and the start of a full scan
-  block the event loop (and so every client) while they run.
+- Storage calls are serialized: while the worker runs a commit's fsync, a
+  non-incremental ``pack()`` or the listing that starts a scan, other clients'
+  loads wait for it (their connections stay served).
 - The server answers only clients of its own protocol version.
-
-TODO(#5): a limit on the invalid set of an idle client (today it grows until
-the client syncs), on staged bytes per connection, an idle timeout, TLS and
-authentication; fsync off the event loop; systemd socket activation and unix
-socket owner/group/umask options (Durus had both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import os
+import secrets
 import signal
 import socket
-import stat
+import ssl
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from dhruva.client_storage import stop_server, wait_for_server
 from dhruva.error import ConflictError, DhruvaError, ProtocolError, StorageError
 from dhruva.net_protocol import (
     CMD_ABANDON,
+    CMD_AUTH,
     CMD_BULK_LOAD,
     CMD_COMMIT,
     CMD_LOAD,
     CMD_NEW_OIDS,
     CMD_PACK,
+    CMD_PREFETCH_LOAD,
     CMD_QUIT,
     CMD_SCAN,
     CMD_SIZE,
@@ -59,6 +70,7 @@ from dhruva.net_protocol import (
     CMD_SYNC,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    FLAG_AUTH,
     FLAG_ITERABLE,
     FLAG_PACKABLE,
     FLAG_READONLY,
@@ -66,13 +78,23 @@ from dhruva.net_protocol import (
     MAX_HELLO_SIZE,
     MAX_NEW_OIDS,
     MAX_OIDS_PER_FRAME,
+    MAX_PREFETCH,
+    NONCE_SIZE,
+    PROOF_SIZE,
     PROTOCOL_VERSION,
+    STATUS_CHALLENGE,
     STATUS_CONFLICT,
     STATUS_INVALID,
     STATUS_KEYERROR,
     STATUS_OKAY,
     STATUS_REFUSED,
+    STATUS_RESYNC,
+    SYNC_DONE,
+    SYNC_EVERYTHING,
+    SYNC_MORE,
     Address,
+    AuthenticationError,
+    auth_proof,
     format_address,
     frame,
     hello,
@@ -81,18 +103,46 @@ from dhruva.net_protocol import (
     parse_header,
     parse_hello,
     resolve_address,
-    socket_address,
     split_oid_list,
     unpack_records,
     unpack_uint32,
     version_mismatch,
 )
+from dhruva.record import ROOT_OID, split_oids, unpack_record
+from dhruva.server_sockets import (
+    bound_address,
+    check_exposure,
+    listening_socket,
+    remove_socket_file,
+    server_tls_context,
+)
 from dhruva.storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Seconds a new connection has to send its hello.
+T = TypeVar("T")
+
+#: Seconds a new connection has for the TLS handshake, its hello and its
+#: authentication.
 HANDSHAKE_TIMEOUT = 30.0
+
+#: Seconds a client has to send the rest of a request it started.
+REQUEST_TIMEOUT = 120.0
+
+#: Seconds a reply may wait for a client that does not read.
+WRITE_TIMEOUT = 120.0
+
+#: Unsent reply bytes per connection before the server waits for the reader.
+WRITE_BUFFER = 1024 * 1024
+
+#: Record bytes one client may stage for one commit.
+MAX_STAGED_BYTES = 1024 * 1024 * 1024
+
+#: Invalid oids kept for one client; beyond it, the client must resync all.
+MAX_INVALID = 1_000_000
+
+#: Oids loaded per storage call in a bulk load.
+LOAD_CHUNK = 256
 
 DEFAULT_GCBYTES = 0
 
@@ -105,12 +155,30 @@ class _Client:
     peer: str
     #: Oids other clients committed since this client last synced.
     invalid: set[bytes] = field(default_factory=set)
+    #: True once ``invalid`` grew past MAX_INVALID and was dropped.
+    invalid_overflow: bool = False
+    #: Oids a refused commit told this client about, for the staged records.
+    refused: set[bytes] = field(default_factory=set)
     #: Oids handed to this client and not committed yet.
     unused_oids: set[bytes] = field(default_factory=set)
-    #: Records sent for the next commit.
+    #: Records sent for the next commit, and their size.
     staged: dict[bytes, bytes] = field(default_factory=dict)
+    staged_bytes: int = 0
     #: Oids still to send in a full scan, or None when no scan is running.
     scan: list[bytes] | None = None
+
+    def invalidate(self, oids: Iterable[bytes]) -> None:
+        if self.invalid_overflow:
+            return
+        self.invalid.update(oids)
+        if len(self.invalid) > MAX_INVALID:
+            log.info(
+                "client %s has not synced for %d changed oids; it will resync all",
+                self.peer,
+                len(self.invalid),
+            )
+            self.invalid.clear()
+            self.invalid_overflow = True
 
 
 def _take(oids: set[bytes], limit: int = MAX_OIDS_PER_FRAME) -> list[bytes]:
@@ -124,6 +192,10 @@ def _take(oids: set[bytes], limit: int = MAX_OIDS_PER_FRAME) -> list[bytes]:
     return taken
 
 
+def _oid_int(oid: bytes) -> int:
+    return int.from_bytes(oid, "big")
+
+
 class StorageServer:
     """Serve ``storage`` to ClientStorage clients over TCP or a unix socket.
 
@@ -133,6 +205,18 @@ class StorageServer:
     :param address: ``(host, port)``, or the path of a unix socket
         (``"@name"`` for Linux's abstract namespace).
     :param gcbytes: pack the storage after this many bytes of commits; 0 never.
+    :param auth_key: the shared secret every client must prove it knows.
+    :param tls_cert: PEM certificate (chain) for TLS; ``tls_key`` its key.
+    :param tls_ca: with TLS, require client certificates signed by this CA.
+    :param insecure: allow a non-loopback address without auth or TLS.
+    :param sock: a listening socket to serve (systemd socket activation)
+        instead of binding ``address``.
+    :param socket_owner: user for a unix socket file; ``socket_group`` its
+        group; ``socket_mode`` its permission bits.
+    :param idle_timeout: close a connection silent this many seconds; None never.
+    :param request_timeout: seconds to receive the rest of a started request.
+    :param write_timeout: seconds a reply may wait for a client to read.
+    :param handshake_timeout: seconds for TLS, hello and authentication.
     """
 
     def __init__(
@@ -142,23 +226,66 @@ class StorageServer:
         port: int = DEFAULT_PORT,
         address: Address | None = None,
         gcbytes: int = DEFAULT_GCBYTES,
+        *,
+        auth_key: bytes | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        insecure: bool = False,
+        sock: socket.socket | None = None,
+        socket_owner: str | int | None = None,
+        socket_group: str | int | None = None,
+        socket_mode: int | None = None,
+        idle_timeout: float | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.storage = storage
-        #: The address asked for.
-        self.address: Address = resolve_address(host, port, address)
+        #: The address asked for (or the passed socket's).
+        self.address: Address = (
+            bound_address(sock)
+            if sock is not None
+            else resolve_address(host, port, address)
+        )
         #: The address listened on, once :meth:`serve` is ready (port 0 resolved).
         self.bound_address: Address | None = None
         self.gcbytes = int(gcbytes)
         #: Bytes committed since the last pack.
         self.bytes_since_pack = 0
         self.clients: set[_Client] = set()
+        self.auth_key = auth_key
+        self.tls: ssl.SSLContext | None = (
+            server_tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
+        )
+        check_exposure(
+            self.address, auth_key is not None or self.tls is not None, insecure
+        )
+        self._sock = sock
+        self._socket_access = (socket_owner, socket_group, socket_mode)
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.write_timeout = write_timeout
+        self.handshake_timeout = handshake_timeout
+
+        # One lock around every storage call; one worker for the slow ones.
+        self._storage_lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None
+        self._commit_lock: asyncio.Lock | None = None
+        #: Oids of the commit being written, and the event set when it is done.
+        self._writing: set[bytes] = set()
+        self._written: asyncio.Event | None = None
+
         self._pack_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._stop_requested = threading.Event()
-        self._handlers: dict[bytes, Callable[[_Client, bytes], Iterable[bytes]]] = {
+        self._handlers: dict[
+            bytes, Callable[[_Client, bytes], Awaitable[Iterable[bytes]]]
+        ] = {
             CMD_NEW_OIDS: self._handle_new_oids,
             CMD_LOAD: self._handle_load,
+            CMD_PREFETCH_LOAD: self._handle_prefetch_load,
             CMD_BULK_LOAD: self._handle_bulk_load,
             CMD_SYNC: self._handle_sync,
             CMD_STAGE: self._handle_stage,
@@ -192,8 +319,12 @@ class StorageServer:
     async def serve_async(self, stop_signals: Iterable[int] = ()) -> None:
         """The coroutine :meth:`serve` runs."""
         loop = asyncio.get_running_loop()
-        sock = _listening_socket(self.address)
-        self.bound_address = _bound_address(sock, self.address)
+        if self._sock is not None:
+            sock = self._sock
+        else:
+            owner, group, mode = self._socket_access
+            sock = listening_socket(self.address, owner=owner, group=group, mode=mode)
+        self.bound_address = bound_address(sock)
         connections: set[asyncio.Task[None]] = set()
 
         async def on_connect(
@@ -211,21 +342,35 @@ class StorageServer:
 
         self._stopping = stopping = asyncio.Event()
         self._loop = loop
+        self._commit_lock = asyncio.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="dhruva-storage")
         if self._stop_requested.is_set():
             stopping.set()
         signals = list(stop_signals)
         for signum in signals:
             loop.add_signal_handler(signum, self._on_signal, signum)
         server: asyncio.Server | None = None
+        tls_options: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_options = {
+                "ssl": self.tls,
+                "ssl_handshake_timeout": self.handshake_timeout,
+            }
         try:
             if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(on_connect, sock=sock)
+                server = await asyncio.start_unix_server(
+                    on_connect, sock=sock, **tls_options
+                )
             else:
-                server = await asyncio.start_server(on_connect, sock=sock)
+                server = await asyncio.start_server(
+                    on_connect, sock=sock, **tls_options
+                )
             log.info(
-                "dhruva storage server ready on %s (protocol version %d)",
+                "dhruva storage server ready on %s (protocol version %d%s%s)",
                 format_address(self.bound_address),
                 PROTOCOL_VERSION,
+                ", TLS" if self.tls else "",
+                ", authentication" if self.auth_key else "",
             )
             await stopping.wait()
         finally:
@@ -244,7 +389,9 @@ class StorageServer:
                 await server.wait_closed()
             for signum in signals:
                 loop.remove_signal_handler(signum)
-            _remove_socket_file(self.address)
+            self._worker.shutdown(wait=True)
+            if self._sock is None:
+                remove_socket_file(self.address)
             self._loop = self._stopping = None
             self._stop_requested.clear()
             log.info(
@@ -256,6 +403,29 @@ class StorageServer:
         log.info("stopping on signal %s", signal.Signals(signum).name)
         self.stop()
 
+    # --- storage calls ---------------------------------------------------------
+
+    async def _call(
+        self, function: Callable[..., T], *args: Any, slow: bool = False
+    ) -> T:
+        """Run one storage call, holding the storage lock.
+
+        A quick call runs right here when the storage is free; a slow one, or
+        one that finds the storage busy, runs in the worker thread while the
+        loop goes on serving.
+        """
+        if not slow and self._storage_lock.acquire(blocking=False):
+            try:
+                return function(*args)
+            finally:
+                self._storage_lock.release()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._locked, function, args)
+
+    def _locked(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._storage_lock:
+            return function(*args)
+
     # --- one connection --------------------------------------------------------
 
     async def _serve_connection(
@@ -263,54 +433,108 @@ class StorageServer:
     ) -> None:
         peer = _peer_name(writer)
         client = _Client(peer)
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         try:
-            if not await self._handshake(reader, writer, peer):
+            try:
+                accepted = await asyncio.wait_for(
+                    self._handshake(reader, writer, peer), self.handshake_timeout
+                )
+            except TimeoutError:
+                raise ProtocolError(
+                    f"no hello (and authentication) within {self.handshake_timeout} "
+                    "seconds of connecting"
+                ) from None
+            if not accepted:
                 return
             self.clients.add(client)
             log.debug("client %s connected", peer)
             while True:
-                payload = await _read_frame(reader, MAX_FRAME_SIZE, peer)
+                payload = await self._read_request(reader, peer)
                 if payload is None:
                     break
                 # Replies go out one frame at a time, waiting whenever this
                 # client reads slower than the server writes.
                 for reply in await self._dispatch(client, payload):
-                    writer.write(frame(reply))
-                    await writer.drain()
+                    await self._send(writer, reply)
         except ProtocolError as exc:
             log.warning("closing the connection from %s: %s", peer, exc)
-            with contextlib.suppress(ConnectionError, StorageError):
-                writer.write(frame(pack_error(exc)))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            await self._send_quietly(writer, pack_error(exc))
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("lost the connection from %s: %s", peer, exc)
+        except TimeoutError:
+            log.warning(
+                "closing the connection from %s: it did not read its replies "
+                "within %s seconds",
+                peer,
+                self.write_timeout,
+            )
         except Exception as exc:
             # A bug in the server: end this connection, keep serving the rest.
             log.exception("internal error serving %s; closing its connection", peer)
-            with contextlib.suppress(ConnectionError, StorageError):
-                writer.write(frame(pack_error(exc)))
-                await writer.drain()
+            await self._send_quietly(writer, pack_error(exc))
         finally:
             self.clients.discard(client)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            if client.unused_oids:
+                log.debug(
+                    "released %d oids reserved by %s", len(client.unused_oids), peer
+                )
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read
+            else:
+                writer.close()
+            with contextlib.suppress(
+                ConnectionError, asyncio.CancelledError, ssl.SSLError, TimeoutError
+            ):
+                await asyncio.wait_for(writer.wait_closed(), 5)
             log.debug("client %s disconnected", peer)
+
+    async def _send(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
+        writer.write(frame(payload))
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
+
+    async def _send_quietly(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
+        with contextlib.suppress(
+            ConnectionError, StorageError, TimeoutError, ssl.SSLError
+        ):
+            writer.write(frame(payload))
+            await asyncio.wait_for(writer.drain(), min(5.0, self.write_timeout))
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, peer: str
+    ) -> bytes | None:
+        """Return the next frame, or None at a clean end of stream.
+
+        Waiting for a request's first byte is bounded by ``idle_timeout``; the
+        rest of it must arrive within ``request_timeout``.
+        """
+        try:
+            first = await asyncio.wait_for(reader.read(1), self.idle_timeout)
+        except TimeoutError:
+            log.info(
+                "closing the connection from %s: idle for %s seconds",
+                peer,
+                self.idle_timeout,
+            )
+            return None
+        if not first:
+            return None
+        try:
+            return await asyncio.wait_for(
+                _read_rest_of_frame(reader, first, MAX_FRAME_SIZE), self.request_timeout
+            )
+        except TimeoutError:
+            raise ProtocolError(
+                f"a request was not complete within {self.request_timeout} seconds"
+            ) from None
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> bool:
-        """Exchange hellos; return False when the versions differ."""
-        try:
-            payload = await asyncio.wait_for(
-                _read_frame(reader, MAX_HELLO_SIZE, peer), HANDSHAKE_TIMEOUT
-            )
-        except TimeoutError:
-            raise ProtocolError(
-                f"no hello within {HANDSHAKE_TIMEOUT} seconds of connecting"
-            ) from None
-        if payload is None:
-            return False
+        """Exchange hellos and authenticate; return False to close quietly."""
+        first = await reader.read(1)
+        if not first:
+            return False  # a port probe
+        payload = await _read_rest_of_frame(reader, first, MAX_HELLO_SIZE)
         version, _flags = parse_hello(payload)
 
         if version != PROTOCOL_VERSION:
@@ -321,9 +545,47 @@ class StorageServer:
             )
 
         # Always answer with our own hello, so the client can name both versions.
-        writer.write(frame(hello(self._flags())))
-        await writer.drain()
-        return version == PROTOCOL_VERSION
+        await self._send(writer, hello(self._flags()))
+        if version != PROTOCOL_VERSION:
+            return False
+        if self.auth_key is not None:
+            await self._authenticate(reader, writer, peer, self.auth_key)
+        return True
+
+    async def _authenticate(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        key: bytes,
+    ) -> None:
+        """Challenge the client, check its proof, prove ourselves in turn.
+
+        :raises AuthenticationError: when the client's proof is wrong.
+        """
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        await self._send(writer, STATUS_CHALLENGE + nonce)
+        first = await reader.read(1)
+        if not first:
+            raise ConnectionResetError("closed during authentication")
+        answer = await _read_rest_of_frame(reader, first, MAX_HELLO_SIZE)
+        if len(answer) != 1 + NONCE_SIZE + PROOF_SIZE or answer[:1] != CMD_AUTH:
+            raise AuthenticationError(
+                f"client {peer} did not authenticate (the server needs a key: "
+                "give auth_key= or --auth-file)"
+            )
+        client_nonce = answer[1 : 1 + NONCE_SIZE]
+        proof = answer[1 + NONCE_SIZE :]
+        expected = auth_proof(key, b"client", nonce, client_nonce)
+        if not hmac.compare_digest(proof, expected):
+            raise AuthenticationError(
+                f"client {peer} failed authentication: it does not know the "
+                "server's key"
+            )
+        await self._send(
+            writer, STATUS_OKAY + auth_proof(key, b"server", client_nonce, nonce)
+        )
+        log.debug("client %s authenticated", peer)
 
     def _flags(self) -> int:
         storage = self.storage
@@ -331,6 +593,7 @@ class StorageServer:
             (FLAG_READONLY if storage.readonly else 0)
             | (FLAG_PACKABLE if storage.packable else 0)
             | (FLAG_ITERABLE if storage.iterable else 0)
+            | (FLAG_AUTH if self.auth_key is not None else 0)
         )
 
     async def _dispatch(self, client: _Client, payload: bytes) -> Iterable[bytes]:
@@ -351,7 +614,7 @@ class StorageServer:
             handler = self._handlers.get(code)
             if handler is None:
                 raise ProtocolError(f"unknown command code {code!r}")
-            return handler(client, body)
+            return await handler(client, body)
         except ProtocolError:
             raise
         except asyncio.CancelledError:
@@ -365,9 +628,86 @@ class StorageServer:
             log.exception("command %r from %s failed", code, client.peer)
             return [pack_error(exc)]
 
-    # --- commands ------------------------------------------------------------
+    # --- loads ---------------------------------------------------------------
 
-    def _handle_new_oids(self, client: _Client, body: bytes) -> list[bytes]:
+    async def _wait_for_commit(self, oids: Iterable[bytes]) -> None:
+        """Wait while a commit writes any of ``oids``: its invalidations come
+        first, so a client never mixes states from before and after it."""
+        while self._writing and not self._writing.isdisjoint(oids):
+            assert self._written is not None
+            await self._written.wait()
+
+    def _load_records(self, oids: list[bytes]) -> list[bytes | None]:
+        """Storage call: the records of ``oids`` (None for a missing one)."""
+        result: list[bytes | None] = []
+        for oid in oids:
+            try:
+                result.append(self.storage.load(oid))
+            except KeyError:
+                result.append(None)
+            except ConflictError:
+                result.append(b"")
+        return result
+
+    async def _load_replies(self, client: _Client, oids: list[bytes]) -> list[bytes]:
+        await self._wait_for_commit(oids)
+        wanted = [
+            oid
+            for oid in oids
+            if oid not in client.invalid and not client.invalid_overflow
+        ]
+        loaded = await self._call(self._load_records, wanted)
+        records = dict(zip(wanted, loaded, strict=True))
+        replies = []
+        for oid in oids:
+            record = records.get(oid, b"")
+            if oid not in records or record == b"":
+                replies.append(STATUS_INVALID)
+            elif record is None:
+                replies.append(STATUS_KEYERROR)
+            else:
+                replies.append(STATUS_OKAY + record)
+        return replies
+
+    async def _handle_load(self, client: _Client, body: bytes) -> list[bytes]:
+        if len(body) != 8:
+            raise ProtocolError(f"load: expected an 8-byte oid, got {len(body)} bytes")
+        return await self._load_replies(client, [body])
+
+    async def _handle_prefetch_load(self, client: _Client, body: bytes) -> list[bytes]:
+        if len(body) != 12:
+            raise ProtocolError(f"prefetch load: expected 12 bytes, got {len(body)}")
+        oid, limit = body[:8], min(unpack_uint32(body[8:], "prefetch"), MAX_PREFETCH)
+        [reply] = await self._load_replies(client, [oid])
+        prefetched: list[tuple[bytes, bytes]] = []
+        if reply[:1] == STATUS_OKAY and limit:
+            refs = [
+                ref
+                for ref in dict.fromkeys(split_oids(unpack_record(reply[1:])[2]))
+                if ref != oid and ref not in client.invalid and ref not in self._writing
+            ][:limit]
+            if refs and not client.invalid_overflow:
+                records = await self._call(self._load_records, refs)
+                prefetched = [
+                    (r, rec) for r, rec in zip(refs, records, strict=True) if rec
+                ]
+        return [reply, pack_records_reply(prefetched, False)]
+
+    async def _handle_bulk_load(self, client: _Client, body: bytes) -> list[bytes]:
+        oids = split_oid_list(body, "bulk_load")
+        replies: list[bytes] = []
+        for start in range(0, len(oids), LOAD_CHUNK):
+            replies += await self._load_replies(
+                client, oids[start : start + LOAD_CHUNK]
+            )
+        return replies
+
+    # --- oids, sync ------------------------------------------------------------
+
+    def _new_oids(self, count: int) -> list[bytes]:
+        return [self.storage.new_oid() for _ in range(count)]
+
+    async def _handle_new_oids(self, client: _Client, body: bytes) -> list[bytes]:
         count = unpack_uint32(body, "new_oids")
         if not 0 < count <= MAX_NEW_OIDS:
             raise ProtocolError(
@@ -375,100 +715,134 @@ class StorageServer:
             )
         oids: list[bytes] = []
         while len(oids) < count:
-            oid = self.storage.new_oid()
-            # Never hand out an oid that some client still holds as invalid.
-            if not any(oid in other.invalid for other in self.clients):
-                oids.append(oid)
+            for oid in await self._call(self._new_oids, count - len(oids)):
+                # Never hand out an oid some client still holds as invalid.
+                if not any(oid in other.invalid for other in self.clients):
+                    oids.append(oid)
         client.unused_oids.update(oids)
         return [STATUS_OKAY + b"".join(oids)]
 
-    def _load_reply(self, client: _Client, oid: bytes) -> bytes:
-        if oid in client.invalid:
-            return STATUS_INVALID
-        try:
-            record = self.storage.load(oid)
-        except KeyError:
-            return STATUS_KEYERROR
-        except ConflictError:
-            return STATUS_INVALID
-        return STATUS_OKAY + record
-
-    def _handle_load(self, client: _Client, body: bytes) -> list[bytes]:
-        if len(body) != 8:
-            raise ProtocolError(f"load: expected an 8-byte oid, got {len(body)} bytes")
-        return [self._load_reply(client, body)]
-
-    def _handle_bulk_load(self, client: _Client, body: bytes) -> Iterator[bytes]:
-        oids = split_oid_list(body, "bulk_load")
-        return self._gen_load_replies(client, oids)
-
-    def _gen_load_replies(self, client: _Client, oids: list[bytes]) -> Iterator[bytes]:
-        # Loaded as they are sent, so a big batch is never all in memory. A
-        # commit in between puts its oids in the invalid set, which the
-        # following loads see: the batch stays consistent for this client.
-        for oid in oids:
-            try:
-                yield self._load_reply(client, oid)
-            except Exception as exc:
-                log.exception("bulk load of oid %s failed", int.from_bytes(oid, "big"))
-                yield pack_error(exc)
-
-    def _sync_storage(self) -> None:
+    async def _sync_storage(self) -> None:
         # A storage shared with other processes may report their commits.
-        self._invalidate_all(self.storage.sync())
+        self._invalidate_all(await self._call(self.storage.sync))
 
     def _invalidate_all(self, oids: Iterable[bytes]) -> None:
         oids = list(oids)
         if oids:
             for client in self.clients:
-                client.invalid.update(oids)
+                client.invalidate(oids)
 
-    def _handle_sync(self, client: _Client, body: bytes) -> list[bytes]:
-        self._sync_storage()
+    async def _handle_sync(self, client: _Client, body: bytes) -> list[bytes]:
+        await self._sync_storage()
+        if client.invalid_overflow:
+            client.invalid_overflow = False
+            self._drop_staged(client)  # staged before it learned: all suspect
+            return [STATUS_OKAY + bytes([SYNC_EVERYTHING])]
         oids = _take(client.invalid)
-        more = b"\1" if client.invalid else b"\0"
-        return [STATUS_OKAY + more + b"".join(oids)]
+        if client.staged:
+            # Records staged before the client learned of these changes must
+            # not overwrite them (see _commit).
+            client.refused.update(oids)
+        more = SYNC_MORE if client.invalid else SYNC_DONE
+        return [STATUS_OKAY + bytes([more]) + b"".join(oids)]
 
-    def _handle_stage(self, client: _Client, body: bytes) -> list[bytes]:
-        client.staged.update(unpack_records(body))
+    # --- commits -------------------------------------------------------------
+
+    async def _handle_stage(self, client: _Client, body: bytes) -> list[bytes]:
+        for oid, record in unpack_records(body):
+            client.staged_bytes += 12 + len(record)
+            client.staged[oid] = record
         return []
 
-    def _handle_abandon(self, client: _Client, body: bytes) -> list[bytes]:
+    async def _handle_abandon(self, client: _Client, body: bytes) -> list[bytes]:
         client.staged.clear()
+        client.staged_bytes = 0
+        client.refused.clear()
         return []
 
-    def _handle_commit(self, client: _Client, body: bytes) -> list[bytes]:
-        self._sync_storage()
-        if client.invalid:
-            # Refused before anything is written; the staged records wait for
-            # the client to commit again or abandon them.
-            return [STATUS_REFUSED + b"".join(_take(client.invalid))]
-        staged, client.staged = client.staged, {}
-        if not staged:
-            return [STATUS_OKAY]
-        for other in self.clients:
-            if other is not client and not other.unused_oids.isdisjoint(staged):
-                oid = min(other.unused_oids.intersection(staged))
-                raise StorageError(
-                    f"commit refused: oid {int.from_bytes(oid, 'big')} was handed "
-                    f"to client {other.peer}, not to this one"
-                )
+    def _missing(self, oids: list[bytes]) -> list[bytes]:
+        """Storage call: those of ``oids`` the storage holds no record for."""
+        missing = []
+        for oid in oids:
+            try:
+                self.storage.load(oid)
+            except KeyError:
+                missing.append(oid)
+            except ConflictError:
+                pass
+        return missing
 
+    def _write(self, staged: dict[bytes, bytes], reported: list[bytes]) -> None:
+        """Storage call: one transaction of ``staged`` records."""
         self.storage.begin()
         for oid, record in staged.items():
             self.storage.store(oid, record)
+        self.storage.end(reported.extend)
+
+    async def _handle_commit(self, client: _Client, body: bytes) -> list[bytes]:
+        assert self._commit_lock is not None
+        async with self._commit_lock:
+            return await self._commit(client)
+
+    async def _commit(self, client: _Client) -> list[bytes]:
+        await self._sync_storage()
+        if client.invalid_overflow:
+            self._drop_staged(client)
+            return [STATUS_RESYNC]
+        if client.invalid:
+            # Refused before anything is written; the staged records wait for
+            # the client to commit again or abandon them.
+            oids = _take(client.invalid)
+            client.refused.update(oids)
+            return [STATUS_REFUSED + b"".join(oids)]
+
+        staged, size, refused = client.staged, client.staged_bytes, client.refused
+        self._drop_staged(client)
+        if not staged:
+            return [STATUS_OKAY]
+        if size > MAX_STAGED_BYTES:
+            raise StorageError(
+                f"commit refused: {size} bytes of records, over the server's "
+                f"limit of {MAX_STAGED_BYTES} per transaction; commit in smaller "
+                "transactions"
+            )
+
+        # Records staged before the client learned that others changed these
+        # oids would overwrite those changes: a client that checks never sends
+        # them, an old or hostile one is refused here.
+        stale = sorted(refused.intersection(staged))
+        if stale:
+            log.warning(
+                "commit from %s refused: it writes %d oids changed since it "
+                "last synced (first: %d)",
+                client.peer,
+                len(stale),
+                _oid_int(stale[0]),
+            )
+            return [STATUS_CONFLICT + b"".join(stale[:MAX_OIDS_PER_FRAME])]
+
+        await self._check_allocated(client, staged)
+
+        # Write in the worker. Loads of these oids wait until every other
+        # client has them in its invalid set.
+        self._writing, self._written = set(staged), asyncio.Event()
+        reported: list[bytes] = []
         try:
-            self.storage.end(self._invalidate_all)
+            await self._call(self._write, staged, reported, slow=True)
         except ConflictError as exc:
             log.info("commit from %s conflicted: %s", client.peer, exc)
             return [STATUS_CONFLICT + b"".join(exc.oids[:MAX_OIDS_PER_FRAME])]
+        else:
+            # Tell every other client, and count towards the next pack.
+            client.unused_oids.difference_update(staged)
+            for other in self.clients:
+                if other is not client:
+                    other.invalidate(staged)
+        finally:
+            self._invalidate_all(reported)
+            self._writing = set()
+            self._written.set()
 
-        # Tell every other client, and count towards the next automatic pack.
-        client.unused_oids.difference_update(staged)
-        for other in self.clients:
-            if other is not client:
-                other.invalid.update(staged)
-        size = sum(12 + len(record) for record in staged.values())
         self.bytes_since_pack += size
         log.debug(
             "committed %d records, %d bytes, from %s", len(staged), size, client.peer
@@ -481,36 +855,73 @@ class StorageServer:
             self._start_pack()
         return [STATUS_OKAY]
 
-    def _handle_scan(self, client: _Client, body: bytes) -> list[bytes]:
+    def _drop_staged(self, client: _Client) -> None:
+        client.staged = {}
+        client.staged_bytes = 0
+        client.refused = set()
+
+    async def _check_allocated(
+        self, client: _Client, staged: dict[bytes, bytes]
+    ) -> None:
+        """Refuse records for oids neither stored nor handed to this client.
+
+        :raises StorageError: naming the first such oid.
+        """
+        for other in self.clients:
+            if other is not client and not other.unused_oids.isdisjoint(staged):
+                oid = min(other.unused_oids.intersection(staged))
+                raise StorageError(
+                    f"commit refused: oid {_oid_int(oid)} was handed to client "
+                    f"{other.peer}, not to this one"
+                )
+        # The root's oid is everybody's: a new database's first commit makes it.
+        unknown = [
+            oid for oid in staged if oid not in client.unused_oids and oid != ROOT_OID
+        ]
+        missing = await self._call(self._missing, unknown) if unknown else []
+        if missing:
+            raise StorageError(
+                f"commit refused: oid {_oid_int(min(missing))} is not in the "
+                "storage and was not handed to this client; new objects must "
+                "get their oids from new_oid()"
+            )
+
+    # --- scans, size -----------------------------------------------------------
+
+    def _list_oids(self) -> list[bytes]:
+        return [oid for oid, _record in self.storage.gen_oid_record()]
+
+    async def _handle_scan(self, client: _Client, body: bytes) -> list[bytes]:
         if len(body) != 5:
             raise ProtocolError(f"scan: expected 5 bytes of body, got {len(body)}")
         batch_size = max(1, unpack_uint32(body[1:], "scan batch size"))
         if body[0] or client.scan is None:
-            # TODO(#5): listing the oids walks every record in one step; a
-            # storage-level oid listing would let other clients in between.
-            client.scan = [oid for oid, _record in self.storage.gen_oid_record()]
+            client.scan = await self._call(self._list_oids, slow=True)
             client.scan.reverse()
+        scan = client.scan
         records: list[tuple[bytes, bytes]] = []
         used = 2
-        while client.scan and len(records) < batch_size:
-            oid = client.scan[-1]
-            try:
-                record = self.storage.load(oid)
-            except KeyError:
-                client.scan.pop()  # packed away since the scan started
+        while scan and len(records) < batch_size:
+            oids = scan[-min(LOAD_CHUNK, batch_size - len(records)) :][::-1]
+            await self._wait_for_commit(oids)
+            loaded = await self._call(self._load_records, oids)
+            for oid, record in zip(oids, loaded, strict=True):
+                if record is not None and record != b"":
+                    if used + 12 + len(record) > MAX_FRAME_SIZE and records:
+                        break
+                    records.append((oid, record))
+                    used += 12 + len(record)
+                scan.pop()  # sent, or packed away since the scan started
+            else:
                 continue
-            if used + 12 + len(record) > MAX_FRAME_SIZE and records:
-                break
-            client.scan.pop()
-            records.append((oid, record))
-            used += 12 + len(record)
-        more = bool(client.scan)
+            break
+        more = bool(scan)
         if not more:
             client.scan = None
         return [pack_records_reply(records, more)]
 
-    def _handle_size(self, client: _Client, body: bytes) -> list[bytes]:
-        size = self.storage.get_size()
+    async def _handle_size(self, client: _Client, body: bytes) -> list[bytes]:
+        size = await self._call(self.storage.get_size)
         return [STATUS_OKAY + (b"" if size is None else size.to_bytes(8, "big"))]
 
     # --- packing -------------------------------------------------------------
@@ -524,7 +935,10 @@ class StorageServer:
     def _pack_done(self, task: asyncio.Task[None]) -> None:
         self._pack_task = None
         if not task.cancelled() and task.exception() is not None:
-            log.error("pack failed: %s", task.exception())
+            log.error(
+                "pack failed and was abandoned; the server goes on serving: %s",
+                task.exception(),
+            )
 
     async def _pack(self) -> None:
         """Pack (or join the pack running); return when it is done."""
@@ -532,31 +946,39 @@ class StorageServer:
 
     async def _run_pack(self) -> None:
         log.info("pack started")
-        packer = self.storage.get_packer()
+        packer = await self._call(self.storage.get_packer)
         if packer is None:
-            # TODO(#5): a storage without an incremental packer blocks every
-            # client while it packs.
-            self.storage.pack()
+            await self._call(self.storage.pack, slow=True)
         else:
-            for _step in packer:
-                await asyncio.sleep(0)  # let other clients' requests in
+            try:
+                # One step per worker call: other clients are served between.
+                while await self._call(_step, packer, slow=True):
+                    pass
+            finally:
+                close = getattr(packer, "close", None)
+                if close is not None:
+                    await self._call(close, slow=True)
         self.bytes_since_pack = 0
         log.info("pack finished")
+
+
+def _step(packer: Any) -> bool:
+    """Run one step of an incremental packer; return False when it is done."""
+    try:
+        next(packer)
+    except StopIteration:
+        return False
+    return True
 
 
 # --- sockets ---------------------------------------------------------------------
 
 
-async def _read_frame(
-    reader: asyncio.StreamReader, limit: int, peer: str
-) -> bytes | None:
-    """Return the next frame's payload, or None at a clean end of stream."""
-    try:
-        header = await reader.readexactly(4)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
+async def _read_rest_of_frame(
+    reader: asyncio.StreamReader, first: bytes, limit: int
+) -> bytes:
+    """Return the payload of a frame whose first header byte was read."""
+    header = first + await reader.readexactly(3)
     size = parse_header(header, limit)
     return await reader.readexactly(size)
 
@@ -567,74 +989,6 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
         return f"{peer[0]}:{peer[1]}"
     sockname = writer.get_extra_info("sockname")
     return f"unix socket {sockname or peer!r}"
-
-
-def _listening_socket(address: Address) -> socket.socket:
-    """Return a bound, listening, non-blocking socket for ``address``.
-
-    :raises StorageError: when the address is in use or the path is not a socket.
-    """
-    family, target = socket_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family == socket.AF_UNIX:
-            if isinstance(target, str) and not target.startswith("\0"):
-                _clear_stale_socket_file(target)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(target)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise StorageError(
-            f"cannot listen on {format_address(address)}: {exc.strerror or exc}; "
-            "is another server running there? Stop it (dhruva server --stop) or "
-            "choose another --port or --address"
-        ) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _clear_stale_socket_file(path: str) -> None:
-    """Remove a socket file left by a server that is gone."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StorageError(
-            f"{path} exists and is not a unix socket; remove it or choose "
-            "another --address"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        log.info("removing stale socket file %s", path)
-        os.unlink(path)
-    else:
-        raise StorageError(
-            f"a server is already listening on {path}; stop it (dhruva server "
-            "--stop) or choose another --address"
-        )
-    finally:
-        probe.close()
-
-
-def _remove_socket_file(address: Address) -> None:
-    if isinstance(address, str) and not address.startswith("@"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-
-
-def _bound_address(sock: socket.socket, address: Address) -> Address:
-    if isinstance(address, str):
-        return address
-    name = sock.getsockname()
-    return (str(name[0]), int(name[1]))
 
 
 __all__ = [

@@ -1,0 +1,395 @@
+"""Issue #5: no client stalls another, fuzzed input, 100 clients, hostile clients,
+released oids, failing packs and prefetch, against real server processes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from dhruva.client_storage import ClientStorage, wait_for_server
+from dhruva.connection import Connection
+from dhruva.error import ConflictError, StorageError
+from dhruva.net_protocol import (
+    CMD_BULK_LOAD,
+    CMD_COMMIT,
+    CMD_NEW_OIDS,
+    CMD_SYNC,
+    STATUS_CONFLICT,
+    STATUS_ERROR,
+    STATUS_OKAY,
+    STATUS_REFUSED,
+    frame,
+    hello,
+    pack_records,
+    pack_uint32,
+    socket_address,
+    unpack_error,
+)
+from dhruva.persistent import Persistent
+from dhruva.persistent_dict import PersistentDict
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage import MemoryStorage
+from dhruva.storage_server import StorageServer
+from dhruva.storage_testing import commit, make_record, new_oids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def raw_connection(address, timeout=10.0):
+    family, target = socket_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(target)
+    return sock
+
+
+def read_frame(sock):
+    """Return the next payload, or None when the server closed the connection."""
+    data = b""
+    while len(data) < 4:
+        chunk = sock.recv(4 - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    (size,) = struct.unpack(">I", data)
+    payload = b""
+    while len(payload) < size:
+        chunk = sock.recv(size - len(payload))
+        assert chunk, "connection closed inside a frame"
+        payload += chunk
+    return payload
+
+
+def shake_hands(sock):
+    sock.sendall(frame(hello()))
+    assert read_frame(sock)[:1] == b"H"
+
+
+def timed_commits(address, count=10):
+    """Commit ``count`` times; return the slowest commit's seconds."""
+    client = ClientStorage(address=address, timeout=20)
+    slowest = 0.0
+    try:
+        for i in range(count):
+            started = time.monotonic()
+            commit(client, make_record(ROOT_OID, b"commit %d" % i))
+            slowest = max(slowest, time.monotonic() - started)
+        assert unpack_record(client.load(ROOT_OID))[1] == b"commit %d" % (count - 1)
+    finally:
+        client.close()
+    return slowest
+
+
+def test_stuck_idle_and_slow_clients_do_not_stall_a_commit(memory_server):
+    address = memory_server.address
+    big = ClientStorage(address=address)
+    commit(big, make_record(ROOT_OID, b"x" * 1_000_000))
+    big.close()
+
+    silent = raw_connection(address)  # connects, never says hello
+    idle = raw_connection(address)
+    shake_hands(idle)
+    half = raw_connection(address)
+    shake_hands(half)
+    half.sendall(struct.pack(">I", 100) + b"L\0\0")  # a request cut short
+    slow = raw_connection(address)
+    shake_hands(slow)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # Ask for 64 MB of replies and never read them.
+    for _ in range(4):
+        slow.sendall(frame(CMD_BULK_LOAD + ROOT_OID * 16))
+    try:
+        time.sleep(0.5)  # let the server fill its buffers towards the slow one
+        assert timed_commits(address) < 1.0
+    finally:
+        for sock in (silent, idle, half, slow):
+            sock.close()
+    assert memory_server.process.poll() is None
+
+
+def test_timeouts_close_idle_half_sent_and_non_reading_clients(run_server):
+    server = run_server(
+        "--storage",
+        "memory",
+        "--port",
+        "0",
+        "--idle-timeout",
+        "1",
+        "--request-timeout",
+        "1",
+    )
+    big = ClientStorage(address=server.address)
+    commit(big, make_record(ROOT_OID, b"x" * 1_000_000))
+    big.close()
+
+    idle = raw_connection(server.address)
+    shake_hands(idle)
+    half = raw_connection(server.address)
+    shake_hands(half)
+    half.sendall(struct.pack(">I", 100) + b"L")
+    slow = raw_connection(server.address)
+    shake_hands(slow)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(frame(CMD_BULK_LOAD + ROOT_OID * 32))
+    try:
+        assert read_frame(idle) is None  # closed by the server
+        reply = read_frame(half)
+        assert reply is not None and reply[:1] == STATUS_ERROR
+        assert "not complete within 1.0 seconds" in str(unpack_error(reply[1:]))
+        deadline = time.monotonic() + 20
+        while "did not read its replies" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        assert "idle for 1.0 seconds" in server.log()
+    finally:
+        for sock in (idle, half, slow):
+            sock.close()
+    assert timed_commits(server.address, 3) < 1.0
+
+
+def test_fuzzed_frames_get_a_protocol_error_and_the_server_serves_on(run_server):
+    server = run_server("--storage", "memory", "--port", "0")
+    address = server.address
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(
+        data=st.binary(max_size=200),
+        mode=st.sampled_from(["raw", "after-hello", "framed", "truncated", "big"]),
+    )
+    def fuzz(data: bytes, mode: str) -> None:
+        with raw_connection(address, timeout=10) as sock:
+            if mode != "raw":
+                shake_hands(sock)
+            if mode == "framed":
+                # A well-formed frame around random content (never "quit").
+                data = frame(b"Q" not in data[:1] and data or b"?")
+            elif mode == "truncated":
+                data = frame(b"T" + data)[: max(1, len(data) // 2)]
+            elif mode == "big":
+                data = struct.pack(">I", 0xFFFFFFF0) + data
+            elif mode == "after-hello" and data[:5] == b"\0\0\0\1Q":
+                data = b"?"
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            # The server answers or not, but always ends the connection.
+            while sock.recv(65536):
+                pass
+
+    fuzz()
+    assert server.process.poll() is None
+    assert timed_commits(address, 3) < 1.0
+
+
+class Counter(Persistent):
+    def __init__(self) -> None:
+        self.value = 0
+
+
+def test_a_hundred_clients_commit_at_once(memory_server):
+    address = memory_server.address
+    setup = Connection(ClientStorage(address=address))
+    root = setup.get_root()
+    for i in range(100):
+        root[f"client{i}"] = PersistentDict(commits=0)
+    root["shared"] = Counter()
+    setup.commit()
+
+    barrier = threading.Barrier(100)
+    failures: list[BaseException] = []
+    retries = [0]
+
+    def work(i: int) -> None:
+        try:
+            connection = Connection(ClientStorage(address=address, timeout=60))
+            barrier.wait(60)
+            for _ in range(3):
+                own = connection.get_root()[f"client{i}"]
+                own["commits"] += 1
+                connection.commit()
+            while True:  # everybody changes this one: real conflicts
+                try:
+                    connection.get_root()["shared"].value += 1
+                    connection.commit()
+                    break
+                except ConflictError:
+                    retries[0] += 1
+                    connection.abort()
+            connection.close()
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]
+
+    setup.abort()
+    root = setup.get_root()
+    assert [root[f"client{i}"]["commits"] for i in range(100)] == [3] * 100
+    assert root["shared"].value == 100
+    setup.close()
+
+
+def hostile_client(address):
+    """A raw connection that has shaken hands and synced."""
+    sock = raw_connection(address)
+    shake_hands(sock)
+    sock.sendall(frame(CMD_SYNC))
+    assert read_frame(sock)[:1] == STATUS_OKAY
+    return sock
+
+
+def stage(sock, *records):
+    for payload in pack_records((unpack_record(r)[0], r) for r in records):
+        sock.sendall(frame(payload))
+
+
+def test_a_client_that_skips_its_conflict_checks_is_refused(memory_server):
+    honest = ClientStorage(address=memory_server.address)
+    commit(honest, make_record(ROOT_OID, b"first"))
+    with hostile_client(memory_server.address) as hostile:
+        commit(honest, make_record(ROOT_OID, b"honest change"))
+
+        # Refused once with the changed oid; committing again regardless is
+        # refused as a conflict, and nothing is written.
+        stage(hostile, make_record(ROOT_OID, b"overwrite"))
+        hostile.sendall(frame(CMD_COMMIT))
+        assert read_frame(hostile) == STATUS_REFUSED + ROOT_OID
+        hostile.sendall(frame(CMD_COMMIT))
+        assert read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
+
+        # Staged, then synced, then committed: still written before it knew.
+        commit(honest, make_record(ROOT_OID, b"honest again"))
+        stage(hostile, make_record(ROOT_OID, b"overwrite"))
+        hostile.sendall(frame(CMD_SYNC))
+        assert read_frame(hostile) == STATUS_OKAY + b"\0" + ROOT_OID
+        hostile.sendall(frame(CMD_COMMIT))
+        assert read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
+
+        # An oid nobody handed out.
+        stage(hostile, make_record((10**9).to_bytes(8, "big"), b"made up"))
+        hostile.sendall(frame(CMD_COMMIT))
+        reply = read_frame(hostile)
+        assert reply[:1] == STATUS_ERROR
+        assert "oid 1000000000 is not in the storage" in str(unpack_error(reply[1:]))
+
+    assert unpack_record(honest.load(ROOT_OID))[1] == b"honest again"
+    assert "writes 1 oids changed since it last synced" in memory_server.log()
+    honest.close()
+
+
+def test_oids_of_a_client_that_left_are_released_and_never_reused(memory_server):
+    leaving = ClientStorage(address=memory_server.address)
+    taken = {leaving.new_oid() for _ in range(5)}
+    leaving.close()
+
+    other = ClientStorage(address=memory_server.address)
+    try:
+        assert taken.isdisjoint(other.new_oid() for _ in range(300))
+        oid = max(taken)
+        with pytest.raises(StorageError, match="not handed to this client"):
+            commit(other, make_record(oid, b"not mine"))
+    finally:
+        other.close()
+    # A raw client asking for oids gets fresh ones as well.
+    with hostile_client(memory_server.address) as sock:
+        sock.sendall(frame(CMD_NEW_OIDS + pack_uint32(3)))
+        reply = read_frame(sock)
+        assert reply[:1] == STATUS_OKAY
+        assert taken.isdisjoint(reply[i : i + 8] for i in range(1, 25, 8))
+
+
+class FailingPackStorage(MemoryStorage):
+    """A MemoryStorage whose first incremental pack fails half way."""
+
+    failures = 1
+
+    def get_packer(self):
+        def packer():
+            yield None
+            if self.failures:
+                self.failures -= 1
+                raise OSError(28, "No space left on device (simulated)")
+            self.pack()
+            yield None
+
+        return packer()
+
+
+def test_a_failing_pack_is_logged_and_abandoned(socket_path, caplog):
+    storage = FailingPackStorage()
+    server = StorageServer(storage, address=socket_path)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    clients = []
+    try:
+        wait_for_server(socket_path, timeout=20)
+        client = ClientStorage(address=socket_path)
+        clients.append(client)
+        (garbage,) = new_oids(client, 1)
+        commit(client, make_record(ROOT_OID, b"root"), make_record(garbage))
+        commit(client, make_record(ROOT_OID, b"root, no reference"))
+        with pytest.raises(StorageError, match="No space left on device"):
+            client.pack()
+        assert "pack failed and was abandoned" in caplog.text
+        assert client.load(garbage)  # nothing was removed
+
+        # The server serves on, and packs the next time.
+        commit(client, make_record(ROOT_OID, b"after the failed pack"))
+        client.pack()
+        with pytest.raises(KeyError):
+            client.load(garbage)
+        client.close()
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+def test_prefetch_saves_round_trips(memory_server):
+    writer = Connection(ClientStorage(address=memory_server.address))
+    root = writer.get_root()
+    root["children"] = [PersistentDict(number=i) for i in range(60)]
+    writer.commit()
+    writer.close()
+
+    def walk(prefetch):
+        storage = ClientStorage(address=memory_server.address, prefetch=prefetch)
+        connection = Connection(storage)
+        before = storage.round_trips
+        numbers = [child["number"] for child in connection.get_root()["children"]]
+        assert numbers == list(range(60))
+        trips = storage.round_trips - before
+        connection.close()
+        return trips
+
+    without, with_prefetch = walk(0), walk(100)
+    assert without >= 60
+    assert with_prefetch <= 3
+
+
+def test_prefetched_records_are_dropped_when_others_change_them(memory_server):
+    writer = Connection(ClientStorage(address=memory_server.address))
+    writer.get_root()["child"] = PersistentDict(value="old")
+    writer.commit()
+
+    storage = ClientStorage(address=memory_server.address, prefetch=10)
+    reader = Connection(storage)
+    reader.get_root()  # prefetches the child
+    writer.get_root()["child"]["value"] = "new"
+    writer.commit()
+    reader.abort()
+    assert reader.get_root()["child"]["value"] == "new"
+    reader.close()
+    writer.close()
