@@ -198,7 +198,8 @@ def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> N
     if report.damaged:
         click.echo(f"  {len(report.damaged)} damaged records:")
         for damaged in report.damaged:
-            click.echo(f"    oid {damaged.oid}: {damaged.message}")
+            label = "file" if damaged.oid is None else f"oid {damaged.oid}"
+            click.echo(f"    {label}: {damaged.message}")
     if report.dangling:
         click.echo(f"  {len(report.dangling)} dangling references:")
         for dangling in report.dangling:

@@ -63,10 +63,23 @@ def oid_number(oid: bytes) -> int:
 class DamagedRecord:
     """A record the storage could not return, or that does not parse."""
 
-    #: The oid it is stored under.
-    oid: int
+    #: The oid it is stored under; None for damage outside any record.
+    oid: int | None
     #: What is wrong, as the storage (or the record parser) said it.
     message: str
+    #: The byte offset of the damage in the file, where the storage says.
+    offset: int | None = None
+
+    @classmethod
+    def from_error(cls, oid: bytes | None, error: BaseException) -> DamagedRecord:
+        """Describe ``error``, raised reading the record of ``oid``."""
+        found = getattr(error, "oid", oid)
+        offset = getattr(error, "offset", None)
+        return cls(
+            oid_number(found) if isinstance(found, bytes) else None,
+            str(error),
+            offset if isinstance(offset, int) else None,
+        )
 
 
 @dataclass
@@ -132,7 +145,10 @@ class VerifyReport:
             "complete": self.complete,
             "has_root": self.has_root,
             "scan_error": self.scan_error,
-            "damaged": [{"oid": d.oid, "message": d.message} for d in self.damaged],
+            "damaged": [
+                {"oid": d.oid, "offset": d.offset, "message": d.message}
+                for d in self.damaged
+            ],
             "dangling": [
                 {
                     "oid": d.oid,
@@ -178,7 +194,7 @@ def _scan_all(
             try:
                 refs_of[oid] = _parse(oid, record)
             except DhruvaError as error:
-                report.damaged.append(DamagedRecord(oid_number(oid), str(error)))
+                report.damaged.append(DamagedRecord.from_error(oid, error))
                 refs_of[oid] = []
     except DhruvaError as error:
         # The storage can not go on past a record it refuses.
@@ -224,12 +240,12 @@ def _walk(
                 missing.add(oid)
                 continue
             if isinstance(result, BaseException):
-                report.damaged.append(DamagedRecord(oid_number(oid), str(result)))
+                report.damaged.append(DamagedRecord.from_error(oid, result))
                 continue
             try:
                 refs = _parse(oid, result)
             except DhruvaError as error:
-                report.damaged.append(DamagedRecord(oid_number(oid), str(error)))
+                report.damaged.append(DamagedRecord.from_error(oid, error))
                 continue
             refs_of[oid] = refs
             for ref in refs:
@@ -279,13 +295,14 @@ def verify_storage(
         # Only what can be reached from the root, record by record.
         read, refs_of, missing = _walk(storage, report, step)
         report.records = report.reachable = len(read) + len(report.damaged)
-        damaged = {d.oid.to_bytes(8, "big") for d in report.damaged}
-        report.has_root = ROOT_OID in read or ROOT_OID in damaged
+        damaged = {d.oid for d in report.damaged}
+        report.has_root = ROOT_OID in read or oid_number(ROOT_OID) in damaged
         missing.discard(ROOT_OID)
 
     if missing:
         report.dangling = _describe_dangling(storage, missing, refs_of)
-    report.damaged.sort(key=lambda d: d.oid)
+    _check_checksums(storage, report)
+    report.damaged.sort(key=lambda d: (d.oid is None, d.oid or 0))
     log.info(
         "verified %r: %d records, %d damaged, %d dangling references",
         storage,
@@ -294,6 +311,25 @@ def verify_storage(
         len(report.dangling),
     )
     return report
+
+
+def _check_checksums(storage: Storage, report: VerifyReport) -> None:
+    """Add what a storage's own ``check()`` finds (every checksum it keeps).
+
+    Storages with checksums (dhruva's checked file format) check every byte
+    of the file that way, records no longer reachable included.
+    """
+    check = getattr(storage, "check", None)
+    if not callable(check):
+        return
+    known = {(d.oid, d.offset) for d in report.damaged}
+    known_oids = {d.oid for d in report.damaged if d.oid is not None}
+    for problem in check():
+        damaged = DamagedRecord.from_error(None, problem)
+        if (damaged.oid, damaged.offset) in known or damaged.oid in known_oids:
+            continue
+        report.damaged.append(damaged)
+        known.add((damaged.oid, damaged.offset))
 
 
 # --- who holds a dangling reference ---------------------------------------------
