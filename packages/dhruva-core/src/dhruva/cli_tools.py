@@ -112,6 +112,24 @@ def _collect_warnings() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
+@contextmanager
+def _quiet_unless_asked() -> Iterator[None]:
+    """Keep the storages' own damage messages out of stderr: the report has them.
+
+    With ``--log-level INFO`` or lower they are shown as they come.
+    """
+    logger = logging.getLogger("dhruva")
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    old_level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+
+
 def _open_source(
     ctx: click.Context,
     file: str | None,
@@ -163,6 +181,7 @@ def verify_command(
     try:
         with (
             library_errors(f"verifying {name}", file),
+            _quiet_unless_asked(),
             ProgressBar("verifying") as bar,
         ):
             total = source.get_size() or 0
@@ -207,11 +226,8 @@ def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> N
             for holder in dangling.holders:
                 where = ", ".join(holder.attributes) or "(attribute unknown)"
                 click.echo(f"      oid {holder.oid} ({holder.class_name}) at {where}")
-    if not sound:
-        click.echo(
-            "  restore from a backup, or open the file with --repair for a "
-            "damaged tail (see `dhruva backup`)"
-        )
+    if report.damaged or report.dangling or report.scan_error:
+        click.echo("  restore the database from a backup (`dhruva backup` takes one)")
 
 
 # --- dhruva info -------------------------------------------------------------------
