@@ -436,10 +436,6 @@ def test_readonly_reads_up_to_a_torn_tail_and_changes_nothing(three_commits, cap
     assert path.read_bytes() == content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TODO(#7): damage followed by complete transactions is cut by repair",
-)
 def test_repair_does_not_cut_complete_transactions_after_damage(tmp_path):
     path = tmp_path / "db.durus"
     with FileStorage(path) as s:

@@ -71,6 +71,7 @@ from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.shelf import (
     FIRST_TRANSACTION,
     PREFIX,
+    MidFileDamageError,
     OffsetMap,
     ScanResult,
     TornTailError,
@@ -352,7 +353,9 @@ class FileStorage(Storage):
         """Deal with what a scan at open found after the last transaction."""
         if scan.torn_at is None:
             return
-        error = TornTailError(self.path, scan.torn_at, size, scan.reason)
+        error: StorageError = TornTailError(self.path, scan.torn_at, size, scan.reason)
+        if scan.damaged_inside:
+            error = MidFileDamageError(self.path, scan.torn_at, size, scan.reason)
         if self.at is not None:
             raise self._not_a_position(f"it falls inside a transaction: {scan.reason}")
         if self.readonly:
@@ -361,7 +364,7 @@ class FileStorage(Storage):
                 log.debug("%s; a commit may be in progress: reading up to it", error)
             else:
                 log.warning("%s; reading up to the incomplete transaction", error)
-        elif repair:
+        elif repair and not scan.damaged_inside:
             self._cut_tail(scan.torn_at, size, scan.reason)
         else:
             log.error("%s", error)

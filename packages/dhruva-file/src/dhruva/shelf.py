@@ -79,6 +79,37 @@ class TornTailError(StorageError):
         )
 
 
+class MidFileDamageError(StorageError):
+    """A transaction that is not the file's last one is damaged.
+
+    A crash only ever leaves the last transaction incomplete; damage followed
+    by more data comes from elsewhere (a disk error, a stray write), and
+    cutting the file there would throw away later commits, so repair refuses.
+
+    :param path: the database file.
+    :param offset: the byte offset of the damaged transaction.
+    :param size: the file's size in bytes.
+    :param reason: what is wrong at ``offset``.
+    """
+
+    def __init__(self, path: str, offset: int, size: int, reason: str) -> None:
+        super().__init__(path, offset, size, reason)
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: the transaction at byte offset {self.offset} is damaged "
+            f"({self.reason}) and {self.size - self.offset} bytes of later data "
+            "follow it, so this is not an incomplete last commit. Repair would "
+            "throw those later commits away and is refused. Open the file "
+            "read-only to read the database up to the damage, and restore it "
+            "from a backup"
+        )
+
+
 def width_for(largest: int) -> int:
     """Return the bytes per map word Durus picks to hold values up to ``largest``.
 
@@ -242,6 +273,9 @@ class ScanResult:
     torn_at: int | None = None
     #: What is wrong with the tail.
     reason: str = ""
+    #: True when the bad transaction fits in the file and more data follows it:
+    #: damage in the middle of the file, not an incomplete last commit.
+    damaged_inside: bool = False
 
 
 def scan_transactions(
@@ -268,6 +302,12 @@ def scan_transactions(
         if problem is not None:
             result.torn_at = position
             result.reason = problem
+            if file_size - position >= 8:
+                file.seek(position)
+                claimed_end = position + 8 + _int8.unpack(file.read(8))[0]
+                result.damaged_inside = claimed_end < file_size and not (
+                    _zeros_to_end(file, claimed_end)
+                )
             break
         file.seek(position)
         end = position + 8 + _int8.unpack(file.read(8))[0]
