@@ -25,9 +25,16 @@ from dhruva.persistent_dict import PersistentDict
 from dhruva.persistent_list import PersistentList
 from dhruva.plugins import open_storage
 from dhruva.record import ROOT_OID
-from dhruva.storage import MemoryStorage
+from dhruva.storage import MemoryStorage, Storage
 
-KINDS = ["file", "file2", "sqlite"]
+#: Storage kinds, and "dhruva": the file kind in its checked DHRUVA1 format.
+KINDS = ["file", "dhruva", "file2", "sqlite"]
+
+
+def open_db(path: Path | str, kind: str) -> Storage:
+    if kind == "dhruva":
+        return FileStorage(path, format="dhruva")
+    return open_storage(path, kind)
 
 
 class Thing(Persistent):
@@ -40,7 +47,7 @@ def run(*args: str) -> Result:
 
 def make_database(path: Path, kind: str, objects: int = 30) -> None:
     """A root with a list of small lists, and a few commits after it."""
-    connection = Connection(open_storage(path, kind))
+    connection = Connection(open_db(path, kind))
     root = connection.get_root()
     root["items"] = PersistentList(PersistentList([i]) for i in range(objects))
     connection.commit()
@@ -253,26 +260,29 @@ def test_info_describes_the_file(tmp_path: Path, kind: str) -> None:
     make_database(path, kind)
 
     info = json.loads(run("info", "--json", str(path)).stdout)
-    assert info["storage"] == kind
+    assert info["storage"] == ("file" if kind == "dhruva" else kind)
     assert info["size"] == path.stat().st_size
     assert info["objects"] == 32
     assert info["census"] == {
         "dhruva.persistent_list.PersistentList": 31,
         "dhruva.persistent_dict.PersistentDict": 1,
     }
+    if kind == "dhruva":
+        assert info["header"] == "DHRUVA1"
     # The new root, the list, three more; SQLite keeps no list of commits.
     assert info["commits_since_pack"] == (None if kind == "sqlite" else 5)
 
     text = run("info", str(path)).output
     assert (
-        f"storage:  {kind}" in text and "dhruva.persistent_list.PersistentList" in text
+        f"storage:  {info['storage']}" in text
+        and "dhruva.persistent_list.PersistentList" in text
     )
 
 
 # --- backup -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["file", "file2"])
+@pytest.mark.parametrize("kind", ["file", "dhruva", "file2"])
 def test_backup_is_full_then_incremental_then_full_after_a_pack(
     tmp_path: Path, kind: str
 ) -> None:
@@ -285,7 +295,7 @@ def test_backup_is_full_then_incremental_then_full_after_a_pack(
     assert copy.read_bytes() == path.read_bytes()
     assert "already up to date" in run("backup", str(path), str(copy)).output
 
-    connection = Connection(open_storage(path, kind))
+    connection = Connection(open_db(path, kind))
     connection.get_root()["n"] = 99
     connection.commit()
     connection.close()
@@ -295,7 +305,7 @@ def test_backup_is_full_then_incremental_then_full_after_a_pack(
     assert f"{path.stat().st_size - before} bytes copied" in result.output
     assert read_values(copy) == (99, list(range(30)))
 
-    connection = Connection(open_storage(path, kind))
+    connection = Connection(open_db(path, kind))
     del connection.get_root()["items"][:5]
     connection.commit()
     connection.pack()
@@ -310,9 +320,15 @@ WRITER = textwrap.dedent(
     import sys
     from dhruva.connection import Connection
     from dhruva.persistent_list import PersistentList
+    from dhruva.file_storage import FileStorage
     from dhruva.plugins import open_storage
 
-    connection = Connection(open_storage(sys.argv[1], sys.argv[2]))
+    path, kind = sys.argv[1], sys.argv[2]
+    if kind == "dhruva":
+        storage = FileStorage(path, format="dhruva")
+    else:
+        storage = open_storage(path, kind)
+    connection = Connection(storage)
     root = connection.get_root()
     i = 0
     while True:
@@ -344,7 +360,7 @@ def test_backups_taken_during_commits_open_whole(tmp_path: Path, kind: str) -> N
             assert result.exit_code == 0, result.output
 
             # Opened for writing without repair: it ends at a commit's end.
-            connection = Connection(open_storage(copy, kind))
+            connection = Connection(open_db(copy, kind))
             root = connection.get_root()
             assert root["a"] == root["b"] == len(root["log"]) - 1
             connection.close()
