@@ -33,7 +33,7 @@ from dhruva.storage import Storage, gen_reachable_records
 LONG = os.environ.get("DHRUVA_LONG_TESTS") == "1"
 
 #: Kill rounds per format.
-ROUNDS = 150 if LONG else 6
+ROUNDS = 150 if LONG else 5
 
 #: The formats, and how the child and the parent open them.
 OPENERS = textwrap.dedent(
