@@ -722,12 +722,16 @@ class FileStorage(Storage):
         self._check_writable("pack()")
         if self._pack_extra is not None:
             raise StorageError(f"{self.path}: a pack is running already")
-        return self._packer()
+        return self._start_packer()
+
+    def _start_packer(self) -> Iterator[None]:
+        # A second packer made before the first one started must not run:
+        # it would truncate the first one's .pack file.
+        if self._pack_extra is not None:
+            raise StorageError(f"{self.path}: a pack is running already")
+        yield from self._packer()
 
     def _packer(self) -> Iterator[None]:
-        if self._pack_extra is not None:
-            # Another packer from get_packer() started after this one was made.
-            raise StorageError(f"{self.path}: a pack is running already")
         if self._position(ROOT_OID) is None:
             log.info("%s has no root object; nothing to pack", self.path)
             return

@@ -463,9 +463,6 @@ class FileStorage2(FileStorage):
     # --- packing -------------------------------------------------------------------
 
     def _packer(self) -> Iterator[None]:
-        if self._pack_extra is not None:
-            # Another packer from get_packer() started after this one was made.
-            raise StorageError(f"{self.path}: a pack is running already")
         if ROOT_OID not in self._index:
             log.info("%s has no root object; nothing to pack", self.path)
             return
