@@ -20,7 +20,8 @@ from dhruva.file_storage import FileLockedError, FileStorage
 from dhruva.file_storage2 import FileStorage2
 from dhruva.plugins import open_storage
 
-KINDS = {"file": FileStorage, "file2": FileStorage2}
+#: "file" makes new files in dhruva's DHRUVA1 format, "shelf" in Durus's SHELF-1.
+KINDS = {"file": FileStorage, "file2": FileStorage2, "shelf": FileStorage}
 
 FIXTURES = (
     Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "durus-4"
@@ -28,7 +29,12 @@ FIXTURES = (
 
 
 @pytest.fixture(params=sorted(KINDS))
-def kind(request: pytest.FixtureRequest) -> type[FileStorage]:
+def kind(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> type[FileStorage]:
+    if request.param == "shelf":
+        # New files as FileStorage(path, format="durus") makes them.
+        monkeypatch.setattr("dhruva.checked_file.DEFAULT_FORMAT", "durus")
     return KINDS[request.param]
 
 
@@ -210,6 +216,14 @@ def test_restore_at_a_bad_position_writes_nothing(counted, kind, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
 
 
+def test_restore_of_a_missing_source_names_it(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"x")
+    with pytest.raises(StorageError, match=r"no database file .*missing"):
+        restore(tmp_path / "missing", 40, taken, force=True)
+    assert taken.read_bytes() == b"x"
+
+
 def test_history_refuses_a_sqlite_file(tmp_path):
     path = tmp_path / "db.sqlite"
     path.write_bytes(b"SQLite format 3\0" + bytes(100))
@@ -250,16 +264,21 @@ def test_a_durus_file_shows_its_counter_going_back(name, tmp_path, legacy_model)
 # --- the command line ----------------------------------------------------------
 
 
-def test_cli_history_lists_positions_and_says_there_are_no_times(counted, kind):
+def test_cli_history_lists_positions_and_times_where_recorded(counted, kind):
     path, sizes = counted
+    timed = path.read_bytes().startswith(b"DHRUVA1\n")  # Durus formats have none
     result = CliRunner().invoke(make_cli(), ["history", str(path)])
     assert result.exit_code == 0, result.output
-    assert "records no commit times" in result.output
+    assert ("records no commit times" in result.output) is not timed
     lines = result.output.splitlines()
-    rows = [line.split() for line in lines if line.split()[0:1] != ["#"]][2:]
+    rows = [line.split() for line in lines if line.split()[0:1] != ["#"]]
+    rows = rows[1 if timed else 2 :]
     assert rows[0][0] == "base"
     assert [int(row[1]) for row in rows[1:]] == sizes
-    assert all(row[3] == "-" for row in rows)
+    if timed:
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", row[3]) for row in rows)
+    else:
+        assert all(row[3] == "-" for row in rows)
 
 
 def test_cli_restore_and_its_refusals(counted, kind, tmp_path):

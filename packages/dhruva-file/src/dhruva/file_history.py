@@ -120,6 +120,7 @@ def restore(
     """
     source = Path(path)
     target = Path(output)
+    storage_class(source)  # a missing or foreign source is named first
     if target.exists():
         if target.resolve() == source.resolve() or os.path.samefile(source, target):
             raise StorageError(
