@@ -110,9 +110,14 @@ class Server:
         return self.process.wait(timeout=STARTUP_SECONDS)
 
     def kill(self) -> None:
+        """Stop the server: politely (it removes its temporary file), then not."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=STARTUP_SECONDS)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STARTUP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STARTUP_SECONDS)
 
 
 @pytest.fixture
