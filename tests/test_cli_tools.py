@@ -373,6 +373,33 @@ def test_a_sqlite_backup_leaves_the_writers_wal_mode_behind(tmp_path: Path) -> N
     assert not Path(f"{copy}-wal").exists()
 
 
+def test_a_backup_cut_short_is_copied_again_in_full(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "file")
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    with open(copy, "ab") as f:
+        f.write(b"\0" * 100)  # an append that never finished
+
+    result = run("backup", str(path), str(copy))
+    assert "full copy" in result.output
+    assert copy.read_bytes() == path.read_bytes()
+
+
+def test_backup_refuses_a_destination_open_for_writing(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "file")
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    before = copy.read_bytes()
+    writer = FileStorage(copy)  # someone works on the backup itself
+    try:
+        result = run("backup", "--full", str(path), str(copy))
+    finally:
+        writer.close()
+    assert result.exit_code == 1
+    assert "open for writing in another process" in result.output
+    assert copy.read_bytes() == before
+
+
 def test_backup_refuses_to_replace_a_file_that_is_no_database(tmp_path: Path) -> None:
     path, notes = tmp_path / "db", tmp_path / "notes.txt"
     make_database(path, "file")
