@@ -31,7 +31,7 @@ from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import FileStorage
 from dhruva.plugins import get_plugins, open_storage
 from dhruva.record import ROOT_OID
-from dhruva.shelf import TornTailError
+from dhruva.shelf import MidFileDamageError, TornTailError
 from dhruva.storage_testing import (
     BasicStorageContract,
     DurableStorageContract,
@@ -361,7 +361,7 @@ def test_damage_before_the_last_transaction_is_refused_even_with_repair(tmp_path
     data[start + 40] ^= 0x10
     path.write_bytes(data)
     for repair in (False, True):
-        with pytest.raises(DamagedFileError) as refused:
+        with pytest.raises(MidFileDamageError) as refused:
             CheckedFileStorage(path, repair=repair)
         assert refused.value.offset == start
         assert f"byte offset {start}" in str(refused.value)

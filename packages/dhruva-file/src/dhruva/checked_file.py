@@ -39,10 +39,11 @@ What the checksums catch, and what happens then:
   reads up to it.
 - A bad transaction with a good one after it is damage in the middle of the
   file. A writable open refuses it, with or without ``repair``, raising
-  :class:`DamagedFileError` with the path and byte offset: cutting there
-  would drop later commits. A read-only open reads the database as it was
-  just before the damage (logged as an error); ``dhruva restore FILE --at
-  POSITION`` can write that state to a new file.
+  :class:`~dhruva.shelf.MidFileDamageError` with the path and byte offset
+  (as FileStorage does for SHELF-1): cutting there would drop later commits.
+  A read-only open reads the database as it was just before the damage
+  (logged as an error); ``dhruva restore FILE --at POSITION`` can write that
+  state to a new file.
 - The header and the index block are checked at open; damage there is a
   :class:`DamagedFileError`.
 - Every :meth:`~CheckedFileStorage.load` checks the record's own checksum
@@ -84,7 +85,7 @@ from typing import BinaryIO
 from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import FileStorage, _fsync_directory
 from dhruva.record import ROOT_OID
-from dhruva.shelf import ScanResult, TransactionSpan
+from dhruva.shelf import MidFileDamageError, ScanResult, TransactionSpan
 from dhruva.storage import InvalidationHandler, gen_reachable_records
 
 log = logging.getLogger(__name__)
@@ -402,9 +403,10 @@ class CheckedFileStorage(FileStorage):
         writing.
     :raises TornTailError: when the file ends in an incomplete transaction
         and ``repair`` is false.
-    :raises DamagedFileError: when the header, the index block, or a
-        transaction before the last one fails its checksum (read-only opens
-        read up to a damaged transaction instead).
+    :raises MidFileDamageError: when a transaction before the last one fails
+        its checks (read-only opens read up to it instead).
+    :raises DamagedFileError: when the header or the index block fails its
+        checksum.
     :raises StorageError: when the file is missing (read-only) or not in
         this format.
     """
@@ -515,17 +517,13 @@ class CheckedFileStorage(FileStorage):
         if scan.damaged_at is None:
             return scan
         where = (
-            f"the transaction there {scan.reason}, and a good one follows at byte "
-            f"offset {scan.resumes_at}, so this is not a crash mid-commit"
+            f"{scan.reason}; a good transaction follows at byte offset "
+            f"{scan.resumes_at}"
         )
         if not self.readonly:
-            raise self._damaged(
-                scan.damaged_at,
-                f"{where}. Repair would lose later commits, so it is refused. Open "
-                "the file read-only to read the database as it was before the "
-                f"damage, or `dhruva restore {self.path} --at {scan.damaged_at} "
-                "--output NEW` to write that to a new file",
-            )
+            error = MidFileDamageError(self.path, scan.damaged_at, size, where)
+            log.error("%s", error)
+            raise error
         if getattr(self, "_damage_reported", None) != scan.damaged_at:
             self._damage_reported = scan.damaged_at
             log.error(
@@ -710,6 +708,7 @@ class CheckedFileStorage(FileStorage):
                     yield None
             if chunk:
                 put(chunk)
+            yield None
 
             # Records committed while packing, and what they reach anew.
             carried = self._carry_over(set(offsets) - self._pack_extra)
