@@ -16,6 +16,8 @@ from dhruva.error import (
 )
 from dhruva.persistent import ComputedAttribute, Persistent
 from dhruva.persistent_dict import PersistentDict
+from dhruva.record import pack_record, unpack_record
+from dhruva.serializer import SerializationError
 from dhruva.storage import MemoryStorage, get_census
 
 
@@ -367,3 +369,30 @@ def test_a_ghost_whose_record_a_pack_removed_says_so():
     connection.pack()
     with pytest.raises(RemovedObjectError, match="pack removed it"):
         ghost.name  # noqa: B018
+
+
+def test_an_unpicklable_value_is_refused_by_name_and_nothing_is_written():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = Item("kept")
+    connection.commit()
+    records = dict(storage.records)
+    connection.get_root()["item"].value = lambda: 1
+    connection.get_root()["new"] = Item("new")
+    with pytest.raises(SerializationError) as info:
+        connection.commit()
+    message = str(info.value)
+    assert "Item" in message and "oid 1" in message and "dill" in message
+    assert storage.records == records
+
+
+def test_a_damaged_record_names_its_oid():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = item = Item("x")
+    connection.commit()
+    oid = item._p_oid
+    oid_, data, refs = unpack_record(storage.records[oid])
+    storage.records[oid] = pack_record(oid, data[:-5] + b"\xff" * 5, refs)
+    with pytest.raises(SerializationError, match=f"oid {int.from_bytes(oid, 'big')}"):
+        Connection(storage).get_root()["item"].name  # noqa: B018

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -242,6 +244,12 @@ class Connection(ConnectionBase):
         except SerializationError as error:
             oid = int.from_bytes(_getattribute(obj, "_p_oid"), "big")
             raise type(error)(f"loading oid {oid}: {error}") from error
+        except (pickle.UnpicklingError, EOFError, ValueError, zlib.error) as error:
+            oid = int.from_bytes(_getattribute(obj, "_p_oid"), "big")
+            raise SerializationError(
+                f"the record of oid {oid} ({type(obj).__name__}) cannot be read, "
+                f"it is damaged: {error}. `dhruva verify` lists damaged records"
+            ) from error
         obj.__setstate__(state)
         _setattribute(obj, "_p_status", 0)
 

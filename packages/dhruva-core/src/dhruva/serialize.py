@@ -51,6 +51,7 @@ from dhruva.serializer import (
     LoadPolicy,
     MissingSerializerError,
     RecordReader,
+    SerializationError,
     Serializer,
     resolve_serializer,
     split_tagged,
@@ -265,10 +266,13 @@ class ObjectWriter(BaseWriter):
         self._refs.clear()
         header = _class_header(type(obj))
         class_end = 0
-        if header is None:
-            self._pickler.dump(type(obj))
-            class_end = self._buffer.tell()
-        self._pickler.dump(obj.__getstate__())
+        try:
+            if header is None:
+                self._pickler.dump(type(obj))
+                class_end = self._buffer.tell()
+            self._pickler.dump(obj.__getstate__())
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise _unpicklable(obj, error) from error
         written = self._buffer.getvalue()
         if header is None:
             header = written[:class_end]
@@ -331,6 +335,18 @@ class _CollectingMixin:
     def persistent_load(self, pid: Any) -> Any:
         self.oids.add(pid[0])
         return super().persistent_load(pid)  # type: ignore[misc]
+
+
+def _unpicklable(obj: Any, error: Exception) -> SerializationError:
+    oid = obj._p_oid
+    where = "a new object" if oid is None else f"oid {int.from_bytes(oid, 'big')}"
+    return SerializationError(
+        f"cannot store {type(obj).__module__}.{type(obj).__qualname__} ({where}) "
+        f"with pickle: {error}. Keep only picklable values in persistent objects "
+        "(module-level functions and classes, not lambdas or local ones), or "
+        "write with the dill serializer: Connection(storage, serializer='dill') "
+        "or `--serializer dill`. Nothing of this commit was written"
+    )
 
 
 class ObjectReader:
