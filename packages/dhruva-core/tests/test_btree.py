@@ -640,3 +640,12 @@ def test_changes_through_a_small_cache_that_ghosts_nodes() -> None:
         assert tree.get(probe) == expected.get(probe)
         assert len(tree) == len(expected)
     check_tree(Connection(storage).get_root()["tree"], expected)
+
+
+def test_a_node_stored_with_a_len_count_loads():
+    from dhruva.btree import BNode16
+
+    node = BNode16.__new__(BNode16)
+    node.__setstate__({"items": [(1, "a"), (2, "b")], "nodes": None, "_len": 2})
+    assert node.items == [(1, "a"), (2, "b")]
+    assert node.get_count() == 2

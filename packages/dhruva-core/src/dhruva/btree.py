@@ -111,6 +111,13 @@ class BNode(PersistentObject):
     #: Items in this node and below; absent in nodes written by Durus 4.3.
     _count: int
 
+    def __setstate__(self, state: Any) -> None:
+        # Some Durus versions after 4.3 store the count as ``_len``.
+        if state and "_len" in state:
+            state = dict(state)
+            state.setdefault("_count", state.pop("_len"))
+        super().__setstate__(state)
+
     def __init__(self) -> None:
         self.items = []
         self.nodes = None
