@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from dhruva.btree import BTree
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.cli import make_cli
 from dhruva.connection import Connection
 from dhruva.file_storage import FileStorage
@@ -17,7 +18,12 @@ from dhruva.plugins import Plugins
 from dhruva.sqlite_storage import SqliteStorage
 from dhruva.storage import Storage
 
-KINDS = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
+KINDS = {
+    "checked": CheckedFileStorage,
+    "file": FileStorage,
+    "file2": FileStorage2,
+    "sqlite": SqliteStorage,
+}
 
 
 @pytest.fixture(params=sorted(KINDS))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
 from dhruva.file_storage import FileStorage
 from dhruva.file_storage2 import FileStorage2
@@ -26,6 +27,7 @@ from dhruva.sqlite_storage import SqliteStorage
 from dhruva.storage import Storage, gen_reachable_records
 
 KINDS: dict[str, Callable[..., Storage]] = {
+    "checked": CheckedFileStorage,
     "file": FileStorage,
     "file2": FileStorage2,
     "sqlite": SqliteStorage,
@@ -40,12 +42,14 @@ ROUNDS = 20
 PACKER = textwrap.dedent(
     """
     import sys
+    from dhruva.checked_file import CheckedFileStorage
     from dhruva.file_storage import FileStorage
     from dhruva.file_storage2 import FileStorage2
     from dhruva.record import pack_record
     from dhruva.sqlite_storage import SqliteStorage
 
     kinds = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
+    kinds["checked"] = CheckedFileStorage
     storage = kinds[sys.argv[1]](sys.argv[2])
 
     def add_garbage(count):

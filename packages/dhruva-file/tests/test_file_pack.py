@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
 from dhruva.file_storage import FileLockedError, FileStorage
 from dhruva.file_storage2 import FileStorage2
@@ -21,7 +22,7 @@ from dhruva.record import ROOT_OID, pack_record
 from dhruva.storage import Storage, gen_reachable_records
 from dhruva.storage_testing import IncrementalPackStorageContract, commit, new_oids
 
-KINDS = {"file": FileStorage, "file2": FileStorage2}
+KINDS = {"file": FileStorage, "file2": FileStorage2, "checked": CheckedFileStorage}
 
 
 class TestFileStorageIncrementalPack(IncrementalPackStorageContract):
@@ -141,11 +142,13 @@ def test_a_failed_incremental_pack_keeps_commits_made_during_it(
 PACK_IN_READONLY_FOLDER = """
 import sys
 from dhruva.error import StorageError
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.file_storage import FileStorage
 from dhruva.file_storage2 import FileStorage2
 from dhruva.record import pack_record
 
-storage = {"file": FileStorage, "file2": FileStorage2}[sys.argv[1]](sys.argv[2])
+kinds = {"file": FileStorage, "file2": FileStorage2, "checked": CheckedFileStorage}
+storage = kinds[sys.argv[1]](sys.argv[2])
 try:
     storage.pack()
 except StorageError as e:
@@ -202,6 +205,7 @@ def test_a_pack_in_a_readonly_folder_is_refused_and_the_database_stays_writable(
 #: disk fills up), then lifts the limit and commits.
 PACK_WITH_SIZE_LIMIT = """
 import resource, sys
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
 from dhruva.file_storage import FileStorage
 from dhruva.file_storage2 import FileStorage2
@@ -209,6 +213,7 @@ from dhruva.record import pack_record
 from dhruva.sqlite_storage import SqliteStorage
 
 kinds = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
+kinds["checked"] = CheckedFileStorage
 storage = kinds[sys.argv[1]](sys.argv[2])
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), hard))

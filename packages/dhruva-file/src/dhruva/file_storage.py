@@ -729,7 +729,10 @@ class FileStorage(Storage):
         # it would truncate the first one's .pack file.
         if self._pack_extra is not None:
             raise StorageError(f"{self.path}: a pack is running already")
-        yield from self._packer()
+        try:
+            yield from self._packer()
+        except DhruvaKeyError as e:
+            raise self._dangling_error(e) from e
 
     def _packer(self) -> Iterator[None]:
         if self._position(ROOT_OID) is None:
@@ -771,8 +774,6 @@ class FileStorage(Storage):
             self._replace_with(packed)
         except OSError as e:
             raise self._pack_error(e) from e
-        except DhruvaKeyError as e:
-            raise self._dangling_error(e) from e
         finally:
             self._pack_extra = None
             if new is not None:

@@ -504,8 +504,6 @@ class FileStorage2(FileStorage):
             self._replace_with(packed)
         except OSError as e:
             raise self._pack_error(e) from e
-        except DhruvaKeyError as e:
-            raise self._dangling_error(e) from e
         finally:
             self._pack_extra = None
             if new is not None:
