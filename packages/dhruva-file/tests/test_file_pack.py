@@ -1,6 +1,6 @@
-"""Packing FileStorage and FileStorage2: the incremental packer with commits
-between its steps, packs killed with SIGKILL in a real process, packs that
-fail, and the leftovers of interrupted packs."""
+"""Packing FileStorage, FileStorage2 and CheckedFileStorage: the incremental
+packer with commits between its steps, packs that fail, and the leftovers of
+interrupted packs (packs killed in a real process: tests/test_pack_crash.py)."""
 
 from __future__ import annotations
 
