@@ -186,8 +186,8 @@ class ConnectionMachine(RuleBasedStateMachine):
 
 
 _settings = settings(
-    max_examples=300 if LONG else 15,
-    stateful_step_count=60 if LONG else 40,
+    max_examples=300 if LONG else 10,
+    stateful_step_count=60 if LONG else 35,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
