@@ -209,6 +209,27 @@ def test_verify_checks_every_checksum_of_the_checked_format(tmp_path: Path) -> N
         assert f"byte offset {entry['offset']}" in entry["message"]
 
 
+def test_verify_finds_a_damaged_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    connection = Connection(open_storage(path, "sqlite"))
+    connection.get_root()["items"] = PersistentList(
+        PersistentList(["y" * 3000]) for _ in range(100)
+    )
+    connection.commit()
+    connection.close()
+    data = bytearray(path.read_bytes())
+    start = len(data) - 3 * 4096  # inside a page of the objects table
+    data[start : start + 8] = b"\xab" * 8
+    path.write_bytes(bytes(data))
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1
+    assert "NOT SOUND" in result.stdout
+    assert "SQLite's integrity check: database disk image is malformed" in (
+        result.stdout
+    )
+
+
 def test_verify_reports_an_incomplete_last_transaction(tmp_path: Path) -> None:
     path = tmp_path / "db.durus"
     make_database(path, "file")

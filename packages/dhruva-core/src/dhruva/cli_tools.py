@@ -168,26 +168,43 @@ def verify_command(
     """Check every record of FILE (or of a server's database).
 
     Every record is read (which checks its checksum, in formats that keep
-    one), every reference is followed, and references to missing records are
-    listed with the objects and attributes holding them. Exit status 0 when
+    one; SQLite files get SQLite's quick_check), every reference is
+    followed, and references to missing records are listed with the objects
+    and attributes holding them. Exit status 0 when
     the database is sound, 1 when it is not. Without FILE, the server at
     --host/--port or --address is checked.
     """
-    from dhruva.verify import verify_storage
+    from dhruva.verify import DamagedRecord, verify_storage
 
     # What the storage finds wrong as it opens (a torn tail) counts too.
     with _collect_warnings() as warnings:
-        source, name = _open_source(ctx, file, storage, host, port, address)
+        try:
+            source, name = _open_source(ctx, file, storage, host, port, address)
+        except click.ClickException:
+            raise
+        except Exception as error:  # a damaged file can fail in any way
+            log.debug("opening %s failed", file, exc_info=True)
+            raise click.ClickException(
+                f"cannot open {file}, it is damaged: {error}; restore it from a backup"
+            ) from error
     try:
         with (
             library_errors(f"verifying {name}", file),
             _quiet_unless_asked(),
             ProgressBar("verifying") as bar,
         ):
-            total = source.get_size() or 0
+            try:
+                total = source.get_size() or 0
+            except Exception:  # damage; verify_storage reports it
+                total = 0
             report = verify_storage(source, lambda n: bar(n, total))
     finally:
         source.close()
+    if file is not None and (storage or cli_plugins(ctx).recognize(file)) == "sqlite":
+        report.damaged.extend(
+            DamagedRecord(None, f"{file}: SQLite's integrity check: {problem}")
+            for problem in _sqlite_problems(file)
+        )
 
     sound = report.sound and not warnings
     if as_json:
@@ -197,6 +214,23 @@ def verify_command(
     else:
         _print_report(name, report, warnings, sound)
     ctx.exit(0 if sound else 1)
+
+
+def _sqlite_problems(path: str) -> list[str]:
+    """Run SQLite's own check of its file structure; return what it finds."""
+    import sqlite3
+    from urllib.parse import quote
+
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True)
+        try:
+            rows = connection.execute("PRAGMA quick_check").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        return [str(error)]
+    return [str(row[0]) for row in rows if row[0] != "ok"]
 
 
 def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> None:

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: Records loaded per request when the reachable records are read one by one.
 _BATCH = 100
 
+# A damaged file can make a storage fail with its backend's own errors
+# (sqlite3.DatabaseError: "database disk image is malformed") rather than a
+# DhruvaError: while reading records, verify takes any Exception as damage.
+
 #: Holders listed per dangling reference.
 MAX_HOLDERS = 20
 
@@ -196,7 +200,7 @@ def _scan_all(
             except DhruvaError as error:
                 report.damaged.append(DamagedRecord.from_error(oid, error))
                 refs_of[oid] = []
-    except DhruvaError as error:
+    except Exception as error:  # a backend's own errors too (see _FAILURES)
         # The storage can not go on past a record it refuses.
         log.warning("reading every record stopped: %s", error)
         report.scan_error = str(error)
@@ -209,7 +213,7 @@ def _load_each(storage: Storage, oids: list[bytes]) -> Iterator[tuple[bytes, Any
     """Yield ``(oid, record or exception)``, trying a batch first, then one by one."""
     try:
         records = list(storage.bulk_load(oids))
-    except DhruvaError:
+    except Exception:  # noqa: S110 - read them one by one to tell which
         pass
     else:
         yield from zip(oids, records, strict=True)
@@ -217,7 +221,7 @@ def _load_each(storage: Storage, oids: list[bytes]) -> Iterator[tuple[bytes, Any
     for oid in oids:
         try:
             yield oid, storage.load(oid)
-        except DhruvaError as error:
+        except Exception as error:  # a backend's own errors too
             yield oid, error
 
 
@@ -324,7 +328,12 @@ def _check_checksums(storage: Storage, report: VerifyReport) -> None:
         return
     known = {(d.oid, d.offset) for d in report.damaged}
     known_oids = {d.oid for d in report.damaged if d.oid is not None}
-    for problem in check():
+    try:
+        problems = check()
+    except Exception as error:
+        report.damaged.append(DamagedRecord.from_error(None, error))
+        return
+    for problem in problems:
         damaged = DamagedRecord.from_error(None, problem)
         if (damaged.oid, damaged.offset) in known or damaged.oid in known_oids:
             continue
