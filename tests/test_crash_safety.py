@@ -7,8 +7,8 @@ repair when a torn last transaction makes a plain open refuse it) and
 checks that every acknowledged commit is there, and that no commit is there
 in part. Then the next child goes on from there, round after round.
 
-Packs killed at random moments are tested for SHELF-1, DFS20 and SQLite in
-``tests/test_pack_crash.py``; here for dhruva's checked DHRUVA1 format.
+Packs killed at random moments are tested in ``tests/test_pack_crash.py``
+(SHELF-1, DHRUVA1, DFS20 and SQLite).
 
 ``DHRUVA_LONG_TESTS=1`` runs many more rounds.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 from dhruva.error import StorageError
-from dhruva.record import ROOT_OID, pack_record, unpack_record
-from dhruva.storage import Storage, gen_reachable_records
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage import Storage
 
 LONG = os.environ.get("DHRUVA_LONG_TESTS") == "1"
 
@@ -173,82 +173,3 @@ def test_every_acknowledged_commit_survives_sigkill(tmp_path: Path, kind: str) -
         assert counter == max(found, default=-1), where
         assert set(found) == set(range(counter + 1)), f"{where}: a commit is missing"
     assert acknowledged, "no commit was acknowledged in any round"
-
-
-# --- packs of the checked format killed -------------------------------------------
-
-PACKER = OPENERS + textwrap.dedent(
-    """
-    import sys
-    from dhruva.record import pack_record
-
-    storage = open_kind("dhruva", sys.argv[1])
-
-    def add_garbage(count):
-        storage.begin()
-        for _ in range(count):
-            oid = storage.new_oid()
-            storage.store(oid, pack_record(oid, b"garbage" * 30, b""))
-        storage.end()
-
-    print("ready", flush=True)
-    packs = 0
-    while True:
-        add_garbage(1000)
-        if packs % 2:
-            storage.pack()
-        else:
-            for _step in storage.get_packer():
-                add_garbage(5)
-        packs += 1
-    """
-)
-
-
-def build_tree(storage: Storage, count: int) -> dict[bytes, bytes]:
-    """Commit a binary tree of ``count`` objects, and as much garbage."""
-    oids = [storage.new_oid() for _ in range(count)]
-    assert oids[0] == ROOT_OID
-    records = {
-        oid: pack_record(oid, b"object %d;" % i, b"".join(oids[2 * i + 1 : 2 * i + 3]))
-        for i, oid in enumerate(oids)
-    }
-    storage.begin()
-    for oid, record in records.items():
-        storage.store(oid, record)
-    for _ in range(count):
-        oid = storage.new_oid()
-        storage.store(oid, pack_record(oid, b"garbage", b""))
-    storage.end()
-    return records
-
-
-@pytest.mark.timeout(900 if LONG else 300)
-def test_a_pack_of_the_checked_format_killed_loses_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "db.dhruva"
-    storage = open_kind("dhruva", path)
-    expected = build_tree(storage, 5000)
-    started = time.monotonic()
-    storage.pack()
-    delay = 3 * (time.monotonic() - started) + 0.1
-    storage.close()
-
-    rng = random.Random("pack")
-    for round_ in range(ROUNDS):
-        child = subprocess.Popen(
-            [sys.executable, "-c", PACKER, str(path)], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == "ready\n"
-            time.sleep(rng.uniform(0, delay))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.communicate(timeout=60)
-
-        assert path.exists() and path.stat().st_size > 0, f"round {round_}"
-        storage, _repaired = reopen("dhruva", path)
-        try:
-            assert dict(gen_reachable_records(storage)) == expected, f"round {round_}"
-        finally:
-            storage.close()
