@@ -4,10 +4,12 @@ A child process packs a database over and over (incremental packs with
 commits of new garbage between the steps, and whole packs) until it is
 killed. After each kill the database must be under its original name, not
 empty, open, and hold every object reachable from the root, unchanged.
+``DHRUVA_LONG_TESTS=1`` runs many more rounds.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -36,8 +38,10 @@ KINDS: dict[str, Callable[..., Storage]] = {
 #: Objects reachable from the root; a pack of them takes a few tenths of a second.
 REACHABLE = 10_000
 
+LONG = os.environ.get("DHRUVA_LONG_TESTS") == "1"
+
 #: Kill rounds per storage kind.
-ROUNDS = 20
+ROUNDS = 100 if LONG else 8
 
 PACKER = textwrap.dedent(
     """
@@ -131,7 +135,7 @@ def pack_seconds(storage: Storage) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800 if LONG else 600)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_pack_killed_at_any_moment_loses_nothing(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"db.{kind}"
