@@ -66,6 +66,12 @@ def test_a_missing_class_loads_as_a_placeholder_written_back_unchanged(
 
     with pytest.raises(BrokenObjectError, match="missing class oldapp.Gadget"):
         broken.size = 4
+    with pytest.raises(AttributeError, match=r"broken placeholder: its class oldapp"):
+        broken.size  # noqa: B018
+    with pytest.raises(
+        AttributeError, match=r"'size'\. Its state as loaded is in obj\.broken_state"
+    ):
+        broken.size  # noqa: B018
     broken._p_note_change()
     root["other"] = "changed"
     connection.commit()
@@ -110,3 +116,30 @@ def test_a_rename_table_loads_moved_classes(app_module: Any) -> None:
         assert type(connection.get_root()["gadget"]) is Renamed
         connection.get_root()._p_note_change()
         connection.commit()
+
+
+@pytest.mark.parametrize("serializer", ["pickle", "msgspec", "dill"])
+def test_a_reference_to_a_found_class_whose_record_names_a_missing_one(
+    app_module: Any, serializer: str
+) -> None:
+    # What a half-done rename leaves: references name Gadget, the record does not.
+    from dhruva.record import pack_record, unpack_record
+    from dhruva.serializer import SerializationError
+
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer=serializer)
+    connection.get_root()["gadget"] = gadget = app_module.Gadget()
+    gadget.size = 3
+    connection.commit()
+    oid = gadget._p_oid
+    _oid, data, refs = unpack_record(storage.load(oid))
+    for old, new in ((b"oldapp\nGadget", b"oldapp\nGizmo_"), (b":Gadget", b":Gizmo_")):
+        data = data.replace(old, new)
+    data = data.replace(b"\x8c\x06Gadget", b"\x8c\x06Gizmo_")  # dill, protocol 4
+    storage.records[oid] = pack_record(oid, data, refs)
+
+    root = Connection(storage).get_root()
+    with pytest.raises(SerializationError) as raised:
+        root["gadget"].size  # noqa: B018
+    assert "oldapp.Gizmo_, which cannot be found" in str(raised.value)
+    assert "name oldapp.Gadget" in str(raised.value)

@@ -176,3 +176,54 @@ def test_damaged_msgspec_record_is_an_error_not_a_crash() -> None:
     storage.end()
     with pytest.raises(SerializationError, match="extension code 99"):
         Connection(storage).get_root().keys()
+
+
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_a_string_with_a_lone_surrogate_is_refused(where: str) -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer="msgspec")
+    connection.get_root()["thing"] = thing = Thing()
+    connection.commit()
+    before = dict(storage.records)
+
+    thing.name = ["ok", "bad \udc80"] if where == "value" else {"bad \udc80": 1}
+    with pytest.raises(SerializationError) as raised:
+        connection.commit()
+    message = str(raised.value)
+    assert f"cannot store {__name__}.Thing oid" in message
+    assert "attribute 'name'" in message
+    assert "lone surrogate" in message
+    assert storage.records == before
+
+
+def _rename_in_records(storage: MemoryStorage, old: bytes, new: bytes) -> None:
+    from dhruva.record import unpack_record
+
+    for oid, record in list(storage.records.items()):
+        _oid, data, refs = unpack_record(record)
+        storage.records[oid] = pack_record(oid, data.replace(old, new), refs)
+
+
+def test_a_missing_class_is_logged_once_per_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer="msgspec")
+    things = [Thing() for _ in range(3)]
+    connection.get_root()["things"] = PersistentList(things)
+    connection.get_root()["first"] = things[0]
+    connection.commit()
+    _rename_in_records(storage, f"{__name__}:Thing".encode(), b"gone_app_mod:Thing")
+
+    root = Connection(storage).get_root()
+    loaded = list(root["things"]) + [root["first"]]
+    for obj in loaded:
+        obj._p_load_state()
+    assert all(is_broken(obj) for obj in loaded)
+    warnings = [
+        r
+        for r in caplog.records
+        if "gone_app_mod.Thing" in r.getMessage()
+        and r.name == "dhruva.msgspec_serializer"
+    ]
+    assert len(warnings) == 1

@@ -131,3 +131,14 @@ def test_safe_globals_are_values_not_functions() -> None:
     }  # fmt: skip
     assert ("builtins", "eval") not in SAFE_GLOBALS
     assert ("builtins", "getattr") not in SAFE_GLOBALS
+
+
+def test_range_written_by_protocol_2_loads() -> None:
+    # Protocol 2 names range as __builtin__.xrange; restricted mode maps it back.
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["span"] = range(2, 10, 3)
+    connection.commit()
+
+    root = Connection(storage, restricted=True).get_root()
+    assert root["span"] == range(2, 10, 3)

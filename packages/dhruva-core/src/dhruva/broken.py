@@ -71,6 +71,17 @@ class BrokenPersistent(Persistent):
     def __getstate__(self) -> Any:
         return _getattribute(self, "__dict__").get("broken_state")
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: say why the attribute is not there.
+        if name[:3] == "_p_" or name[:2] == "__":
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self!r} is a broken placeholder: its class {self.broken_name} is "
+            f"missing, so it has no attribute {name!r}. Its state as loaded is in "
+            "obj.broken_state; make the class importable (or give a rename "
+            "table) to load it as itself"
+        )
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name[:3] == "_p_":
             _setattribute(self, name, value)

@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from dhruva.broken import BROKEN_TYPES, BrokenState
 from dhruva.cache import Cache
 from dhruva.error import (
     ConflictError,
@@ -44,7 +45,7 @@ from dhruva.persistent import (
 )
 from dhruva.persistent_dict import PersistentDict
 from dhruva.record import ROOT_OID, pack_record, unpack_record
-from dhruva.serialize import ObjectReader
+from dhruva.serialize import ObjectReader, _class_name_of_data
 from dhruva.serializer import (
     DEFAULT_SERIALIZER,
     LoadPolicy,
@@ -250,6 +251,18 @@ class Connection(ConnectionBase):
                 f"the record of oid {oid} ({type(obj).__name__}) cannot be read, "
                 f"it is damaged: {error}. `dhruva verify` lists damaged records"
             ) from error
+        if isinstance(state, BrokenState) and type(obj) not in BROKEN_TYPES:
+            # The reference found the class, but the record names a missing one.
+            oid = int.from_bytes(_getattribute(obj, "_p_oid"), "big")
+            cls = type(obj)
+            raise SerializationError(
+                f"the record of oid {oid} names the class "
+                f"{_class_name_of_data(data)}, which cannot be found, while the "
+                f"objects referring to it name {cls.__module__}.{cls.__qualname__}."
+                " Make the record's class importable, or give a rename table "
+                "mapping it to the class it became (`dhruva migrate --rename "
+                "OLD=NEW` stores it again under the new name)"
+            )
         obj.__setstate__(state)
         _setattribute(obj, "_p_status", 0)
 

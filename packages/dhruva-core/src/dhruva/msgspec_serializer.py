@@ -199,6 +199,10 @@ class MsgspecWriter(BaseWriter):
             payload = self._encode(self.convert(state))
         except _Unsupported as unsupported:
             raise _refusal(obj, state, unsupported) from None
+        except UnicodeEncodeError as error:
+            text = _find_unencodable(state)
+            why = f"a lone surrogate {error.object[error.start]!r}, not UTF-8"
+            raise _refusal(obj, state, _Unsupported(text, why)) from None
         except RecursionError:
             raise SerializationError(
                 f"cannot store {_describe(obj)} with the msgspec serializer: its "
@@ -265,6 +269,26 @@ def _find_path(container: Any, target: Any, path: str = "") -> str | None:
     return None
 
 
+def _find_unencodable(value: Any) -> Any:
+    # The first str inside ``value`` that UTF-8 cannot encode (lone surrogates).
+    if type(value) is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    items: Any = ()
+    if type(value) is dict:
+        items = [item for pair in value.items() for item in pair]
+    elif type(value) in (list, tuple, set, frozenset):
+        items = value
+    for item in items:
+        found = _find_unencodable(item)
+        if found is not None:
+            return found
+    return None
+
+
 def _refusal(obj: PersistentBase, state: Any, error: _Unsupported) -> Exception:
     value = error.value
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
@@ -298,6 +322,7 @@ class MsgspecReader:
         self._get_instance = connection.cache.get_instance
         self._decode = msgspec.msgpack.Decoder(ext_hook=self._ext).decode
         self._ref_classes: list[type] = []
+        self._missing: set[str] = set()  # classes already warned about
         policy = connection.load_policy
         self._rename = policy.rename
         self._ext_decoders: dict[int, Any] = {
@@ -321,6 +346,9 @@ class MsgspecReader:
         module, qualname = self._rename(*split_name(name))
         cls = find_loaded_class(module, qualname)
         if cls is None:
+            if name in self._missing:
+                return broken_class(module, qualname)
+            self._missing.add(name)
             log.warning(
                 "class %s of a msgspec record is not defined in this process "
                 "(msgspec records never import modules): import its module first",

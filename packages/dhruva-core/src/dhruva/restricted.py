@@ -144,9 +144,11 @@ class PolicyFinder:
         return self._find_restricted(module, name)
 
     def _find_restricted(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)
+        # Python 2 names first (protocol 2 writes range as __builtin__.xrange).
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _PY2_MODULES.get(module, module)
         if (module, name) in SAFE_GLOBALS:
             return _find_global(module, name)
         if module == "importlib" and name == "import_module":
