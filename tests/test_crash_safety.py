@@ -143,7 +143,10 @@ def kill_while_committing(kind: str, path: Path, rng: random.Random) -> dict[int
 
 def commits_in(storage: Storage) -> tuple[int, dict[int, set[int]], dict[int, int]]:
     """Return the root's counter, the parts found of each commit, their count."""
-    counter = int(unpack_record(storage.load(ROOT_OID))[1])
+    try:
+        counter = int(unpack_record(storage.load(ROOT_OID))[1])
+    except KeyError:  # killed before its first commit
+        counter = -1
     found: dict[int, set[int]] = {}
     parts: dict[int, int] = {}
     for oid, record in storage.gen_oid_record():
