@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from dhruva.cli import make_cli
 from dhruva.connection import Connection
 from dhruva.file_storage import FileStorage
@@ -471,3 +471,98 @@ def test_dhruva_migrate_changes_the_serializer_of_every_record(
         storage.close()
     assert kinds == {True}
     assert run(workdir, READ, str(path), "r", "pickle") == "OK PersistentDict\n"
+
+
+MIGRATE_SETUP_WITH = """
+import sys
+from dhruva.connection import Connection
+from dhruva.file_storage import FileStorage
+from dhruva.persistent_list import PersistentList
+from oldmodels import Account
+
+connection = Connection(FileStorage(sys.argv[1]), serializer=sys.argv[2])
+root = connection.get_root()
+root["accounts"] = PersistentList(Account(n) for n in range(2))
+root["one"] = root["accounts"][0]
+if sys.argv[2] == "dill":
+    root["one"].rate = lambda hours: hours * 3
+connection.commit()
+connection.close()
+"""
+
+MIGRATE_CHECK_WITH = """
+import sys
+from dhruva.connection import Connection
+from dhruva.file_storage import FileStorage
+from dhruva.record import unpack_record
+from dhruva.serializer import tagged_serializer_name
+from newmodels import Customer
+
+storage = FileStorage(sys.argv[1])
+print(sorted({tagged_serializer_name(unpack_record(r)[1]) or "pickle"
+              for _oid, r in storage.gen_oid_record()}))
+root = Connection(storage).get_root()
+one = root["one"]
+print(type(one).__name__, one.number, root["accounts"][0] is one)
+if sys.argv[2] == "dill":
+    print(root["one"].rate(2))
+"""
+
+
+def _move_class(tmp_path: Path, serializer: str) -> Path:
+    (tmp_path / "oldmodels.py").write_text(
+        "from dhruva.persistent import Persistent\n"
+        "class Account(Persistent):\n"
+        "    def __init__(self, number):\n"
+        "        self.number = number\n"
+    )
+    path = tmp_path / "db.durus"
+    run(tmp_path, MIGRATE_SETUP_WITH, str(path), serializer)
+    (tmp_path / "oldmodels.py").unlink()
+    (tmp_path / "newmodels.py").write_text(
+        "from dhruva.persistent import Persistent\n"
+        "class Customer(Persistent):\n"
+        "    pass\n"
+    )
+    return path
+
+
+def _migrate(tmp_path: Path, *args: str) -> Result:
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return CliRunner().invoke(make_cli(Plugins()), ["migrate", *args])
+    finally:
+        sys.path.remove(str(tmp_path))
+        module = sys.modules.pop("newmodels", None)
+        if module is not None:
+            module.Customer.__module__ = "gone"  # no later test finds it loaded
+
+
+@pytest.mark.parametrize("serializer", ["msgspec", "dill"])
+def test_dhruva_migrate_rename_keeps_each_records_serializer(
+    tmp_path: Path, serializer: str
+) -> None:
+    path = _move_class(tmp_path, serializer)
+    result = _migrate(
+        tmp_path, str(path), "--rename", "oldmodels.Account=newmodels.Customer"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == f"rewrote 4 records in {path}\n"
+
+    out = run(tmp_path, MIGRATE_CHECK_WITH, str(path), serializer).splitlines()
+    assert out[0] == str([serializer])
+    assert out[1] == "Customer 0 True"
+    if serializer == "dill":
+        assert out[2] == "6"
+
+
+def test_dhruva_migrate_refuses_a_misspelt_new_class(tmp_path: Path) -> None:
+    path = _move_class(tmp_path, "msgspec")
+    before = path.read_bytes()
+    result = _migrate(
+        tmp_path, str(path), "--rename", "oldmodels.Account=newmodels.Custmer"
+    )
+    assert result.exit_code == 1
+    assert "newmodels.Custmer (module newmodels has no Custmer)" in result.output
+    assert "nothing was rewritten" in result.output
+    assert path.read_bytes() == before

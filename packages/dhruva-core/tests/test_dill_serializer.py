@@ -74,3 +74,46 @@ def test_restricted_connections_refuse_dill_records() -> None:
     connection.commit()
     with pytest.raises(RestrictedLoadError, match="dill records can run code"):
         Connection(storage, restricted=True)
+
+
+def test_a_damaged_record_of_the_running_versions_does_not_blame_versions() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer="dill")
+    connection.get_root()["f"] = lambda: 1
+    connection.commit()
+    oid, data, refs = unpack_record(storage.load(b"\0" * 8))
+    damaged = data.split(b"\n")[0] + b"\n\x80\x04garbage"
+    storage.records[oid] = oid + len(damaged).to_bytes(4, "big") + damaged + refs
+
+    with pytest.raises(SerializationError) as raised:
+        Connection(storage).get_root().keys()
+    message = str(raised.value)
+    assert "written by the running versions" in message
+    assert "damaged" in message
+    assert "Load it with the versions" not in message
+
+
+class Money:
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+
+def test_a_value_of_a_missing_class_loads_as_a_placeholder() -> None:
+    from dhruva.broken import is_broken
+
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer="dill")
+    connection.get_root()["holder"] = holder = Holder()
+    holder.price = Money(250)
+    holder.name = "kept"
+    connection.commit()
+    for oid, record in list(storage.records.items()):
+        oid, data, refs = unpack_record(record)
+        data = data.replace(b"\x05Money", b"\x05Mone_")  # a class that is gone
+        storage.records[oid] = oid + len(data).to_bytes(4, "big") + data + refs
+
+    holder = Connection(storage).get_root()["holder"]
+    assert holder.name == "kept"
+    assert is_broken(holder.price)
+    assert holder.price.broken_name == f"{__name__}.Mone_"
+    assert holder.price.broken_state == {"cents": 250}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from dhruva.connection import Connection
-from dhruva.migrate import migrate, oids_to_migrate
+from dhruva.migrate import MigrationError, migrate, oids_to_migrate
 from dhruva.persistent import Persistent
+from dhruva.record import unpack_record
+from dhruva.serializer import tagged_serializer_name
 from dhruva.storage import MemoryStorage, get_census
 
 
@@ -46,3 +51,110 @@ def test_migrate_rewrites_only_the_records_that_name_an_old_class() -> None:
     assert oids_to_migrate(Connection(storage, renames=renames)) == []
     things = Connection(storage).get_root()["things"]
     assert [type(thing) for thing in things] == [NewThing] * 3
+
+
+@pytest.fixture
+def app_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Modules ``migapp_v1`` (Customer, Money) and ``migapp_v2`` (Client, Money).
+
+    Only v1 is imported; v2 is importable from ``tmp_path``.
+    """
+    body = (
+        "from dhruva.persistent import Persistent\n"
+        "class {0}(Persistent):\n"
+        "    def __init__(self, name):\n"
+        "        self.name = name\n"
+        "class Money:\n"
+        "    def __init__(self, cents):\n"
+        "        self.cents = cents\n"
+    )
+    (tmp_path / "migapp_v1.py").write_text(body.format("Customer"))
+    (tmp_path / "migapp_v2.py").write_text(body.format("Client"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in ("migapp_v1", "migapp_v2"):
+        module = sys.modules.pop(name, None)
+        for cls in vars(module).values() if module else ():
+            if isinstance(cls, type):
+                cls.__module__ = "gone"  # no later test may find it as loaded
+
+
+def _write_v1(serializer: str, with_money: bool = False) -> MemoryStorage:
+    import migapp_v1  # type: ignore[import-not-found]
+    from dhruva.persistent_list import PersistentList
+
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer=serializer)
+    root = connection.get_root()
+    root["cust"] = customer = migapp_v1.Customer("ann")
+    root["list"] = PersistentList([customer])
+    if with_money:
+        customer.price = migapp_v1.Money(5)
+    if serializer == "dill":
+        customer.rate = lambda hours: hours * 3
+    connection.commit()
+
+    # The old module is gone from the process and cannot be imported.
+    del sys.modules["migapp_v1"]
+    migapp_v1.Customer.__module__ = "gone"
+    return storage
+
+
+def _serializers(storage: MemoryStorage) -> set[str]:
+    return {
+        tagged_serializer_name(unpack_record(record)[1]) or "pickle"
+        for record in storage.records.values()
+    }
+
+
+RENAMES = {
+    "migapp_v1.Customer": "migapp_v2.Client",
+    "migapp_v1.Money": "migapp_v2.Money",
+}
+
+
+@pytest.mark.parametrize("serializer", ["pickle", "msgspec", "dill"])
+def test_migrate_imports_the_new_classes_and_keeps_each_serializer(
+    app_versions: Path, serializer: str
+) -> None:
+    storage = _write_v1(serializer, with_money=serializer != "msgspec")
+    assert "migapp_v2" not in sys.modules
+
+    connection = Connection(storage, renames=RENAMES)
+    oids = oids_to_migrate(connection)
+    assert len(oids) == 3  # the customer, the root and the list naming it
+    assert migrate(connection, oids) == 3
+    assert _serializers(storage) == {serializer}
+
+    import migapp_v2  # type: ignore[import-not-found]
+
+    root = Connection(storage).get_root()
+    assert type(root["cust"]) is migapp_v2.Client
+    assert root["cust"].name == "ann"
+    assert root["list"][0] is root["cust"]
+    if serializer != "msgspec":
+        assert type(root["cust"].price) is migapp_v2.Money
+    if serializer == "dill":
+        assert root["cust"].rate(2) == 6
+    assert oids_to_migrate(Connection(storage, renames=RENAMES)) == []
+
+
+def test_migrate_refuses_a_new_class_that_cannot_be_found(
+    app_versions: Path,
+) -> None:
+    storage = _write_v1("msgspec")
+    before = dict(storage.records)
+    connection = Connection(storage, renames={"migapp_v1.Customer": "migapp_v2.Clinet"})
+    with pytest.raises(MigrationError) as raised:
+        migrate(connection)
+    assert "migapp_v2.Clinet (module migapp_v2 has no Clinet)" in str(raised.value)
+    assert "nothing was rewritten" in str(raised.value)
+    assert storage.records == before
+
+
+def test_migrate_converts_when_asked(app_versions: Path) -> None:
+    storage = _write_v1("msgspec")
+    connection = Connection(storage, renames=RENAMES)
+    oids = oids_to_migrate(connection)
+    migrate(connection, oids, convert=True)  # to the connection's pickle
+    assert _serializers(storage) == {"pickle"}

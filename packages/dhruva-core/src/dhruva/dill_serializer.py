@@ -112,7 +112,10 @@ class DillReader:
 
             def find_class(self, module: str, name: str) -> Any:
                 module, name = reader._rename(module, name)
-                return super().find_class(rename_module(module), name)
+                try:
+                    return super().find_class(rename_module(module), name)
+                except (ImportError, AttributeError):
+                    return broken_class(module, name)
 
         self._unpickler = _Unpickler
 
@@ -150,6 +153,14 @@ class DillReader:
         except Exception as error:
             written = line.decode("ascii", "replace")
             running = version_line().decode().strip()
+            if written == running:
+                raise SerializationError(
+                    f"cannot load the dill record of a {dotted(cls_name)}, "
+                    f"written by the running versions ({written}): "
+                    f"{type(error).__name__}: {error}. The record is damaged, "
+                    "or holds something this process cannot rebuild; "
+                    "`dhruva verify` lists damaged records"
+                ) from error
             raise SerializationError(
                 f"cannot load the dill record of a {dotted(cls_name)}: it was "
                 f"written by {written.replace(' python', ' under Python')}, and "
