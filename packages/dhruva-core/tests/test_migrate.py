@@ -158,3 +158,24 @@ def test_migrate_converts_when_asked(app_versions: Path) -> None:
     oids = oids_to_migrate(connection)
     migrate(connection, oids, convert=True)  # to the connection's pickle
     assert _serializers(storage) == {"pickle"}
+
+
+def test_migrate_finds_a_plain_value_of_an_old_class_in_a_dill_record(
+    app_versions: Path,
+) -> None:
+    import migapp_v1
+
+    storage = MemoryStorage()
+    connection = Connection(storage, serializer="dill")
+    connection.get_root()["thing"] = thing = NewThing()
+    thing.price = migapp_v1.Money(5)
+    connection.commit()
+
+    renames = {"migapp_v1.Money": "migapp_v2.Money"}
+    assert oids_to_migrate(Connection(storage, renames=renames)) == [thing._p_oid]
+    assert migrate(Connection(storage, renames=renames)) == 1
+    import migapp_v2
+
+    price = Connection(storage).get_root()["thing"].price
+    assert type(price) is migapp_v2.Money and price.cents == 5
+    assert _serializers(storage) == {"dill"}
