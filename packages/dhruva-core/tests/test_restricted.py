@@ -142,3 +142,54 @@ def test_range_written_by_protocol_2_loads() -> None:
 
     root = Connection(storage, restricted=True).get_root()
     assert root["span"] == range(2, 10, 3)
+
+
+@pytest.mark.parametrize("gone", ["module", "class"])
+def test_a_persistent_class_that_cannot_be_found_loads_as_a_placeholder(
+    gone: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+    import types
+
+    from dhruva.broken import is_broken
+
+    module = types.ModuleType("restricted_app")
+    exec(
+        "from dhruva.persistent import Persistent\n"
+        "class Customer(Persistent):\n"
+        "    pass\n",
+        vars(module),
+    )
+    monkeypatch.setitem(sys.modules, "restricted_app", module)
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["customer"] = customer = module.Customer()
+    customer.name = "ann"
+    connection.get_root()["other"] = "still readable"
+    connection.commit()
+
+    # Not imported in this process, or imported but no longer defining it.
+    module.Customer.__module__ = "gone"
+    if gone == "module":
+        monkeypatch.delitem(sys.modules, "restricted_app")
+    else:
+        del module.Customer
+
+    root = Connection(storage, restricted=True).get_root()
+    assert root["other"] == "still readable"
+    assert is_broken(root["customer"])
+    assert root["customer"].broken_state == {"name": "ann"}
+    assert "import the module that defines it" in caplog.text.lower()
+
+
+def test_a_class_of_a_standard_module_not_imported_is_still_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "smtplib", raising=False)
+    state = b"\x80\x02}q\x01X\x01\x00\x00\x00aq\x02csmtplib\nSMTP\nq\x03)\x81q\x04s."
+    storage = store_root_state(state)
+    with pytest.raises(RestrictedLoadError, match="refused to load smtplib.SMTP"):
+        Connection(storage, restricted=True).get_root().keys()
+    assert "smtplib" not in sys.modules

@@ -14,11 +14,19 @@ Two things a policy adds to plain (Durus) loading:
   of it is called: a database from an untrusted source cannot run code
   through a pickle (``os.system``, ``subprocess.Popen``, ``eval``...).
 
+A class that cannot be found loads as a broken placeholder (see
+:mod:`dhruva.broken`), as without restricted mode, so that a missing class
+does not make its container unloadable: a class of an imported module that
+does not define it, or of a module that is not imported (restricted mode
+imports none; the standard library's modules excepted, whose classes are
+refused). A class that exists but is not allowed is refused.
+
 Limitations:
 
 - Restricted mode imports no module for a persistent class: import the
   modules that define your persistent classes before loading, or name those
-  classes in ``allowed_classes``.
+  classes in ``allowed_classes``; until then their objects load as broken
+  placeholders (with a warning in the log).
 - It trusts the persistent classes and allowed classes themselves: their
   ``__setstate__`` runs on data from the file.
 """
@@ -29,6 +37,7 @@ import _codecs
 import _compat_pickle
 import importlib
 import logging
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -124,6 +133,7 @@ class PolicyFinder:
 
     def __init__(self, policy: LoadPolicy) -> None:
         self.policy = policy
+        self._warned: set[tuple[str, str]] = set()
 
     def find(self, module: str, name: str) -> Any:
         """Return what ``module.name`` in a pickle stands for.
@@ -166,6 +176,18 @@ class PolicyFinder:
         persistent = find_loaded_class(rename_module(module), name)
         if persistent is not None:
             return persistent
+        if _cannot_be_found(rename_module(module), name):
+            if (module, name) not in self._warned:
+                self._warned.add((module, name))
+                log.warning(
+                    "restricted mode: class %s.%s is not defined in this process "
+                    "(restricted mode imports no module); its objects load as "
+                    "broken placeholders. Import the module that defines it "
+                    "before loading, or name it in allowed_classes",
+                    module,
+                    name,
+                )
+            return broken_class(module, name)
         log.error("restricted mode refused class %s.%s", module, name)
         raise RestrictedLoadError(
             f"refused to load {module}.{name}: restricted mode loads only "
@@ -174,6 +196,29 @@ class PolicyFinder:
             "add it to allowed_classes (or import its module first, if it is "
             "a persistent class)"
         )
+
+
+def _cannot_be_found(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a class restricted mode cannot find.
+
+    Nothing is imported: a class of a module already imported is missing when
+    the module does not define it; a module not imported counts as missing
+    (its objects load as placeholders), except the standard library's and
+    built-in modules, whose names are refused as they exist.
+    """
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        value: Any = loaded
+        for part in name.split("."):
+            value = getattr(value, part, _MISSING)
+            if value is _MISSING:
+                return True
+        return False
+    top = module.partition(".")[0]
+    return top not in sys.stdlib_module_names and top not in sys.builtin_module_names
+
+
+_MISSING = object()
 
 
 def _find_global(module: str, name: str) -> Any:
