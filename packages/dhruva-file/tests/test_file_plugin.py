@@ -74,3 +74,14 @@ def test_plugin_module_does_not_import_the_storage():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_file_kind_description_names_the_format_of_new_files(plugins, tmp_path):
+    # `dhruva plugins` shows this text: it must name what a new file is.
+    kind = plugins.get_storage_kind("file")
+    path = tmp_path / "new.durus"
+    kind.open(str(path), readonly=False, repair=False).close()
+    magic = "SHELF-1" if path.read_bytes().startswith(b"SHELF-1") else "DHRUVA1"
+    assert f"new files in Durus's {magic}" in kind.description or (
+        f"new files in dhruva's checksummed {magic}" in kind.description
+    )
