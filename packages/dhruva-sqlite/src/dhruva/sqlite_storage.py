@@ -263,6 +263,17 @@ class SqliteStorage(Storage):
         con.text_factory = bytes
         return con
 
+    #: True while a read-only storage reads a WAL file no writer has open.
+    _immutable = False
+
+    def _wal_without_side_files(self) -> bool:
+        with open(self.filename, "rb") as f:
+            header = f.read(20)
+        in_wal_mode = header[18:20] == b"\x02\x02"
+        return in_wal_mode and not any(
+            os.path.exists(self.filename + suffix) for suffix in ("-wal", "-shm")
+        )
+
     def _open_readonly(self) -> None:
         if not os.path.exists(self.filename):
             raise StorageError(
@@ -270,6 +281,12 @@ class SqliteStorage(Storage):
                 "creates a file. Check the path, or open it writable to create it"
             )
         uri = Path(self.filename).absolute().as_uri() + "?mode=ro"
+        if self._wal_without_side_files():
+            # No writer is open (it would have made them), and SQLite would
+            # create -wal and -shm to read a WAL file: read it as it stands,
+            # until a writer appears (see sync).
+            uri += "&immutable=1"
+            self._immutable = True
         self._con = self._connect(uri, uri=True)
         try:
             tables = self._read_tables()
@@ -546,6 +563,13 @@ class SqliteStorage(Storage):
         """
         if not self.readonly:
             return []
+        if self._immutable and os.path.exists(self.filename + "-wal"):
+            # A writer opened the file: follow it like any read-only storage.
+            self._immutable = False
+            if self._con is not None:
+                self._con.close()
+            uri = Path(self.filename).absolute().as_uri() + "?mode=ro"
+            self._con = self._connect(uri, uri=True)
         con = self._connection()
         try:
             if con.in_transaction:
