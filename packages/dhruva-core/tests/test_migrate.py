@@ -179,3 +179,34 @@ def test_migrate_finds_a_plain_value_of_an_old_class_in_a_dill_record(
     price = Connection(storage).get_root()["thing"].price
     assert type(price) is migapp_v2.Money and price.cents == 5
     assert _serializers(storage) == {"dill"}
+
+
+def test_migrate_imports_the_classes_of_msgspec_records_it_rewrites(
+    app_versions: Path,
+) -> None:
+    # A holder of an importable module not imported yet refers to a customer.
+    (app_versions / "migapp_common.py").write_text(
+        "from dhruva.persistent import Persistent\nclass Holder(Persistent): pass\n"
+    )
+    import migapp_common  # type: ignore[import-not-found]
+
+    storage = _write_v1("msgspec")
+    connection = Connection(storage, serializer="msgspec")
+    holder = connection.get_root()["holder"] = migapp_common.Holder()
+    holder.who = connection.get_root()["cust"]
+    connection.commit()
+    del sys.modules["migapp_common"]
+    migapp_common.Holder.__module__ = "gone"
+
+    try:
+        connection = Connection(storage, renames=RENAMES)
+        assert migrate(connection) == 4
+        import migapp_v2
+
+        root = Connection(storage).get_root()
+        assert type(root["holder"]).__name__ == "Holder"
+        assert type(root["holder"].who) is migapp_v2.Client
+    finally:
+        module = sys.modules.pop("migapp_common", None)
+        if module is not None:
+            module.Holder.__module__ = "gone"

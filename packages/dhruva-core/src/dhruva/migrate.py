@@ -26,6 +26,7 @@ from dhruva.broken import is_broken
 from dhruva.connection import Connection
 from dhruva.error import DhruvaError
 from dhruva.record import unpack_record
+from dhruva.serialize import rename_module
 from dhruva.serializer import (
     DEFAULT_SERIALIZER,
     resolve_serializer,
@@ -158,6 +159,28 @@ def oids_to_migrate(
     return find_records_to_migrate(connection, renames)
 
 
+def _import_msgspec_classes(connection: Connection, oids: list[bytes]) -> None:
+    # msgspec records never import: import the modules of the classes the
+    # records to rewrite name (where they can be), so that they load as
+    # themselves rather than as placeholders written back unchanged.
+    modules: set[str] = set()
+    for oid in oids:
+        data = unpack_record(connection.storage.load(oid))[1]
+        if tagged_serializer_name(data) != "msgspec":
+            continue
+        _serializer, own, payload = split_tagged(data)
+        names = payload.partition(b"\0")[0].decode("utf-8", "replace").split("\n")
+        for name in [own, *names]:
+            if name:
+                module = connection.load_policy.rename(*split_name(name))[0]
+                modules.add(rename_module(module))
+    for module in sorted(modules):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 (reported, then left broken)
+            log.debug("cannot import %s: %s", module, error)
+
+
 def migrate(
     connection: Connection,
     oids: Iterable[bytes] | None = None,
@@ -182,6 +205,8 @@ def migrate(
     resolve_new_classes(connection.load_policy.renames)
     if oids is None:
         oids = oids_to_migrate(connection)
+    oids = list(oids)
+    _import_msgspec_classes(connection, oids)
     if convert is None:
         convert = connection.serializer.name != DEFAULT_SERIALIZER
 
