@@ -112,7 +112,13 @@ def socket_path() -> Iterator[str]:
         yield os.path.join(tmp, "server.sock")
 
 
-def start_failing(*args: str, env: dict[str, str] | None = None) -> str:
+@pytest.fixture
+def start_failing() -> Callable[..., str]:
+    """Return a function that runs a server that must fail to start."""
+    return _start_failing
+
+
+def _start_failing(*args: str, env: dict[str, str] | None = None) -> str:
     """Run `dhruva server ARGS`, which must fail to start; return its stderr."""
     done = subprocess.run(
         [*SERVER_COMMAND, *args],

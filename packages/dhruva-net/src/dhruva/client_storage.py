@@ -84,6 +84,7 @@ from dhruva.net_protocol import (
     pack_uint32,
     parse_header,
     parse_hello,
+    read_auth_file,
     resolve_address,
     socket_address,
     split_oid_list,
@@ -111,6 +112,13 @@ PREFETCH_CACHE = 100_000
 
 #: The environment variable that may hold the authentication key.
 AUTH_KEY_ENV = "DHRUVA_AUTH_KEY"
+
+#: The environment variables ClientStorage reads for options not given:
+#: a file holding the key, and the TLS CA, client certificate and key.
+AUTH_FILE_ENV = "DHRUVA_AUTH_FILE"
+TLS_CA_ENV = "DHRUVA_TLS_CA"
+TLS_CERT_ENV = "DHRUVA_TLS_CERT"
+TLS_KEY_ENV = "DHRUVA_TLS_KEY"
 
 
 class _EverythingInvalid(list[bytes]):
@@ -179,11 +187,13 @@ class ClientStorage(Storage):
     :param address: ``(host, port)`` or a unix socket path.
     :param timeout: seconds to wait for any one reply; None waits for ever.
     :param auth_key: the server's shared secret; by default the
-        ``DHRUVA_AUTH_KEY`` environment variable, if set.
+        ``DHRUVA_AUTH_KEY`` environment variable, or the contents of the file
+        ``DHRUVA_AUTH_FILE`` names, if set.
     :param tls_ca: PEM file of the CA that signed the server's certificate;
-        giving it (or ``tls=True``) turns TLS on.
+        giving it (or ``tls=True``) turns TLS on. By default
+        ``DHRUVA_TLS_CA``, if set.
     :param tls_cert: a client certificate, for servers that require one;
-        ``tls_key`` its key.
+        ``tls_key`` its key (by default ``DHRUVA_TLS_CERT``, ``DHRUVA_TLS_KEY``).
     :param tls_hostname: the name to check the server's certificate against
         (by default the host connected to).
     :param prefetch: with each load, also fetch up to this many records the
@@ -212,8 +222,14 @@ class ClientStorage(Storage):
     ) -> None:
         self.address: Address = resolve_address(host, port, address)
         self.timeout = timeout
-        if auth_key is None and os.environ.get(AUTH_KEY_ENV):
-            auth_key = os.environ[AUTH_KEY_ENV]
+        env = os.environ
+        if auth_key is None and env.get(AUTH_KEY_ENV):
+            auth_key = env[AUTH_KEY_ENV]
+        elif auth_key is None and env.get(AUTH_FILE_ENV):
+            auth_key = read_auth_file(env[AUTH_FILE_ENV])
+        tls_ca = tls_ca or env.get(TLS_CA_ENV) or None
+        tls_cert = tls_cert or env.get(TLS_CERT_ENV) or None
+        tls_key = tls_key or env.get(TLS_KEY_ENV) or None
         if isinstance(auth_key, str):
             auth_key = auth_key.encode()
         self._auth_key = (
@@ -237,6 +253,9 @@ class ClientStorage(Storage):
         self._pending_invalid: list[bytes] = []
         #: True after a reconnect or a resync, until sync() says so.
         self._everything_invalid = False
+        #: The oid whose last load was refused as invalid: sync() loads it
+        #: again in the same round trip, so a busy writer cannot starve us.
+        self._reload: bytes | None = None
         self._open()
 
     def __str__(self) -> str:
@@ -434,6 +453,7 @@ class ClientStorage(Storage):
         if status == STATUS_KEYERROR:
             raise DhruvaKeyError(oid)
         if status == STATUS_INVALID:
+            self._reload = oid
             raise ReadConflictError([oid])
         if status == STATUS_ERROR:
             raise unpack_error(body)
@@ -557,10 +577,22 @@ class ClientStorage(Storage):
     def sync(self) -> list[bytes]:
         self._socket()
         result, self._pending_invalid = self._pending_invalid, []
+        reload, self._reload = self._reload, None
         more = True
         everything = False
+        reloaded: tuple[bytes, bytes] | None = None
         while more:
-            status, body = self._retrying(CMD_SYNC)
+            if reload is not None and not self._everything_invalid:
+                # The load that was refused goes right behind the sync: the
+                # server answers both without waiting for us in between.
+                self._send(CMD_SYNC)
+                status, body = self._request(CMD_LOAD + reload)
+                load_status, load_body = self._reply()
+                if load_status == STATUS_OKAY:
+                    reloaded = (reload, load_body)
+                reload = None
+            else:
+                status, body = self._retrying(CMD_SYNC)
             self._expect_okay(status, "sync")
             more = body[:1] == bytes([SYNC_MORE])
             everything = everything or body[:1] == bytes([SYNC_EVERYTHING])
@@ -571,6 +603,9 @@ class ClientStorage(Storage):
             return _EverythingInvalid()
         for oid in result:
             self._prefetched.pop(oid, None)
+        if reloaded is not None:
+            # Read after the sync: newer than every change the sync reports.
+            self._prefetched[reloaded[0]] = reloaded[1]
         return result
 
     def pack(self) -> None:

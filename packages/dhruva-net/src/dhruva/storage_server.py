@@ -272,9 +272,9 @@ class StorageServer:
         self._storage_lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
         self._commit_lock: asyncio.Lock | None = None
-        #: Oids of the commit being written, and the event set when it is done.
-        self._writing: set[bytes] = set()
-        self._written: asyncio.Event | None = None
+        #: The records the commit being written replaces (None: a new oid).
+        #: Loads of those oids meanwhile are answered from here, as before it.
+        self._writing: dict[bytes, bytes | None] = {}
 
         self._pack_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -325,20 +325,20 @@ class StorageServer:
             owner, group, mode = self._socket_access
             sock = listening_socket(self.address, owner=owner, group=group, mode=mode)
         self.bound_address = bound_address(sock)
-        connections: set[asyncio.Task[None]] = set()
+        connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
         async def on_connect(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
             task = asyncio.current_task()
             assert task is not None
-            connections.add(task)
+            connections[task] = writer
             try:
                 await self._serve_connection(reader, writer)
             except asyncio.CancelledError:
                 pass  # the server is stopping; end this task quietly
             finally:
-                connections.discard(task)
+                connections.pop(task, None)
 
         self._stopping = stopping = asyncio.Event()
         self._loop = loop
@@ -379,14 +379,20 @@ class StorageServer:
                 server.close()
             else:
                 sock.close()
-            for task in list(connections):
+            # Cut every connection too: Python 3.11's wait_for() can swallow a
+            # cancellation that comes as the awaited call finishes.
+            for task, writer in list(connections.items()):
                 task.cancel()
+                writer.transport.abort()
             await asyncio.gather(*connections, return_exceptions=True)
             if self._pack_task is not None:
                 self._pack_task.cancel()
                 await asyncio.gather(self._pack_task, return_exceptions=True)
             if server is not None:
-                await server.wait_closed()
+                # Python 3.11 waits here for connections accepted but not yet
+                # handed to a task; they are closed with the listening socket.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), 2)
             for signum in signals:
                 loop.remove_signal_handler(signum)
             self._worker.shutdown(wait=True)
@@ -630,13 +636,6 @@ class StorageServer:
 
     # --- loads ---------------------------------------------------------------
 
-    async def _wait_for_commit(self, oids: Iterable[bytes]) -> None:
-        """Wait while a commit writes any of ``oids``: its invalidations come
-        first, so a client never mixes states from before and after it."""
-        while self._writing and not self._writing.isdisjoint(oids):
-            assert self._written is not None
-            await self._written.wait()
-
     def _load_records(self, oids: list[bytes]) -> list[bytes | None]:
         """Storage call: the records of ``oids`` (None for a missing one)."""
         result: list[bytes | None] = []
@@ -649,15 +648,23 @@ class StorageServer:
                 result.append(b"")
         return result
 
-    async def _load_replies(self, client: _Client, oids: list[bytes]) -> list[bytes]:
-        await self._wait_for_commit(oids)
-        wanted = [
-            oid
-            for oid in oids
-            if oid not in client.invalid and not client.invalid_overflow
-        ]
-        loaded = await self._call(self._load_records, wanted)
+    async def _read(self, oids: list[bytes]) -> dict[bytes, bytes | None]:
+        """Return the current records of ``oids`` (None: missing, b"": conflict).
+
+        An oid a commit is writing right now is answered as it was before that
+        commit: the commit's invalidations are not out yet.
+        """
+        writing = self._writing
+        wanted = [oid for oid in oids if oid not in writing]
+        loaded = await self._call(self._load_records, wanted) if wanted else []
         records = dict(zip(wanted, loaded, strict=True))
+        records.update((oid, writing[oid]) for oid in oids if oid in writing)
+        return records
+
+    async def _load_replies(self, client: _Client, oids: list[bytes]) -> list[bytes]:
+        if client.invalid_overflow:
+            return [STATUS_INVALID] * len(oids)
+        records = await self._read([oid for oid in oids if oid not in client.invalid])
         replies = []
         for oid in oids:
             record = records.get(oid, b"")
@@ -760,18 +767,6 @@ class StorageServer:
         client.refused.clear()
         return []
 
-    def _missing(self, oids: list[bytes]) -> list[bytes]:
-        """Storage call: those of ``oids`` the storage holds no record for."""
-        missing = []
-        for oid in oids:
-            try:
-                self.storage.load(oid)
-            except KeyError:
-                missing.append(oid)
-            except ConflictError:
-                pass
-        return missing
-
     def _write(self, staged: dict[bytes, bytes], reported: list[bytes]) -> None:
         """Storage call: one transaction of ``staged`` records."""
         self.storage.begin()
@@ -821,11 +816,12 @@ class StorageServer:
             )
             return [STATUS_CONFLICT + b"".join(stale[:MAX_OIDS_PER_FRAME])]
 
-        await self._check_allocated(client, staged)
+        old = await self._check_allocated(client, staged)
 
-        # Write in the worker. Loads of these oids wait until every other
-        # client has them in its invalid set.
-        self._writing, self._written = set(staged), asyncio.Event()
+        # Write in the worker. Meanwhile loads of these oids get the records
+        # from before the commit, until every other client has them in its
+        # invalid set.
+        self._writing = old
         reported: list[bytes] = []
         try:
             await self._call(self._write, staged, reported, slow=True)
@@ -840,8 +836,7 @@ class StorageServer:
                     other.invalidate(staged)
         finally:
             self._invalidate_all(reported)
-            self._writing = set()
-            self._written.set()
+            self._writing = {}
 
         self.bytes_since_pack += size
         log.debug(
@@ -862,9 +857,10 @@ class StorageServer:
 
     async def _check_allocated(
         self, client: _Client, staged: dict[bytes, bytes]
-    ) -> None:
+    ) -> dict[bytes, bytes | None]:
         """Refuse records for oids neither stored nor handed to this client.
 
+        :return: the records ``staged`` replaces (None for a new oid).
         :raises StorageError: naming the first such oid.
         """
         for other in self.clients:
@@ -874,17 +870,24 @@ class StorageServer:
                     f"commit refused: oid {_oid_int(oid)} was handed to client "
                     f"{other.peer}, not to this one"
                 )
+        old = dict.fromkeys(staged)
+        stored = [oid for oid in staged if oid not in client.unused_oids]
+        if stored:
+            loaded = await self._call(self._load_records, stored)
+            old.update(zip(stored, loaded, strict=True))
         # The root's oid is everybody's: a new database's first commit makes it.
-        unknown = [
-            oid for oid in staged if oid not in client.unused_oids and oid != ROOT_OID
+        missing = [
+            oid
+            for oid in stored
+            if old[oid] is None and oid not in client.unused_oids and oid != ROOT_OID
         ]
-        missing = await self._call(self._missing, unknown) if unknown else []
         if missing:
             raise StorageError(
                 f"commit refused: oid {_oid_int(min(missing))} is not in the "
                 "storage and was not handed to this client; new objects must "
                 "get their oids from new_oid()"
             )
+        return old
 
     # --- scans, size -----------------------------------------------------------
 
@@ -903,10 +906,10 @@ class StorageServer:
         used = 2
         while scan and len(records) < batch_size:
             oids = scan[-min(LOAD_CHUNK, batch_size - len(records)) :][::-1]
-            await self._wait_for_commit(oids)
-            loaded = await self._call(self._load_records, oids)
-            for oid, record in zip(oids, loaded, strict=True):
-                if record is not None and record != b"":
+            current = await self._read(oids)
+            for oid in oids:
+                record = current[oid]
+                if record:
                     if used + 12 + len(record) > MAX_FRAME_SIZE and records:
                         break
                     records.append((oid, record))
