@@ -8,6 +8,7 @@ stand-in ``server`` command that reports the options it received.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -20,7 +21,8 @@ import dhruva._core_plugin
 import pytest
 from click.testing import CliRunner, Result
 from dhruva.cli import main, make_cli, rewrite_durus_flags
-from dhruva.cli_options import make_address
+from dhruva.cli_options import as_cli_message, make_address
+from dhruva.error import StorageError
 from dhruva.hookspecs import hookimpl
 from dhruva.plugins import Plugins, get_plugin_manager
 from dhruva.registry import PluginError, StorageKind, StorageRegistry
@@ -36,6 +38,9 @@ class PickleFileStorage(MemoryStorage):
         super().__init__()
         self.path = Path(path)
         self.readonly = readonly
+        if not readonly:
+            # As real storages do, a writable open creates the file.
+            self.path.touch()
         if self.path.exists() and self.path.stat().st_size:
             data = self.path.read_bytes()
             assert data.startswith(MAGIC)
@@ -353,6 +358,103 @@ def test_pack_refuses_readonly(tmp_path: Path) -> None:
     result = run(["-p", "--file", str(tmp_path / "db"), "--readonly"])
     assert result.exit_code == 2
     assert "--readonly" in result.stderr
+    assert "rewrites the database" in result.stderr
+
+
+def test_pack_help_lists_only_the_options_pack_uses() -> None:
+    result = run(["pack", "--help"])
+    assert result.exit_code == 0
+    for option in ("--file", "--storage", "--repair", "--host", "--address"):
+        assert option in result.stdout
+    for option in ("--readonly", "--cache-size", "--gcbytes", "--stop"):
+        assert option not in result.stdout
+
+
+def test_pack_refuses_a_missing_file_and_creates_none(tmp_path: Path) -> None:
+    path = tmp_path / "nosuch.durus"
+    result = run(["-p", "--file", str(path)])
+    assert result.exit_code == 1
+    assert f"no database file {path}" in result.stderr
+    assert "packed" not in result.output
+    assert not path.exists()
+
+
+def test_pack_names_a_missing_folder(tmp_path: Path) -> None:
+    path = tmp_path / "nodir" / "x.durus"
+    result = run(["-p", "--file", str(path), "--storage", "picklefile"])
+    assert result.exit_code == 1
+    assert f"the folder {tmp_path / 'nodir'} does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "option", [["--storage", "picklefile"], ["--repair"]], ids=["storage", "repair"]
+)
+def test_pack_of_a_server_refuses_file_options(option: list[str]) -> None:
+    result = run(["-p", *option])
+    assert result.exit_code == 2
+    assert "give --file too" in result.stderr
+
+
+def test_pack_with_repair_packs_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    assert client(path, "connection.commit()", "--storage", "picklefile").exit_code == 0
+    result = run(["-p", "--file", str(path), "--repair"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"packed {path}")
+
+
+# --- options that conflict ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["-c", "-p"])
+def test_a_storage_that_is_not_file_based_refuses_a_file(
+    tmp_path: Path, command: str
+) -> None:
+    path = tmp_path / "mem.durus"
+    result = run([command, "--file", str(path), "--storage", "memory"], input="")
+    assert result.exit_code == 2
+    assert "the memory storage is not file based" in result.stderr
+    assert str(path) in result.stderr
+    assert "picklefile" in result.stderr  # a storage that does keep a file
+    assert not path.exists()
+
+
+def test_client_creates_a_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "new.durus"
+    result = client(path, "print(len(root))", "--storage", "picklefile")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "0\n"
+    assert path.exists()
+
+
+@pytest.mark.parametrize("command", ["-c", "-p"])
+@pytest.mark.parametrize(
+    "option",
+    [["--address", "/tmp/s"], ["--host", "example.org"], ["--port", "4000"]],
+    ids=["address", "host", "port"],
+)
+def test_a_file_and_a_server_address_are_refused_together(
+    tmp_path: Path, command: str, option: list[str]
+) -> None:
+    path = tmp_path / "x.durus"
+    path.write_bytes(MAGIC + pickle.dumps(({}, 0)))
+    result = run([command, "--file", str(path), *option], input="")
+    assert result.exit_code == 2
+    assert f"{option[0]} name a server" in result.stderr
+    assert "a file OR a server address" in result.stderr
+
+
+def test_a_memory_client_refuses_a_server_address() -> None:
+    result = run(["-c", "--storage", "memory", "--port", "4000"], input="")
+    assert result.exit_code == 2
+    assert "--port name a server, but --storage memory" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--readonly", "--repair"])
+def test_a_memory_client_refuses_file_options(option: str) -> None:
+    result = run(["-c", "--storage", "memory", option], input="")
+    assert result.exit_code == 2
+    assert "apply to a file opened with --file" in result.stderr
 
 
 # --- dhruva plugins -----------------------------------------------------------
@@ -421,3 +523,77 @@ def test_a_plugin_failing_at_startup_is_reported_without_a_traceback(
     err = capsys.readouterr().err
     assert "plugin 'broken' cannot add its commands: reinstall it" in err
     assert "Traceback" not in err
+
+
+# --- error messages -----------------------------------------------------------
+
+
+def test_client_names_a_missing_folder(tmp_path: Path) -> None:
+    path = tmp_path / "nodir" / "x.durus"
+    result = client(path, "print(root)", "--storage", "picklefile")
+    assert result.exit_code == 1
+    assert f"{path}: the folder {tmp_path / 'nodir'} does not exist" in result.stderr
+    assert "Errno" not in result.stderr
+
+
+def _deny_writing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a file this user may read but not write (root may write any file).
+    opened = PickleFileStorage.__init__
+
+    def init(self: PickleFileStorage, path: str, readonly: bool = False) -> None:
+        if not readonly:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        opened(self, path, readonly)
+
+    monkeypatch.setattr(PickleFileStorage, "__init__", init)
+
+
+def test_permission_denied_for_writing_suggests_readonly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "theirs.durus"
+    setup = client(
+        path, "root['x'] = 1; connection.commit()", "--storage", "picklefile"
+    )
+    assert setup.exit_code == 0, setup.output
+    _deny_writing(monkeypatch)
+
+    result = client(path, "print(root)")
+    assert result.exit_code == 1
+    assert f"{path}: permission denied" in result.stderr
+    assert "--readonly" in result.stderr
+
+    readonly = client(path, "print(root['x'])", "--readonly")
+    assert readonly.exit_code == 0, readonly.output
+    assert readonly.stdout == "1\n"
+
+
+def test_library_messages_name_the_options_not_the_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "busy.durus"
+
+    def busy(self: PickleFileStorage, path: str, readonly: bool = False) -> None:
+        raise StorageError(
+            f"{path} is open for writing in another process; close it there "
+            "first, or open the file with readonly=True"
+        )
+
+    monkeypatch.setattr(PickleFileStorage, "__init__", busy)
+    result = client(path, "print(root)", "--storage", "picklefile")
+    assert result.exit_code == 1
+    assert "open the file with --readonly" in result.stderr
+    assert "readonly=True" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("repair=True needs a writable open; drop readonly=True", "--repair needs "),
+        ("repair=True needs a writable open; drop readonly=True", "drop --readonly"),
+        ("Open it with repair=True (or `--repair`) to cut", "Open it with --repair to"),
+        ("open it without readonly=True to change it", "without --readonly to"),
+    ],
+)
+def test_keyword_arguments_become_options(message: str, expected: str) -> None:
+    assert expected in as_cli_message(message)

@@ -31,16 +31,21 @@ from dhruva.cli_client import client_command
 from dhruva.cli_convert import convert_command
 from dhruva.cli_options import (
     address_options,
-    cache_size_option,
     cli_plugins,
     describe_address,
+    file_option,
     library_errors,
     make_address,
     open_client_storage,
     open_file_storage,
+    refuse_fileless_storage,
+    refuse_server_address,
+    refused_option,
+    repair_option,
+    require_existing_file,
     serializer_option,
     server_only_option,
-    storage_options,
+    storage_option,
 )
 from dhruva.cli_tools import backup_command, info_command, verify_command
 from dhruva.plugins import Plugins, get_plugins
@@ -184,9 +189,11 @@ def make_cli(plugins: Plugins | None = None) -> click.Group:
 
 
 @click.command("pack")
-@storage_options
+@file_option
+@storage_option
+@repair_option
 @address_options
-@cache_size_option
+@refused_option("readonly", "a pack rewrites the database, so it cannot be read-only")
 @server_only_option("gcbytes")
 @server_only_option("stop")
 @click.pass_context
@@ -194,33 +201,39 @@ def pack_command(
     ctx: click.Context,
     file: str | None,
     storage: str | None,
-    readonly: bool,
     repair: bool,
     host: str,
     port: int,
     address: str | None,
-    cache_size: int,
 ) -> None:
     """Remove the objects no longer reachable from the root.
 
-    With --file the file is packed directly (no server may be using it);
-    without it, the server at --host/--port or --address packs its storage.
+    With --file the file is packed directly (no server may be using it); it
+    must exist. Without it, the server at --host/--port or --address packs
+    its storage.
     """
-    if readonly:
-        raise click.UsageError("a storage opened --readonly cannot be packed")
-    if file is None and storage is None:
+    if file is None:
+        if storage is not None or repair:
+            raise click.UsageError(
+                "--storage and --repair apply to a file: give --file too "
+                "(a server is packed with the storage it was started with)",
+                ctx=ctx,
+            )
         where = make_address(host, port, address)
         opened = open_client_storage(where)
         description = f"the server at {describe_address(where)}"
     else:
+        refuse_server_address(ctx, f"--file {file}")
+        refuse_fileless_storage(file, storage, ctx)
+        require_existing_file(file, "pack")
         opened = open_file_storage(file, storage, repair=repair, ctx=ctx)
-        description = file or f"the {storage} storage"
+        description = file
 
     from dhruva.connection import Connection
 
     with library_errors(f"packing {description}"):
         try:
-            connection = Connection(opened, cache_size=cache_size)
+            connection = Connection(opened)
         except BaseException:
             opened.close()
             raise

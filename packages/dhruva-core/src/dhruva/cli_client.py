@@ -13,6 +13,7 @@ command exits: ``echo 'root["x"] = 1; connection.commit()' | dhruva -c``.
 from __future__ import annotations
 
 import code
+import logging
 import os
 import pprint
 import sys
@@ -27,6 +28,7 @@ import click
 from dhruva.cli_options import (
     Address,
     address_options,
+    as_cli_message,
     cache_size_option,
     cli_plugins,
     describe_address,
@@ -34,14 +36,19 @@ from dhruva.cli_options import (
     make_address,
     open_client_storage,
     open_file_storage,
+    refuse_server_address,
     serializer_option,
     server_only_option,
     storage_options,
 )
+from dhruva.error import DhruvaError
 from dhruva.utils import int8_to_str, str_to_int8
 
 if TYPE_CHECKING:
     from dhruva.connection import Connection
+    from dhruva.storage import Storage
+
+log = logging.getLogger(__name__)
 
 #: Where the interactive console keeps its input history.
 HISTORY_PATH = Path("~/.dhruva_history")
@@ -189,6 +196,15 @@ def client_command(
         and not cli_plugins(ctx).get_storage_kind(storage).file_based
     )
     if direct:
+        refuse_server_address(
+            ctx, f"--file {file}" if file is not None else f"--storage {storage}"
+        )
+        if file is None and (readonly or repair):
+            raise click.UsageError(
+                f"--readonly and --repair apply to a file opened with --file; "
+                f"the {storage} storage keeps none",
+                ctx=ctx,
+            )
         opened = open_file_storage(
             file, storage, readonly=readonly, repair=repair, ctx=ctx
         )
@@ -220,9 +236,26 @@ def client_command(
         status = _run_console(names, description, startup)
         _warn_uncommitted(connection)
     finally:
-        connection.close()
+        _close(connection, opened, description)
     if status:
         ctx.exit(status)
+
+
+def _close(connection: Connection, opened: Storage, description: str) -> None:
+    # Closing drops what was not committed, which asks the storage for news; a
+    # server that has gone away cannot answer. The session is over all the
+    # same: say so in one line instead of failing the command.
+    try:
+        connection.close()
+    except (DhruvaError, OSError) as error:
+        log.debug("closing %s failed", description, exc_info=True)
+        if description.startswith("the server"):
+            what = f"{description} went away before the session closed"
+        else:
+            what = f"closing {description} failed"
+        click.echo(f"warning: {what}: {as_cli_message(str(error))}", err=True)
+        with suppress(DhruvaError, OSError):
+            opened.close()
 
 
 def _warn_uncommitted(connection: Connection) -> None:

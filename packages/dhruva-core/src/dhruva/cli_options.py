@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from dhruva.error import DhruvaError
 from dhruva.plugins import Plugins, get_plugins
 
@@ -113,42 +116,79 @@ def serializer_refused_option(func: F) -> F:
     )(func)
 
 
+def file_option(func: F) -> F:
+    """Add ``--file``: the database file to open directly."""
+    return click.option(
+        "--file",
+        "file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Database file to open directly.",
+    )(func)
+
+
+def storage_option(func: F) -> F:
+    """Add ``--storage NAME``: the storage kind, checked against the plugins."""
+    return click.option(
+        "--storage",
+        "storage",
+        metavar="NAME",
+        default=None,
+        callback=_check_storage_name,
+        help="Storage kind (see `dhruva plugins`); by default it is "
+        "recognized from the file, and a new file gets 'file'.",
+    )(func)
+
+
+def readonly_option(func: F) -> F:
+    """Add ``--readonly``."""
+    return click.option(
+        "--readonly",
+        is_flag=True,
+        default=False,
+        help="Open the file read-only.",
+    )(func)
+
+
+def repair_option(func: F) -> F:
+    """Add ``--repair``."""
+    return click.option(
+        "--repair",
+        is_flag=True,
+        default=False,
+        help="Truncate a damaged file after its last good transaction "
+        "instead of refusing to open it.",
+    )(func)
+
+
 def storage_options(func: F) -> F:
     """Add ``--file``, ``--storage``, ``--readonly`` and ``--repair``."""
-    decorators = [
-        click.option(
-            "--file",
-            "file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Database file to open directly.",
-        ),
-        click.option(
-            "--storage",
-            "storage",
-            metavar="NAME",
-            default=None,
-            callback=_check_storage_name,
-            help="Storage kind (see `dhruva plugins`); by default it is "
-            "recognized from the file, and a new file gets 'file'.",
-        ),
-        click.option(
-            "--readonly",
-            is_flag=True,
-            default=False,
-            help="Open the file read-only.",
-        ),
-        click.option(
-            "--repair",
-            is_flag=True,
-            default=False,
-            help="Truncate a damaged file after its last good transaction "
-            "instead of refusing to open it.",
-        ),
-    ]
-    for decorator in reversed(decorators):
+    for decorator in (repair_option, readonly_option, storage_option, file_option):
         func = decorator(func)
     return func
+
+
+def refused_option(name: str, reason: str) -> Callable[[F], F]:
+    """Accept the flag ``--NAME`` only to refuse it with ``reason``.
+
+    For options users may carry over from another command; hidden from
+    ``--help``, since the command never honours it.
+    """
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:
+            raise click.UsageError(f"--{name}: {reason}", ctx=ctx)
+
+    def decorator(func: F) -> F:
+        return click.option(
+            f"--{name}",
+            is_flag=True,
+            hidden=True,
+            expose_value=False,
+            callback=refuse,
+        )(func)
+
+    return decorator
 
 
 def address_options(func: F) -> F:
@@ -239,14 +279,69 @@ def describe_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Library messages name keyword arguments (``readonly=True``); on the command
+#: line the same thing is an option. Each pattern and the text that replaces it.
+_OPTION_SPELLINGS = [
+    # "with repair=True (or `--repair`)": the option alone is enough.
+    (re.compile(r"\b(readonly|repair)=True \(or `--\1`\)"), r"--\1"),
+    (re.compile(r"\b(readonly|repair)=True\b"), r"--\1"),
+]
+
+
+def as_cli_message(message: str) -> str:
+    """Return a library error message with option names for keyword arguments.
+
+    ``"open the file with readonly=True"`` becomes ``"open the file with
+    --readonly"``; the same for ``repair=True``.
+    """
+    for pattern, replacement in _OPTION_SPELLINGS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+def describe_os_error(error: OSError, *, writing: bool = False) -> str:
+    """Return what an OS error means for the file it names, and what to do.
+
+    :param writing: the file was being opened for writing, so ``--readonly``
+        is a way around a permission error.
+    """
+    if error.filename is None:
+        return str(error)
+    path = os.fsdecode(error.filename)
+    if isinstance(error, FileNotFoundError):
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            return (
+                f"{path}: the folder {folder} does not exist; create it first, "
+                "or check the path"
+            )
+        return f"{path}: no such file; check the path"
+    if isinstance(error, PermissionError):
+        message = f"{path}: permission denied"
+        if writing:
+            message += (
+                " (opening it for writing); to only read it, open it with "
+                "--readonly, or fix its permissions"
+            )
+        return message
+    return f"{path}: {error.strerror or error}"
+
+
 @contextmanager
-def library_errors(what: str, subject: str | None = None) -> Iterator[None]:
+def library_errors(
+    what: str, subject: str | None = None, *, writing: bool = False
+) -> Iterator[None]:
     """Turn a library or OS error raised in the block into a click error.
+
+    Keyword arguments named in library messages (``readonly=True``) are shown
+    as the options (``--readonly``); OS errors name their file.
 
     :param what: what was being done, e.g. ``"cannot open test.durus"``; it
         leads the message.
     :param subject: the file (or other thing) ``what`` names; when the error's
         own message names it already, ``what`` is left out.
+    :param writing: a file is being opened for writing: a permission error
+        suggests ``--readonly``.
     """
     try:
         yield
@@ -254,10 +349,83 @@ def library_errors(what: str, subject: str | None = None) -> Iterator[None]:
         raise
     except (DhruvaError, OSError) as error:
         log.debug("%s failed", what, exc_info=True)
-        message = str(error)
+        if isinstance(error, DhruvaError):
+            message = as_cli_message(str(error))
+        else:
+            message = describe_os_error(error, writing=writing)
         if subject is None or subject not in message:
             message = f"{what}: {message}"
         raise click.ClickException(message) from error
+
+
+def given_options(ctx: click.Context, *names: str) -> list[str]:
+    """Return the options among ``names`` that the user typed, as ``--name``.
+
+    :param names: parameter names, e.g. ``"host"``, ``"cache_size"``.
+    """
+    given = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source is not ParameterSource.DEFAULT:
+            given.append("--" + name.replace("_", "-"))
+    return given
+
+
+def refuse_server_address(ctx: click.Context, direct: str) -> None:
+    """Refuse ``--host``, ``--port`` or ``--address`` for a storage opened here.
+
+    :param direct: what is opened instead, e.g. ``"--file test.durus"``.
+    :raises click.UsageError: when any of them was given.
+    """
+    given = given_options(ctx, "host", "port", "address")
+    if given:
+        raise click.UsageError(
+            f"{' and '.join(given)} name a server, but {direct} is opened "
+            "directly: give a file OR a server address, not both",
+            ctx=ctx,
+        )
+
+
+def require_existing_file(file: str, what: str) -> None:
+    """Refuse a database file that does not exist, naming it.
+
+    :param what: the command, e.g. ``"pack"``, for the message.
+    :raises click.ClickException: when ``file`` is missing.
+    """
+    if os.path.exists(file):
+        return
+    folder = os.path.dirname(file)
+    if folder and not os.path.isdir(folder):
+        reason = f"the folder {folder} does not exist"
+    else:
+        reason = "there is no such file"
+    raise click.ClickException(
+        f"no database file {file}: {reason}; {what} works on an existing "
+        "database, so check the path"
+    )
+
+
+def refuse_fileless_storage(
+    file: str | None, storage: str | None, ctx: click.Context | None = None
+) -> None:
+    """Refuse a file for a storage kind that is not file based (e.g. memory).
+
+    :raises click.UsageError: naming the kind and the storages that keep a
+        file, instead of ignoring ``file``.
+    """
+    if file is None or storage is None:
+        return
+    plugins = cli_plugins(ctx)
+    kind = plugins.get_storage_kind(storage)
+    if kind.file_based:
+        return
+    with_files = ", ".join(k.name for k in plugins.storages if k.file_based)
+    raise click.UsageError(
+        f"the {storage} storage is not file based ({kind.description}), so it "
+        f"cannot open {file}: leave the file out, or choose a storage that "
+        f"keeps a file ({with_files or 'none is installed'})",
+        ctx=ctx,
+    )
 
 
 def open_file_storage(
@@ -272,10 +440,13 @@ def open_file_storage(
 
     :param file: the database file; None for kinds that keep no file.
     :param storage: the kind name; None to recognize it from the file.
+    :raises click.UsageError: when ``storage`` is not file based but ``file``
+        is given (it would be ignored).
     :raises click.ClickException: naming the file and what is wrong with it.
     """
     plugins = cli_plugins(ctx)
-    with library_errors(f"cannot open {file or storage}", file):
+    refuse_fileless_storage(file, storage, ctx)
+    with library_errors(f"cannot open {file or storage}", file, writing=not readonly):
         return plugins.open_storage(file, storage, readonly=readonly, repair=repair)
 
 
