@@ -566,3 +566,25 @@ def test_dhruva_migrate_refuses_a_misspelt_new_class(tmp_path: Path) -> None:
     assert "newmodels.Custmer (module newmodels has no Custmer)" in result.output
     assert "nothing was rewritten" in result.output
     assert path.read_bytes() == before
+
+
+def test_dhruva_migrate_serializer_pickle_converts_msgspec_records(
+    workdir: Path,
+) -> None:
+    path = workdir / "db.durus"
+    run(workdir, WRITE, str(path), "msgspec")
+    sys.path.insert(0, str(workdir))
+    try:
+        result = CliRunner().invoke(
+            make_cli(Plugins()), ["migrate", str(path), "--serializer", "pickle"]
+        )
+    finally:
+        sys.path.remove(str(workdir))
+        sys.modules.pop("values", None)
+    assert result.exit_code == 0, result.output
+    storage = FileStorage(str(path), readonly=True)
+    try:
+        tagged = {record[12:13] == b"\0" for _oid, record in storage.gen_oid_record()}
+    finally:
+        storage.close()
+    assert tagged == {False}

@@ -320,12 +320,16 @@ def migrate_command(
             opened.close()
             raise
         try:
-            oids = oids_to_migrate(connection, renames, serializer is not None)
+            # Records keep the serializer that wrote them unless one is named.
+            convert = serializer is not None
+            oids = oids_to_migrate(connection, renames, convert)
             if _is_terminal():
                 with click.progressbar(length=len(oids), label="migrating") as bar:
-                    count = migrate(connection, oids, progress=bar.update)
+                    count = migrate(
+                        connection, oids, progress=bar.update, convert=convert
+                    )
             else:
-                count = migrate(connection, oids)
+                count = migrate(connection, oids, convert=convert)
         finally:
             connection.close()
     click.echo(f"rewrote {count} record{'' if count == 1 else 's'} in {file}")
