@@ -187,12 +187,16 @@ def test_server_serves_a_durus_file(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "header"),
-    [([], b"SHELF-1"), (["--storage", "sqlite"], b"SQLite format 3")],
+    [
+        ([], b"DHRUVA1\n"),
+        (["--storage", "shelf"], b"SHELF-1\n"),
+        (["--storage", "sqlite"], b"SQLite format 3"),
+    ],
 )
 def test_new_file_kind_is_recognized_when_opened_again(
     tmp_path: Path, options: list[str], header: bytes
 ) -> None:
-    # Without --storage a new file gets Durus's FileStorage format.
+    # Without --storage a new file gets dhruva's own (checksummed) format.
     first = dhruva(
         tmp_path,
         "-c",

@@ -151,7 +151,7 @@ def test_verify_names_the_holder_and_attribute_of_a_dangling_reference(
 
 def test_verify_reports_a_damaged_record_by_oid_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "db.durus"
-    connection = Connection(FileStorage(path))
+    connection = Connection(FileStorage(path, format="durus"))
     root = connection.get_root()
     root["items"] = PersistentList(PersistentList([f"marker-{i}"]) for i in range(5))
     connection.commit()

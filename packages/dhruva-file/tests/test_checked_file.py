@@ -540,3 +540,39 @@ def test_history_shows_commit_times_and_restore_writes_a_copy(tmp_path):
         assert isinstance(s, CheckedFileStorage)
         assert_holds(s, state)
         assert s.check() == []
+
+
+FIXTURES = (
+    Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "durus-4"
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "magic"), [([], MAGIC), (["--storage", "shelf"], b"SHELF-1\n")]
+)
+def test_convert_upgrades_a_durus_file_to_the_checked_format(tmp_path, options, magic):
+    if not FIXTURES.is_dir():
+        pytest.skip(f"the Durus fixtures are not at {FIXTURES}")
+    source = tmp_path / "legacy-shelf.durus"
+    source.write_bytes((FIXTURES / "legacy-shelf.durus").read_bytes())
+    target = tmp_path / "upgraded"
+    result = CliRunner().invoke(
+        make_cli(), ["convert", str(source), str(target), *options]
+    )
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes().startswith(magic)
+    assert source.read_bytes() == (FIXTURES / "legacy-shelf.durus").read_bytes()
+    with (
+        FileStorage(source, readonly=True) as old,
+        FileStorage(target) as new,
+    ):
+        copied = dict(new.gen_oid_record(ROOT_OID))
+        assert copied == dict(old.gen_oid_record(ROOT_OID))
+        assert len(copied) > 1000
+        if magic == MAGIC:
+            assert isinstance(new, CheckedFileStorage)
+            assert new.check() == []
+        # The copy takes commits, with oids the source never handed out.
+        fresh = new.new_oid()
+        assert fresh not in copied
+        commit(new, make_record(fresh, b"new"))

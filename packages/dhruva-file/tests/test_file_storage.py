@@ -109,7 +109,7 @@ def test_get_size_counts_current_records(tmp_path):
 
 def test_a_new_file_has_the_durus_layout(tmp_path):
     path = tmp_path / "db"
-    FileStorage(path).close()
+    FileStorage(path, format="durus").close()
     # Prefix, an empty first transaction, an empty map of 1-byte words.
     assert path.read_bytes() == (
         PREFIX + bytes(8) + (16).to_bytes(8, "big") + (1).to_bytes(8, "big") + bytes(8)
@@ -331,7 +331,7 @@ def test_readonly_and_repair_together_are_refused(tmp_path):
 def three_commits(tmp_path):
     """A file with three commits; returns (path, oids, start and end of the last)."""
     path = tmp_path / "db.durus"
-    with FileStorage(path) as s:
+    with FileStorage(path, format="durus") as s:
         root, a, b = (s.new_oid() for _ in range(3))
         commit(s, make_record(root, b"root", [a]), make_record(a, b"a1"))
         commit(s, make_record(a, b"a2"))
@@ -438,7 +438,7 @@ def test_readonly_reads_up_to_a_torn_tail_and_changes_nothing(three_commits, cap
 
 def test_repair_does_not_cut_complete_transactions_after_damage(tmp_path):
     path = tmp_path / "db.durus"
-    with FileStorage(path) as s:
+    with FileStorage(path, format="durus") as s:
         root, a, b = (s.new_oid() for _ in range(3))
         commit(s, make_record(root, b"root", [a]))
         middle = path.stat().st_size

@@ -87,8 +87,8 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
             name="file",
             open=_open_file,
             description=(
-                "one append-only file; new files in Durus's SHELF-1 format "
-                "(format=dhruva: the checksummed DHRUVA1), existing ones in theirs"
+                "one append-only file; new files in dhruva's checksummed DHRUVA1 "
+                "format (format=durus: Durus's SHELF-1), existing ones in theirs"
             ),
             file_based=True,
             distribution="dhruva-file",

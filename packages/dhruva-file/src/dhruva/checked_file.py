@@ -338,7 +338,7 @@ def scan_transactions(
 FORMATS = ("dhruva", "durus")
 
 #: The format of a file ``FileStorage(path)`` creates.
-DEFAULT_FORMAT = "durus"
+DEFAULT_FORMAT = "dhruva"
 
 
 def storage_class_for(
