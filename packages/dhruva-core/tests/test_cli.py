@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -597,3 +598,25 @@ def test_library_messages_name_the_options_not_the_arguments(
 )
 def test_keyword_arguments_become_options(message: str, expected: str) -> None:
     assert expected in as_cli_message(message)
+
+
+def test_client_security_options_reach_client_storage_through_the_environment(
+    tmp_path, monkeypatch
+):
+    from dhruva.cli_options import client_security_options
+
+    key = tmp_path / "key"
+    key.write_text("secret")
+    seen = {}
+
+    @click.command()
+    @client_security_options
+    def show():
+        seen["auth"] = os.environ.get("DHRUVA_AUTH_FILE")
+
+    monkeypatch.delenv("DHRUVA_AUTH_FILE", raising=False)
+    result = CliRunner().invoke(show, ["--auth-file", str(key)])
+    assert result.exit_code == 0, result.output
+    assert seen["auth"] == str(key)
+    missing = CliRunner().invoke(show, ["--auth-file", str(tmp_path / "nope")])
+    assert missing.exit_code == 2

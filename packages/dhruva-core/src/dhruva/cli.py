@@ -32,6 +32,7 @@ from dhruva.cli_convert import convert_command
 from dhruva.cli_options import (
     address_options,
     cli_plugins,
+    client_security_options,
     describe_address,
     file_option,
     library_errors,
@@ -193,6 +194,7 @@ def make_cli(plugins: Plugins | None = None) -> click.Group:
 @storage_option
 @repair_option
 @address_options
+@client_security_options
 @refused_option("readonly", "a pack rewrites the database, so it cannot be read-only")
 @server_only_option("gcbytes")
 @server_only_option("stop")

@@ -31,6 +31,7 @@ from dhruva.cli_options import (
     as_cli_message,
     cache_size_option,
     cli_plugins,
+    client_security_options,
     describe_address,
     library_errors,
     make_address,
@@ -159,6 +160,7 @@ def interact(namespace: dict[str, Any], description: str) -> None:
 @click.command("client")
 @storage_options
 @address_options
+@client_security_options
 @cache_size_option
 @serializer_option
 @click.option(

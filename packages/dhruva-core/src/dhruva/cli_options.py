@@ -220,6 +220,42 @@ def address_options(func: F) -> F:
     return func
 
 
+#: Client options for a secured server, and the environment variables
+#: dhruva-net's ClientStorage reads them from.
+_CLIENT_SECURITY = {
+    "--auth-file": ("DHRUVA_AUTH_FILE", "File holding the server's shared secret."),
+    "--tls-ca": ("DHRUVA_TLS_CA", "CA certificate (PEM) to check a TLS server with."),
+    "--tls-cert": ("DHRUVA_TLS_CERT", "Client certificate (PEM), if the server asks."),
+    "--tls-key": ("DHRUVA_TLS_KEY", "Private key (PEM) of --tls-cert."),
+}
+
+
+def _export_to_environment(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> None:
+    # ClientStorage reads these from the environment when they are not passed.
+    if value is not None and param.opts:
+        os.environ[_CLIENT_SECURITY[param.opts[0]][0]] = value
+
+
+def client_security_options(func: F) -> F:
+    """Add ``--auth-file`` and ``--tls-ca/--tls-cert/--tls-key`` for clients.
+
+    Each defaults to its ``DHRUVA_*`` environment variable.
+    """
+    for option, (envvar, help_text) in reversed(_CLIENT_SECURITY.items()):
+        func = click.option(
+            option,
+            type=click.Path(exists=True, dir_okay=False),
+            metavar="PATH",
+            default=None,
+            expose_value=False,
+            callback=_export_to_environment,
+            help=f"{help_text} [env: {envvar}]",
+        )(func)
+    return func
+
+
 def cache_size_option(func: F) -> F:
     """Add ``--cache-size``."""
     return click.option(

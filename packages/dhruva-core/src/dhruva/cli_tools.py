@@ -29,6 +29,7 @@ from dhruva.cli_options import (
     _check_storage_name,
     address_options,
     cli_plugins,
+    client_security_options,
     describe_address,
     library_errors,
     make_address,
@@ -154,6 +155,7 @@ def _open_source(
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 @_storage_option("Storage kind of FILE; by default it is recognized from the file.")
 @address_options
+@client_security_options
 @_json_option
 @click.pass_context
 def verify_command(
@@ -342,6 +344,7 @@ def info_command(
     help="Copy the whole file even when DEST is an earlier backup of it.",
 )
 @address_options
+@client_security_options
 @click.pass_context
 def backup_command(
     ctx: click.Context,
