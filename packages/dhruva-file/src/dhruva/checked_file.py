@@ -414,6 +414,9 @@ class CheckedFileStorage(FileStorage):
     packable = True
     iterable = True
 
+    #: The offset of mid-file damage a read-only storage has logged already.
+    _damage_reported: int | None = None
+
     _LAYOUT_STATE = (
         "_file",
         "_index",
@@ -524,7 +527,7 @@ class CheckedFileStorage(FileStorage):
             error = MidFileDamageError(self.path, scan.damaged_at, size, where)
             log.error("%s", error)
             raise error
-        if getattr(self, "_damage_reported", None) != scan.damaged_at:
+        if self._damage_reported != scan.damaged_at:
             self._damage_reported = scan.damaged_at
             log.error(
                 "%s: damaged at byte offset %d: %s; reading the database as it "
