@@ -33,11 +33,13 @@ DEFAULT_STORAGE = "file"
 KNOWN_STORAGES = {
     "file": "dhruva-file",
     "file2": "dhruva-file",
+    "shelf": "dhruva-file",
     "sqlite": "dhruva-sqlite",
 }
 
 #: File headers of those kinds, for files no installed plugin recognizes.
 KNOWN_HEADERS = {
+    b"DHRUVA1\n": "file",
     b"SHELF-1": "file",
     b"DFS20": "file2",
     b"SQLite format 3\0": "sqlite",
