@@ -210,3 +210,29 @@ def test_migrate_imports_the_classes_of_msgspec_records_it_rewrites(
         module = sys.modules.pop("migapp_common", None)
         if module is not None:
             module.Holder.__module__ = "gone"
+
+
+class PlainThing:
+    pass
+
+
+def test_migrate_refuses_a_plain_class_for_stored_objects() -> None:
+    module = types.ModuleType("legacy_plain")
+    exec(
+        "from dhruva.persistent import Persistent\nclass Thing(Persistent): pass",
+        vars(module),
+    )
+    sys.modules["legacy_plain"] = module
+    try:
+        storage = MemoryStorage()
+        connection = Connection(storage)
+        connection.get_root()["thing"] = module.Thing()
+        connection.commit()
+    finally:
+        del sys.modules["legacy_plain"]
+    records = dict(storage.records)
+
+    renames = {"legacy_plain.Thing": f"{__name__}.PlainThing"}
+    with pytest.raises(MigrationError, match="not a persistent class"):
+        migrate(Connection(storage, renames=renames))
+    assert storage.records == records

@@ -25,8 +25,9 @@ from typing import Any
 from dhruva.broken import is_broken
 from dhruva.connection import Connection
 from dhruva.error import DhruvaError
+from dhruva.persistent import PersistentBase
 from dhruva.record import unpack_record
-from dhruva.serialize import rename_module
+from dhruva.serialize import extract_class_name, rename_module
 from dhruva.serializer import (
     DEFAULT_SERIALIZER,
     resolve_serializer,
@@ -181,6 +182,35 @@ def _import_msgspec_classes(connection: Connection, oids: list[bytes]) -> None:
             log.debug("cannot import %s: %s", module, error)
 
 
+def _refuse_plain_classes_for_objects(
+    connection: Connection,
+    oids: list[bytes],
+    renames: Mapping[str, str],
+    new_classes: Mapping[str, type],
+) -> None:
+    """Refuse renaming the class of stored objects to a non-persistent class."""
+    plain = {
+        old: new
+        for old, new in renames.items()
+        if new in new_classes and not issubclass(new_classes[new], PersistentBase)
+    }
+    if not plain:
+        return
+    for oid in oids:
+        data = unpack_record(connection.storage.load(oid))[1]
+        if tagged_serializer_name(data) is None:
+            own = extract_class_name(oid + len(data).to_bytes(4, "big") + data)
+        else:
+            own = split_tagged(data)[1].replace(":", ".")
+        if own in plain:
+            raise MigrationError(
+                f"{own} is the class of stored objects (oid "
+                f"{int.from_bytes(oid, 'big')}), but {plain[own]} is not a "
+                "persistent class: rename it to a subclass of "
+                "dhruva.persistent.Persistent; nothing was rewritten"
+            )
+
+
 def migrate(
     connection: Connection,
     oids: Iterable[bytes] | None = None,
@@ -202,10 +232,12 @@ def migrate(
     :raises MigrationError: when a new class of the rename table cannot be
         found; nothing is rewritten then.
     """
-    resolve_new_classes(connection.load_policy.renames)
+    renames = connection.load_policy.renames
+    new_classes = resolve_new_classes(renames)
     if oids is None:
         oids = oids_to_migrate(connection)
     oids = list(oids)
+    _refuse_plain_classes_for_objects(connection, oids, renames, new_classes)
     _import_msgspec_classes(connection, oids)
     if convert is None:
         convert = connection.serializer.name != DEFAULT_SERIALIZER
