@@ -614,9 +614,15 @@ def test_client_security_options_reach_client_storage_through_the_environment(
     def show():
         seen["auth"] = os.environ.get("DHRUVA_AUTH_FILE")
 
-    monkeypatch.delenv("DHRUVA_AUTH_FILE", raising=False)
-    result = CliRunner().invoke(show, ["--auth-file", str(key)])
-    assert result.exit_code == 0, result.output
-    assert seen["auth"] == str(key)
-    missing = CliRunner().invoke(show, ["--auth-file", str(tmp_path / "nope")])
-    assert missing.exit_code == 2
+    # The option writes os.environ: set a value first, so monkeypatch puts the
+    # environment back as it was (it cannot undo deleting an absent name).
+    monkeypatch.setenv("DHRUVA_AUTH_FILE", "")
+    monkeypatch.delenv("DHRUVA_AUTH_FILE")
+    try:
+        result = CliRunner().invoke(show, ["--auth-file", str(key)])
+        assert result.exit_code == 0, result.output
+        assert seen["auth"] == str(key)
+        missing = CliRunner().invoke(show, ["--auth-file", str(tmp_path / "nope")])
+        assert missing.exit_code == 2
+    finally:
+        os.environ.pop("DHRUVA_AUTH_FILE", None)
