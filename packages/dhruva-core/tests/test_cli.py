@@ -626,3 +626,8 @@ def test_client_security_options_reach_client_storage_through_the_environment(
         assert missing.exit_code == 2
     finally:
         os.environ.pop("DHRUVA_AUTH_FILE", None)
+
+
+def test_force_keyword_is_shown_as_the_option():
+    message = "NEW exists; pass force=True (`--force`) to replace it"
+    assert as_cli_message(message) == "NEW exists; pass --force to replace it"

@@ -897,3 +897,17 @@ def test_readers_next_to_a_writer_process_read_whole_commits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_a_file_another_program_locks_is_reported_as_locked(tmp_path):
+    path = tmp_path / "db"
+    with SqliteStorage(path) as writer:
+        commit(writer, make_record(writer.new_oid(), b"a"))
+    other = sqlite3.connect(path)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StorageError, match="locked by another program"):
+            SqliteStorage(path, readonly=True, timeout=0.2)
+    finally:
+        other.rollback()
+        other.close()

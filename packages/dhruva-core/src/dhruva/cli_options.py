@@ -319,8 +319,9 @@ def describe_address(address: Address) -> str:
 #: line the same thing is an option. Each pattern and the text that replaces it.
 _OPTION_SPELLINGS = [
     # "with repair=True (or `--repair`)": the option alone is enough.
+    (re.compile(r"\b(readonly|repair|force)=True \(`--\1`\)"), r"--\1"),
     (re.compile(r"\b(readonly|repair)=True \(or `--\1`\)"), r"--\1"),
-    (re.compile(r"\b(readonly|repair)=True\b"), r"--\1"),
+    (re.compile(r"\b(readonly|repair|force)=True\b"), r"--\1"),
 ]
 
 

@@ -67,7 +67,7 @@ def storage_class(path: str | os.PathLike[str]) -> type[FileStorage]:
         return CheckedFileStorage
     if header.startswith(MAGIC):
         return FileStorage2
-    what = "a SQLite database" if header.startswith(b"SQLite format 3") else "not"
+    what = "a SQLite database, not" if header.startswith(b"SQLite format 3") else "not"
     raise StorageError(
         f"{os.fspath(path)} is {what} a FileStorage or FileStorage2 file (it "
         f"starts with {header[:8]!r}); only those keep their past commits until "

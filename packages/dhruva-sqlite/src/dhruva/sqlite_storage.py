@@ -371,6 +371,14 @@ class SqliteStorage(Storage):
                 .execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 .fetchall()
             )
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise self._sqlite_error(exc, "reading its tables") from exc
+            raise StorageError(
+                f"{self.filename} is not a SQLite database ({exc}); the sqlite "
+                "storage opens SQLite files only. Check the path, or open the "
+                "file with the storage kind that wrote it"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             raise StorageError(
                 f"{self.filename} is not a SQLite database ({exc}); the sqlite "
