@@ -9,7 +9,7 @@ from dhruva.error import StorageError
 from dhruva.persistent import Persistent
 from dhruva.persistent_dict import PersistentDict
 from dhruva.persistent_list import PersistentList
-from dhruva.record import ROOT_OID, pack_record
+from dhruva.record import ROOT_OID, pack_record, unpack_record
 from dhruva.storage import MemoryStorage
 from dhruva.verify import find_reference_paths, verify_storage
 
@@ -41,7 +41,8 @@ def test_a_sound_database() -> None:
 def test_unreachable_records_are_counted_and_not_faults() -> None:
     storage, _node = build()
     storage.begin()
-    storage.store(b"\0" * 7 + b"\x63", pack_record(b"\0" * 7 + b"\x63", b"x", b""))
+    data = unpack_record(storage.load(ROOT_OID))[1]  # any well-formed data
+    storage.store(b"\0" * 7 + b"\x63", pack_record(b"\0" * 7 + b"\x63", data, b""))
     storage.end()
     report = verify_storage(storage)
     assert report.sound and report.unreachable == 1
@@ -155,3 +156,17 @@ def test_progress_counts_every_record() -> None:
     seen: list[int] = []
     verify_storage(storage, seen.append)
     assert sum(seen) == len(storage.records)
+
+
+def test_record_data_overwritten_with_zeros_is_damaged_without_checksums():
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["log"] = PersistentList(["start", "end"] * 20)
+    connection.commit()
+    log_oid = connection.get_root()["log"]._p_oid
+    assert verify_storage(storage).sound
+    oid, data, refs = unpack_record(storage.records[log_oid])
+    storage.records[log_oid] = pack_record(oid, data[:-6] + b"\0" * 6, refs)
+    report = verify_storage(storage)
+    assert not report.sound
+    assert [d.oid for d in report.damaged] == [int.from_bytes(log_oid, "big")]
