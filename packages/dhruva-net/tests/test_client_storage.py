@@ -246,6 +246,7 @@ def test_invalidations_that_do_not_matter_let_the_commit_through(clients):
     x, y = new_oids(a, 2)
     commit(a, make_record(x, b"x"), make_record(y, b"y"))
     b.sync()
+    b.load(y)  # a client writes what it has read since others changed it
     commit(a, make_record(x, b"x2"))
 
     seen: list[bytes] = []

@@ -287,6 +287,85 @@ def test_a_client_that_skips_its_conflict_checks_is_refused(memory_server):
     honest.close()
 
 
+def test_a_stale_record_resent_after_its_refusal_is_refused_every_time(
+    memory_server,
+):
+    good = Connection(ClientStorage(address=memory_server.address))
+    root = good.get_root()
+    root["v"] = "orig"
+    good.commit()
+    hostile = ClientStorage(address=memory_server.address)
+    stale = hostile.load(ROOT_OID)
+    root["v"] = "good-change"
+    good.commit()
+
+    # Resending the refused record, with or without syncing between, never
+    # overwrites the other client's change.
+    for _attempt in range(3):
+        hostile.begin()
+        hostile.store(ROOT_OID, stale)
+        with pytest.raises(ConflictError):
+            hostile.end(None)
+        hostile.sync()
+    hostile.close()
+
+    good.abort()
+    assert good.get_root()["v"] == "good-change"
+    assert "writes 1 oids changed since it last synced" in memory_server.log()
+
+    # A client that loads the oid again may write it.
+    again = ClientStorage(address=memory_server.address)
+    current = again.load(ROOT_OID)
+    root["v"] = "newest"
+    good.commit()
+    again.sync()
+    again.begin()
+    again.store(ROOT_OID, current)
+    with pytest.raises(ConflictError):
+        again.end(None)
+    again.sync()
+    newest = again.load(ROOT_OID)
+    commit(again, newest)
+    again.close()
+    good.close()
+
+
+def test_records_that_are_not_object_records_are_refused(memory_server):
+    honest = ClientStorage(address=memory_server.address)
+    commit(honest, make_record(ROOT_OID, b"first"))
+
+    # The client refuses them before sending.
+    honest.begin()
+    with pytest.raises(StorageError, match="oid 0 is not an object record"):
+        honest.store(ROOT_OID, ROOT_OID + b"\x00garbage")
+    with pytest.raises(StorageError, match="oid 0 starts with oid 7"):
+        honest.store(ROOT_OID, make_record((7).to_bytes(8, "big"), b"x"))
+    honest.end(None)
+
+    # A client that does not check is refused by the server; nothing is written.
+    with hostile_client(memory_server.address) as hostile:
+        for payload in pack_records([(ROOT_OID, ROOT_OID + b"\x00garbage")]):
+            hostile.sendall(frame(payload))
+        hostile.sendall(frame(CMD_COMMIT))
+        reply = read_frame(hostile)
+        assert reply[:1] == STATUS_ERROR
+        message = str(unpack_error(reply[1:]))
+        assert "the record for oid 0 is not an object record" in message
+
+        oid = (8).to_bytes(8, "big")
+        for payload in pack_records([(ROOT_OID, make_record(oid, b"x"))]):
+            hostile.sendall(frame(payload))
+        hostile.sendall(frame(CMD_COMMIT))
+        reply = read_frame(hostile)
+        assert reply[:1] == STATUS_ERROR
+        assert "oid 0 starts with oid 8" in str(unpack_error(reply[1:]))
+
+    assert unpack_record(honest.load(ROOT_OID))[1] == b"first"
+    honest.pack()
+    assert unpack_record(honest.load(ROOT_OID))[1] == b"first"
+    honest.close()
+
+
 def test_oids_of_a_client_that_left_are_released_and_never_reused(memory_server):
     leaving = ClientStorage(address=memory_server.address)
     taken = {leaving.new_oid() for _ in range(5)}

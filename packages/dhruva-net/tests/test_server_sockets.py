@@ -127,6 +127,27 @@ def test_a_replayed_answer_is_refused(auth_server):
     assert "failed authentication" in auth_server.log()
 
 
+def test_failed_logins_are_one_warning_line_each(auth_server, monkeypatch):
+    monkeypatch.delenv("DHRUVA_AUTH_KEY", raising=False)
+    with pytest.raises(AuthenticationError):
+        ClientStorage(address=auth_server.address, auth_key=b"y" * 32)
+    with raw_connection(auth_server.address) as sock:
+        sock.sendall(frame(hello()))
+        assert read_frame(sock)[:1] == b"H"
+        assert read_frame(sock)[:1] == STATUS_CHALLENGE
+        sock.sendall(frame(CMD_QUIT))  # a command before logging in
+        assert read_frame(sock)[:1] == STATUS_ERROR
+    assert serves(auth_server.address, auth_key=KEY)  # and it serves on
+
+    log = auth_server.log()
+    lines = log.splitlines()
+    wrong_key = [line for line in lines if "failed authentication" in line]
+    no_login = [line for line in lines if "did not authenticate" in line]
+    assert len(wrong_key) == 1 and "WARNING" in wrong_key[0], log
+    assert len(no_login) == 1 and "WARNING" in no_login[0], log
+    assert "Traceback" not in log and "internal error" not in log
+
+
 def test_admin_commands_need_authentication(auth_server):
     with raw_connection(auth_server.address) as sock:
         sock.sendall(frame(hello()))
@@ -221,8 +242,19 @@ def test_tls_is_refused_by_a_client_trusting_another_ca(tls_server, certificates
 
 
 def test_a_plain_client_of_a_tls_server_gets_an_error_not_a_hang(tls_server):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="it may require TLS") as info:
         ClientStorage(address=tls_server.address, timeout=10)
+    assert "--tls-ca" in str(info.value)
+    assert "restart" not in str(info.value) and "abort" not in str(info.value)
+
+    # The server logs one WARNING line (it may write it just after hanging up).
+    deadline = time.monotonic() + 10
+    while "TLS handshake with" not in tls_server.log():
+        assert time.monotonic() < deadline, tls_server.log()
+        time.sleep(0.05)
+    failed = [line for line in tls_server.log().splitlines() if "TLS hand" in line]
+    assert len(failed) == 1 and "WARNING" in failed[0], tls_server.log()
+    assert "Traceback" not in tls_server.log()
 
 
 def test_a_stalled_tls_handshake_does_not_block_others(tls_server, certificates):
@@ -276,6 +308,9 @@ def test_a_network_address_without_auth_or_tls_is_refused(
         "--storage", "memory", "--host", "0.0.0.0", "--port", "0", "--insecure"
     )
     assert serves(("127.0.0.1", server.address[1]))
+    warned = [line for line in server.log().splitlines() if "--insecure" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0], server.log()
+    assert "neither authentication nor TLS" in warned[0]
     (tmp_path / "key").write_bytes(KEY)
     server = run_server(
         "--storage", "memory", "--host", "0.0.0.0", "--port", "0",

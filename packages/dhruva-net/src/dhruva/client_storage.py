@@ -92,7 +92,7 @@ from dhruva.net_protocol import (
     unpack_records,
     version_mismatch,
 )
-from dhruva.record import ROOT_OID
+from dhruva.record import ROOT_OID, unpack_record
 from dhruva.server_sockets import client_tls_context
 from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
 
@@ -280,6 +280,16 @@ class ClientStorage(Storage):
         try:
             reply = self._receive()
         except StorageError as exc:
+            if self._tls is None:
+                # A TLS server takes the hello for a broken TLS handshake and
+                # hangs up (or answers with a TLS alert).
+                raise ProtocolError(
+                    f"the server at {format_address(self.address)} did not "
+                    "answer the dhruva-net hello: it may require TLS (give "
+                    "--tls-ca, or tls_ca=, with the CA that signed its "
+                    "certificate), or be another program or a dhruva server "
+                    f"that does not speak protocol version {PROTOCOL_VERSION}"
+                ) from None
             raise ProtocolError(
                 f"the server at {format_address(self.address)} did not answer "
                 f"the dhruva-net hello ({exc}); it may be another program, or a "
@@ -519,6 +529,20 @@ class ClientStorage(Storage):
         if len(oid) != 8:
             raise StorageError(f"an oid is 8 bytes, not {len(oid)}: {oid!r}")
         check_record_size(oid, record)
+        # The server refuses it too; failing here names the caller's mistake.
+        try:
+            record_oid = unpack_record(record)[0]
+        except StorageError as exc:
+            raise StorageError(
+                f"the record stored for oid {int.from_bytes(oid, 'big')} is not "
+                f"an object record: {exc}; make it with pack_record()"
+            ) from None
+        if record_oid != oid:
+            raise StorageError(
+                f"the record stored for oid {int.from_bytes(oid, 'big')} starts "
+                f"with oid {int.from_bytes(record_oid, 'big')}; store "
+                "pack_record(oid, data, refs) under its own oid"
+            )
         self._records[oid] = record
 
     def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:

@@ -18,9 +18,13 @@ What the server keeps per client, as Durus does, and checks itself:
   :meth:`~dhruva.client_storage.ClientStorage.sync` returns and clears them; a
   load of one is refused (the client raises ReadConflictError); a commit while
   there are some is refused before anything is written.
-- ``refused``: oids a refused commit told the client about. Records staged
-  before the client knew are refused if they write one of them, even when the
-  client does not check (an old, buggy or hostile client).
+- ``unread``: oids other clients changed that this client has not loaded
+  (load, bulk load or prefetch) since. A commit writing one is refused as a
+  conflict every time, whatever the client synced or was told: a client that
+  never re-read an object cannot overwrite another's change to it (an old,
+  buggy or hostile client resending a stale record).
+- ``refused``: oids a refused commit told the client about, for its staged
+  records.
 - ``unused_oids``: oids handed to this client and not committed yet. A record
   is accepted only for an oid the storage holds or this client was given; the
   client's unused oids are forgotten when it disconnects (the storage never
@@ -112,6 +116,7 @@ from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.server_sockets import (
     bound_address,
     check_exposure,
+    is_local,
     listening_socket,
     remove_socket_file,
     server_tls_context,
@@ -157,6 +162,9 @@ class _Client:
     invalid: set[bytes] = field(default_factory=set)
     #: True once ``invalid`` grew past MAX_INVALID and was dropped.
     invalid_overflow: bool = False
+    #: Oids other clients changed that this client has not loaded since.
+    #: TODO(#5): bounded only by the number of oids others change.
+    unread: set[bytes] = field(default_factory=set)
     #: Oids a refused commit told this client about, for the staged records.
     refused: set[bytes] = field(default_factory=set)
     #: Oids handed to this client and not committed yet.
@@ -168,6 +176,8 @@ class _Client:
     scan: list[bytes] | None = None
 
     def invalidate(self, oids: Iterable[bytes]) -> None:
+        oids = list(oids)
+        self.unread.update(oids)
         if self.invalid_overflow:
             return
         self.invalid.update(oids)
@@ -258,9 +268,9 @@ class StorageServer:
         self.tls: ssl.SSLContext | None = (
             server_tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         )
-        check_exposure(
-            self.address, auth_key is not None or self.tls is not None, insecure
-        )
+        secured = auth_key is not None or self.tls is not None
+        check_exposure(self.address, secured, insecure)
+        self._exposed = not secured
         self._sock = sock
         self._socket_access = (socket_owner, socket_group, socket_mode)
         self.idle_timeout = idle_timeout
@@ -334,6 +344,8 @@ class StorageServer:
             assert task is not None
             connections[task] = writer
             try:
+                if self.tls is not None and not await self._start_tls(writer):
+                    return
                 await self._serve_connection(reader, writer)
             except asyncio.CancelledError:
                 pass  # the server is stopping; end this task quietly
@@ -350,21 +362,12 @@ class StorageServer:
         for signum in signals:
             loop.add_signal_handler(signum, self._on_signal, signum)
         server: asyncio.Server | None = None
-        tls_options: dict[str, Any] = {}
-        if self.tls is not None:
-            tls_options = {
-                "ssl": self.tls,
-                "ssl_handshake_timeout": self.handshake_timeout,
-            }
         try:
+            # TLS starts in on_connect, so that a failed handshake is logged.
             if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(
-                    on_connect, sock=sock, **tls_options
-                )
+                server = await asyncio.start_unix_server(on_connect, sock=sock)
             else:
-                server = await asyncio.start_server(
-                    on_connect, sock=sock, **tls_options
-                )
+                server = await asyncio.start_server(on_connect, sock=sock)
             log.info(
                 "dhruva storage server ready on %s (protocol version %d%s%s)",
                 format_address(self.bound_address),
@@ -372,6 +375,13 @@ class StorageServer:
                 ", TLS" if self.tls else "",
                 ", authentication" if self.auth_key else "",
             )
+            if self._exposed and not is_local(self.bound_address):
+                log.warning(
+                    "--insecure: serving %s to the network with neither "
+                    "authentication nor TLS; anyone who reaches it can read and "
+                    "change the database (give --auth-file or --tls-cert/--tls-key)",
+                    format_address(self.bound_address),
+                )
             await stopping.wait()
         finally:
             # Stop listening, end every connection and any pack under way.
@@ -462,7 +472,7 @@ class StorageServer:
                 # client reads slower than the server writes.
                 for reply in await self._dispatch(client, payload):
                     await self._send(writer, reply)
-        except ProtocolError as exc:
+        except (ProtocolError, AuthenticationError) as exc:
             log.warning("closing the connection from %s: %s", peer, exc)
             await self._send_quietly(writer, pack_error(exc))
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
@@ -493,6 +503,26 @@ class StorageServer:
             ):
                 await asyncio.wait_for(writer.wait_closed(), 5)
             log.debug("client %s disconnected", peer)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+        """Run the TLS handshake; log and close on failure, returning False."""
+        assert self.tls is not None
+        peer = _peer_name(writer)
+        try:
+            await writer.start_tls(
+                self.tls, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            refused = isinstance(exc, ssl.SSLError) and not isinstance(
+                exc, ssl.SSLEOFError
+            )
+            if refused or isinstance(exc, TimeoutError | ConnectionAbortedError):
+                log.warning("TLS handshake with %s failed: %s", peer, exc)
+            else:
+                log.info("TLS handshake with %s ended early: %s", peer, exc)
+            writer.transport.abort()
+            return False
+        return True
 
     async def _send(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
         writer.write(frame(payload))
@@ -674,6 +704,8 @@ class StorageServer:
                 replies.append(STATUS_KEYERROR)
             else:
                 replies.append(STATUS_OKAY + record)
+            if replies[-1] != STATUS_INVALID:
+                client.unread.discard(oid)  # it has the current record now
         return replies
 
     async def _handle_load(self, client: _Client, body: bytes) -> list[bytes]:
@@ -698,6 +730,7 @@ class StorageServer:
                 prefetched = [
                     (r, rec) for r, rec in zip(refs, records, strict=True) if rec
                 ]
+                client.unread.difference_update(r for r, _rec in prefetched)
         return [reply, pack_records_reply(prefetched, False)]
 
     async def _handle_bulk_load(self, client: _Client, body: bytes) -> list[bytes]:
@@ -803,9 +836,10 @@ class StorageServer:
             )
 
         # Records staged before the client learned that others changed these
-        # oids would overwrite those changes: a client that checks never sends
-        # them, an old or hostile one is refused here.
-        stale = sorted(refused.intersection(staged))
+        # oids, or for oids it has not loaded since, would overwrite those
+        # changes: a client that checks never sends them, an old or hostile
+        # one is refused here, as often as it tries.
+        stale = sorted((refused | client.unread).intersection(staged))
         if stale:
             log.warning(
                 "commit from %s refused: it writes %d oids changed since it "
@@ -816,6 +850,7 @@ class StorageServer:
             )
             return [STATUS_CONFLICT + b"".join(stale[:MAX_OIDS_PER_FRAME])]
 
+        _check_records(staged)
         old = await self._check_allocated(client, staged)
 
         # Write in the worker. Meanwhile loads of these oids get the records
@@ -963,6 +998,26 @@ class StorageServer:
                     await self._call(close, slow=True)
         self.bytes_since_pack = 0
         log.info("pack finished")
+
+
+def _check_records(staged: dict[bytes, bytes]) -> None:
+    """Refuse a commit holding a record that is not a whole object record.
+
+    :raises StorageError: naming the first such oid; nothing is written.
+    """
+    for oid, record in staged.items():
+        try:
+            record_oid = unpack_record(record)[0]
+        except StorageError as exc:
+            raise StorageError(
+                f"commit refused: the record for oid {_oid_int(oid)} is not an "
+                f"object record ({exc}); nothing was written"
+            ) from None
+        if record_oid != oid:
+            raise StorageError(
+                f"commit refused: the record stored for oid {_oid_int(oid)} "
+                f"starts with oid {_oid_int(record_oid)}; nothing was written"
+            )
 
 
 def _step(packer: Any) -> bool:
