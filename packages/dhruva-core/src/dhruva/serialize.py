@@ -26,10 +26,12 @@ an opt-in restricted mode (see :mod:`dhruva.restricted`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import logging
 import pickle
+import pickletools
 import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -97,6 +99,33 @@ def _class_name_of_data(data: bytes) -> str:
         return f"{cls.__module__}.{cls.__qualname__}"
     except Exception:
         return "?"
+
+
+def check_pickle_data(data: bytes) -> None:
+    """Check that untagged record data parses: a class pickle, then a state.
+
+    Only the structure is read (no class is looked up, nothing runs), so data
+    whose bytes were overwritten (zeros, say) is found even in files that
+    keep no checksums.
+
+    :raises ValueError: saying what does not parse.
+    """
+    try:
+        ops = pickletools.genops(data)
+        end = next(pos or 0 for op, _arg, pos in ops if op.name == "STOP") + 1
+        state = data[end:]
+        if state[:1] == bytes([_ZLIB_START]):
+            with contextlib.suppress(zlib.error):  # else a 0x78 opcode
+                state = zlib.decompress(state)
+        last = None
+        for op, _arg, _pos in pickletools.genops(state):
+            last = op.name
+        if last != "STOP":
+            raise ValueError("the state pickle does not end")
+    except (ValueError, StopIteration, EOFError) as error:
+        raise ValueError(
+            f"the record data does not parse as pickles: {error}"
+        ) from None
 
 
 def rename_module(module: str) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -240,6 +241,14 @@ def find_loaded_class(module: str, qualname: str) -> type | None:
     :class:`~dhruva.persistent.PersistentBase` that exist in the process are
     found (dhruva's own collection modules are imported as needed).
     """
+    # A module already imported is where the class lives now (a class of the
+    # same name left from a module imported earlier and dropped is stale).
+    value: Any = sys.modules.get(module)
+    if value is not None:
+        for part in qualname.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, type) and issubclass(value, PersistentBase):
+            return value
     key = (module, qualname)
     cls = _loaded.get(key)
     if cls is None or cls.__module__ != module or cls.__qualname__ != qualname:

@@ -34,7 +34,6 @@ import contextlib
 import io
 import logging
 import pickle
-import pickletools
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Any
 
 from dhruva.error import DhruvaError, DhruvaKeyError
 from dhruva.record import ROOT_OID, split_oids, unpack_record
-from dhruva.serialize import extract_class_name
+from dhruva.serialize import check_pickle_data, extract_class_name
 from dhruva.serializer import TAG_START, split_tagged
 from dhruva.storage import Storage
 
@@ -186,35 +185,11 @@ def _parse(oid: bytes, record: bytes) -> list[bytes]:
             f"{oid_number(stored_oid)}"
         )
     if data[:1] != TAG_START:
-        _check_pickles(data)
+        try:
+            check_pickle_data(data)
+        except ValueError as error:
+            raise DhruvaError(str(error)) from None
     return split_oids(refs)
-
-
-def _check_pickles(data: bytes) -> None:
-    """Check that pickle record data parses: a class pickle, then a state.
-
-    Only the structure is read (no class is looked up, nothing runs), so a
-    record whose bytes were overwritten (zeros, say) is found even in files
-    that keep no checksums.
-
-    :raises DhruvaError: naming what does not parse.
-    """
-    try:
-        ops = pickletools.genops(data)
-        end = next(pos or 0 for op, _arg, pos in ops if op.name == "STOP") + 1
-        state = data[end:]
-        if state[:1] == b"\x78":
-            with contextlib.suppress(zlib.error):  # else a 0x78 opcode
-                state = zlib.decompress(state)
-        last = None
-        for op, _arg, _pos in pickletools.genops(state):
-            last = op.name
-        if last != "STOP":
-            raise ValueError("the state pickle does not end")
-    except (ValueError, StopIteration, EOFError) as error:
-        raise DhruvaError(
-            f"the record data does not parse as pickles: {error}"
-        ) from None
 
 
 def _scan_all(
