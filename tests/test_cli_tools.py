@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -388,7 +389,7 @@ def test_a_sqlite_backup_leaves_the_writers_wal_mode_behind(tmp_path: Path) -> N
         assert run("backup", str(path), str(copy)).exit_code == 0
     finally:
         storage.close()
-    with sqlite3.connect(copy) as check:
+    with contextlib.closing(sqlite3.connect(copy)) as check:
         assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert read_values(copy) == (2, list(range(30)))
     assert not Path(f"{copy}-wal").exists()
