@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import random
+import re
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -133,3 +140,92 @@ def test_btree_changes_between_pack_steps_are_all_kept(tmp_path: Path, kind: str
     with Connection(KINDS[kind](path, readonly=True)) as reader:
         tree = reader.get_root()["tree"]
         assert {key: value["n"] for key, value in tree.items()} == expected
+
+
+# --- progress: a bar on a terminal, nothing when piped ---------------------------
+
+
+def fill_many(storage: Storage, kept: int = 3000, dropped: int = 2000) -> None:
+    connection = Connection(storage)
+    root = connection.get_root()
+    root["kept"] = tree = BTree()
+    tree.update((i, PersistentDict(n=i)) for i in range(kept))
+    root["dropped"] = PersistentDict((i, PersistentDict()) for i in range(dropped))
+    connection.commit()
+    del root["dropped"]
+    connection.commit()
+    connection.close()
+
+
+def pack_process(args: list[str], stderr: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "-p", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=120,
+    )
+
+
+def on_a_terminal(args: list[str]) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """Run ``dhruva -p ARGS``, stderr on a pseudo-terminal; return what it showed."""
+    leader, follower = pty.openpty()
+    try:
+        result = pack_process(args, follower)
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    return result, seen
+
+
+def test_a_piped_pack_prints_no_progress(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "db"
+    fill(KINDS[kind](path))
+    result = pack_process(["--file", str(path)], subprocess.PIPE)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == f"packed {path}: 32 objects before, 12 after\n"
+
+
+def test_a_pack_on_a_terminal_shows_a_progress_bar(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "db"
+    fill_many(KINDS[kind](path))
+    result, seen = on_a_terminal(["--file", str(path)])
+    assert result.returncode == 0
+    assert f"packing {path}".encode() in seen
+    assert re.search(rb" [1-9][0-9]?%", seen), seen  # the bar moves as it packs
+    assert b"100%" in seen
+    assert result.stdout.startswith(f"packed {path}:")
+    with Connection(KINDS[kind](path, readonly=True)) as connection:
+        kept = connection.get_root()["kept"]
+        assert len(kept) == 3000 and kept[2999]["n"] == 2999
+        assert "dropped" not in connection.get_root()
+
+
+def test_a_server_pack_on_a_terminal_shows_a_status_and_the_result(
+    tmp_path: Path, dhruva_server: Callable[..., Any]
+) -> None:
+    path = tmp_path / "db"
+    fill_many(FileStorage(path))
+    server = dhruva_server("--file", str(path))
+    result, seen = on_a_terminal(server.options)
+    assert result.returncode == 0, seen
+    where = f"the server at {server.host}:{server.port}"
+    assert f"packing {where}".encode() in seen
+    assert result.stdout.startswith(f"packed {where}:")
+
+    piped = pack_process(server.options, subprocess.PIPE)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert piped.stdout.startswith(f"packed {where}:")

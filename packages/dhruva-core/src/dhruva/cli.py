@@ -48,7 +48,12 @@ from dhruva.cli_options import (
     server_only_option,
     storage_option,
 )
-from dhruva.cli_tools import backup_command, info_command, verify_command
+from dhruva.cli_tools import (
+    backup_command,
+    info_command,
+    pack_with_progress,
+    verify_command,
+)
 from dhruva.plugins import Plugins, get_plugins
 
 log = logging.getLogger(__name__)
@@ -212,7 +217,8 @@ def pack_command(
 
     With --file the file is packed directly (no server may be using it); it
     must exist. Without it, the server at --host/--port or --address packs
-    its storage.
+    its storage. On a terminal, progress goes to stderr (a bar for a file,
+    a status line while a server packs); piped, only the result is printed.
     """
     if file is None:
         if storage is not None or repair:
@@ -241,7 +247,9 @@ def pack_command(
             raise
         try:
             before = opened.get_size()
-            connection.pack()
+            # Nothing to drop (the connection is new): the packer may run alone.
+            connection.abort()
+            pack_with_progress(connection.pack, opened, f"packing {description}")
             after = opened.get_size()
         finally:
             connection.close()

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -89,6 +90,85 @@ class ProgressBar:
     ) -> None:
         if self._bar is not None:
             self._bar.__exit__(kind, error, traceback)
+
+
+class Spinner:
+    """A turning mark and a label on stderr while something runs; a terminal only.
+
+    For work whose progress cannot be measured, such as a pack run by a
+    server: the line is cleared when the work ends.
+
+    :param label: what is being done.
+    :param interval: seconds between two frames.
+    """
+
+    _FRAMES = "|/-\\"
+
+    def __init__(self, label: str, interval: float = 0.1) -> None:
+        self.label = label
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _spin(self) -> None:
+        frame = 0
+        while True:
+            mark = self._FRAMES[frame % len(self._FRAMES)]
+            click.echo(f"\r{mark} {self.label}", nl=False, err=True)
+            frame += 1
+            if self._stop.wait(self.interval):
+                break
+        click.echo("\r" + " " * (len(self.label) + 2) + "\r", nl=False, err=True)
+
+    def __enter__(self) -> Spinner:
+        if sys.stderr.isatty():
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+def pack_with_progress(pack: Callable[[], None], storage: Storage, label: str) -> None:
+    """Pack ``storage``, with a bar on a terminal (a spinner if it cannot tell).
+
+    The bar follows the storage's incremental packer (``get_packer()``) over
+    the records the storage holds; a storage without one (a server's client)
+    is packed by ``pack`` under a :class:`Spinner`. Piped, ``pack`` just runs.
+
+    :param pack: packs the storage in one call (``connection.pack``).
+    :param storage: the storage ``pack`` packs.
+    :param label: shown before the bar.
+    """
+    if not sys.stderr.isatty():
+        pack()
+        return
+    packer = storage.get_packer()
+    if packer is None:
+        with Spinner(label + " ..."):
+            pack()
+        return
+
+    # Each step of a packer copies or walks about ``pack_step`` records.
+    step = max(1, int(getattr(storage, "pack_step", 1)))
+    total = max(1, storage.get_size() or 1)
+    done = 0
+    with ProgressBar(label) as bar:
+        bar(0, total)
+        for _step in packer:
+            advance = min(step, total - done)
+            done += advance
+            bar(advance, total)
+        bar(total - done, total)  # unreachable records end the walk early
 
 
 class _Collect(logging.Handler):

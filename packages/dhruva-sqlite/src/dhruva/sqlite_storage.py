@@ -210,6 +210,9 @@ class SqliteStorage(Storage):
     iterable = True
     invalidating = False
 
+    #: Oids the packer of :meth:`get_packer` walks per step (at most 500).
+    pack_step = _QUERY_BATCH
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -844,7 +847,8 @@ class SqliteStorage(Storage):
                 self._pack_extra.clear()
 
             batch: list[int] = []
-            while todo and len(batch) < _QUERY_BATCH:
+            size = max(1, min(self.pack_step, _QUERY_BATCH))
+            while todo and len(batch) < size:
                 number = todo.pop()
                 if number not in alive:
                     alive.add(number)
