@@ -37,6 +37,10 @@ class Storage:
     invalidating: bool = False
     #: The storage was opened read-only; writes raise ReadOnlyError.
     readonly: bool = False
+    #: :meth:`end` takes ``durable=False`` (write and show the commit, but
+    #: leave the fsync to a later :meth:`make_durable`, which may be called
+    #: from another thread), so a server can sync many commits at once.
+    deferred_durability: bool = False
 
     def load(self, oid: bytes) -> bytes:
         """Return the record stored for ``oid``.
@@ -62,6 +66,14 @@ class Storage:
             before the commit is made; it may raise a ConflictError to stop it.
         """
         raise NotImplementedError
+
+    def make_durable(self) -> None:
+        """Make every commit that :meth:`end` returned from durable.
+
+        A storage with :attr:`deferred_durability` syncs here what
+        ``end(durable=False)`` wrote; others made each commit durable in
+        :meth:`end` already, so the default does nothing.
+        """
 
     def sync(self) -> list[bytes]:
         """Return the oids other clients changed since the last call."""

@@ -53,7 +53,9 @@ What the checksums catch, and what happens then:
 
 Each commit is one ``write`` and one ``fsync`` of the file before
 :meth:`~CheckedFileStorage.end` returns (a new file or a pack also syncs the
-folder). Commits with no records write nothing. Locking, read-only opens that
+folder); ``end(durable=False)`` leaves the ``fsync`` to a later
+:meth:`~dhruva.file_storage.FileStorage.make_durable`, which syncs many
+commits at once. Commits with no records write nothing. Locking, read-only opens that
 follow the file, point-in-time views (``at=``; :meth:`transactions` gives
 each commit's time) and crash-safe packs are
 :class:`~dhruva.file_storage.FileStorage`'s.
@@ -86,7 +88,7 @@ from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import FileStorage, _fsync_directory
 from dhruva.record import ROOT_OID
 from dhruva.shelf import MidFileDamageError, ScanResult, TransactionSpan
-from dhruva.storage import InvalidationHandler, gen_reachable_records
+from dhruva.storage import gen_reachable_records
 
 log = logging.getLogger(__name__)
 
@@ -641,40 +643,11 @@ class CheckedFileStorage(FileStorage):
 
     # --- writing -------------------------------------------------------------------
 
-    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
-        """Write the commit as one transaction and fsync it before returning."""
-        self._check_writable("end()")
-        file = self._live_file()
-        pending, self._pending = self._pending or {}, None
-        if not pending:
-            return
-        data, offsets = encode_transaction(pending, time.time_ns())
-
-        # One write, one fsync; on failure cut back whatever reached the file.
-        start = self._end
-        try:
-            file.seek(start)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                file.truncate(start)
-                file.flush()
-            raise StorageError(
-                f"{self.path}: writing a transaction at byte offset {start} "
-                f"failed ({e}); nothing was committed"
-            ) from e
-
-        for oid, at in offsets.items():
-            self._index[oid] = start + at
-            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
-        self._end = start + len(data)
-        if self._pack_extra is not None:
-            self._pack_extra.update(pending)
-        log.debug(
-            "%s: committed %d records at byte offset %d", self.path, len(pending), start
-        )
+    def _encode_commit(
+        self, records: dict[bytes, bytes]
+    ) -> tuple[bytes, dict[bytes, int]]:
+        """Return a commit's checksummed transaction, stamped with the time."""
+        return encode_transaction(records, time.time_ns())
 
     # --- packing -------------------------------------------------------------------
 

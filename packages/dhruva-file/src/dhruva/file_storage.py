@@ -6,7 +6,11 @@ the offset map on disk, so opening a large file reads only the transactions
 committed after its last pack.
 
 Every commit is written as one transaction and made durable with one
-``fsync`` before :meth:`FileStorage.end` returns. A crash mid-commit leaves an
+``fsync`` before :meth:`FileStorage.end` returns. ``end(durable=False)``
+writes the transaction and makes it visible without the ``fsync``;
+:meth:`FileStorage.make_durable` then syncs every commit written so far in one
+go (a server's group commit), and may be called from another thread while the
+next commit is written. A crash mid-commit leaves an
 incomplete transaction at the end of the file; opening it for writing is then
 refused until it is opened with ``repair=True``, which cuts the tail off and
 saves it next to the file as ``<file>.torn-<offset>``.
@@ -62,6 +66,7 @@ import os
 import socket
 import stat
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator, MutableSequence
 from typing import BinaryIO, Self, cast
@@ -170,6 +175,7 @@ class FileStorage(Storage):
 
     packable = True
     iterable = True
+    deferred_durability = True
 
     #: Records the packer copies between the points where it yields.
     pack_step = _PACK_STEP
@@ -227,6 +233,13 @@ class FileStorage(Storage):
         #: True when the file is a temporary one, removed on close.
         self.temporary = path is None
         self._file: BinaryIO | None = None
+        #: Held while the file is fsynced, and while it is closed or swapped
+        #: for another, so that :meth:`make_durable` never syncs a closed fd.
+        self._sync_lock = threading.Lock()
+        #: Guards ``_unsynced``; held only briefly, never across an fsync.
+        self._state_lock = threading.Lock()
+        #: True when transactions were written since the file's last fsync.
+        self._unsynced = False
         self._wrote_lock_note = False
         self._pending: dict[bytes, bytes] | None = None
         self._invalid: set[bytes] = set()
@@ -462,17 +475,23 @@ class FileStorage(Storage):
             with contextlib.suppress(OSError):
                 os.unlink(self.path + ".lock")
             self._wrote_lock_note = False
-        if self._file is not None:
-            self._file.close()  # closing the descriptor releases the flock
-            self._file = None
-            if self.temporary:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+        with self._sync_lock:
+            if self._file is not None:
+                self._file.close()  # closing the descriptor releases the flock
+                self._file = None
+                self._unsynced = False
+                if self.temporary:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path)
 
     def close(self) -> None:
-        """Release the file and its lock; a temporary file is removed."""
+        """Make every commit durable, then release the file and its lock; a
+        temporary file is removed."""
         if self._file is not None:
-            self._release()
+            try:
+                self.make_durable()
+            finally:
+                self._release()
             log.info("closed %s", self.path)
 
     def __enter__(self) -> Self:
@@ -562,44 +581,107 @@ class FileStorage(Storage):
             )
         self._pending[oid] = record
 
-    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
-        """Write the commit as one transaction and fsync it before returning."""
+    def _encode_commit(
+        self, records: dict[bytes, bytes]
+    ) -> tuple[bytes, dict[bytes, int]]:
+        """Return a commit's transaction in this file's layout, and the offset
+        of each record from the transaction's first byte."""
+        data, _count = encode_transaction(iter(records.items()))
+        offsets: dict[bytes, int] = {}
+        position = 8
+        for oid, record in records.items():
+            offsets[oid] = position
+            position += 16 + len(record)
+        return data, offsets
+
+    def end(
+        self,
+        handle_invalidations: InvalidationHandler | None = None,
+        *,
+        durable: bool = True,
+    ) -> None:
+        """Write the commit as one transaction and fsync it before returning.
+
+        :param durable: False to return without the fsync: the commit is
+            written and visible (to loads, and to read-only openers), and a
+            later :meth:`make_durable`, a durable commit or :meth:`close`
+            makes it durable. A crash before then may lose it, never part of
+            it.
+        :raises StorageError: when the write fails; nothing of the commit is
+            left in the file.
+        """
         self._check_writable("end()")
         file = self._live_file()
         pending, self._pending = self._pending or {}, None
         if not pending:
+            if durable:
+                self.make_durable()
             return
-        data, _count = encode_transaction(iter(pending.items()))
+        data, offsets = self._encode_commit(pending)
 
-        # One write, one fsync; on failure cut back whatever reached the file.
+        # One write, then one fsync unless deferred; on failure cut back
+        # whatever reached the file.
         start = self._end
         try:
             file.seek(start)
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
-        except OSError as e:
-            try:
+            with self._state_lock:
+                self._unsynced = True
+            if durable:
+                self.make_durable()
+        except (OSError, StorageError) as e:
+            with contextlib.suppress(OSError):
                 file.truncate(start)
                 file.flush()
-            except OSError:
-                pass
             raise StorageError(
                 f"{self.path}: writing a transaction at byte offset {start} "
                 f"failed ({e}); nothing was committed"
             ) from e
 
-        position = start + 8
-        for oid, record in pending.items():
-            self._index[oid] = position
-            position += 16 + len(record)
+        for oid, at in offsets.items():
+            self._index[oid] = start + at
             self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
         self._end = start + len(data)
         if self._pack_extra is not None:
             self._pack_extra.update(pending)
         log.debug(
-            "%s: committed %d records at byte offset %d", self.path, len(pending), start
+            "%s: committed %d records at byte offset %d%s",
+            self.path,
+            len(pending),
+            start,
+            "" if durable else " (not synced yet)",
         )
+
+    def make_durable(self) -> None:
+        """Fsync every transaction written so far; nothing to do (and no
+        fsync) when every commit is durable already.
+
+        It may be called from another thread while the next commit is being
+        written: what any :meth:`end` that returned before the call wrote is
+        on disk when it returns.
+
+        :raises StorageError: when the fsync fails; the commits since the
+            last durable point may then be lost in a crash.
+        """
+        with self._sync_lock:
+            with self._state_lock:
+                if not self._unsynced or self._file is None:
+                    return
+                self._unsynced = False
+                fd = self._file.fileno()
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                with self._state_lock:
+                    self._unsynced = True
+                message = (
+                    f"{self.path}: fsync failed ({e}); the commits written "
+                    "since the last durable one may be lost in a crash. Free "
+                    "the disk (or fix its error) and commit again"
+                )
+                log.error("%s", message)
+                raise StorageError(message) from e
 
     def sync(self) -> list[bytes]:
         """Return the oids whose records changed or went since the last call.
@@ -910,10 +992,12 @@ class FileStorage(Storage):
             raise
 
         # From here the packed file is the database; the lock on it guards
-        # the path.
-        old, self._file = self._file, packed
-        if old is not None:
-            old.close()
+        # the path. It holds every commit, and is on disk.
+        with self._sync_lock:
+            old, self._file = self._file, packed
+            self._unsynced = False
+            if old is not None:
+                old.close()
         try:
             _fsync_directory(self.path)
         except OSError as e:

@@ -16,7 +16,8 @@ found by scanning the transactions after it when the file is opened. The whole
 index is kept in memory.
 
 Everything else is :class:`~dhruva.file_storage.FileStorage`'s: one ``fsync``
-per commit before :meth:`~FileStorage2.end` returns, one writer at a time
+per commit before :meth:`~FileStorage2.end` returns (or deferred with
+``end(durable=False)`` to a later ``make_durable()``), one writer at a time
 (``flock`` plus a ``<file>.lock`` note naming the holder), an incomplete last
 transaction refused at open unless ``repair=True`` cuts it off (saving it as
 ``<file>.torn-<offset>``), read-only opens that never change the file and
@@ -46,7 +47,6 @@ Limitations:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -60,7 +60,7 @@ from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_storage import FileStorage, _fsync_directory
 from dhruva.record import ROOT_OID
 from dhruva.shelf import ScanResult, TransactionSpan
-from dhruva.storage import InvalidationHandler, gen_reachable_records
+from dhruva.storage import gen_reachable_records
 
 log = logging.getLogger(__name__)
 
@@ -423,42 +423,16 @@ class FileStorage2(FileStorage):
 
     # --- writing -------------------------------------------------------------------
 
-    def end(self, handle_invalidations: InvalidationHandler | None = None) -> None:
-        """Write the commit as one transaction and fsync it before returning."""
-        self._check_writable("end()")
-        file = self._live_file()
-        pending, self._pending = self._pending or {}, None
-        if not pending:
-            return
-        data = encode_transaction(pending)
-
-        # One write, one fsync; on failure cut back whatever reached the file.
-        start = self._end
-        try:
-            file.seek(start)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                file.truncate(start)
-                file.flush()
-            raise StorageError(
-                f"{self.path}: writing a transaction at byte offset {start} "
-                f"failed ({e}); nothing was committed"
-            ) from e
-
-        position = start
-        for oid, record in pending.items():
-            self._index[oid] = position
+    def _encode_commit(
+        self, records: dict[bytes, bytes]
+    ) -> tuple[bytes, dict[bytes, int]]:
+        """Return a commit's DFS20 transaction and its records' offsets."""
+        offsets: dict[bytes, int] = {}
+        position = 0
+        for oid, record in records.items():
+            offsets[oid] = position
             position += 4 + len(record)
-            self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
-        self._end = start + len(data)
-        if self._pack_extra is not None:
-            self._pack_extra.update(pending)
-        log.debug(
-            "%s: committed %d records at byte offset %d", self.path, len(pending), start
-        )
+        return encode_transaction(records), offsets
 
     # --- packing -------------------------------------------------------------------
 
