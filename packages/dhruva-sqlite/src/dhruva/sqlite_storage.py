@@ -42,11 +42,21 @@ failure is raised as a :class:`~dhruva.error.StorageError` naming the file.
 :meth:`SqliteStorage.get_packer` does the same in steps a server can run
 between client requests: it walks from the root a batch at a time, then
 walks from the records committed meanwhile and deletes in one transaction.
+Then the pack gives the freed space back to the file system: the first pack
+of a file rewrites it with ``VACUUM`` (switching it to SQLite's
+``auto_vacuum=INCREMENTAL`` mode, which any SQLite, Durus's included, reads),
+and later packs give back the freed pages (``incremental_vacuum``), without
+rewriting the file.
+Each is an SQLite transaction, so a crash during it leaves every record.
 
 Limitations:
 
-- A pack frees pages inside the file for later commits; the file does not
-  shrink. Shrink it with ``sqlite3 FILE VACUUM`` while no one has it open.
+- The first pack of a file (its ``VACUUM``) needs free disk space for a copy
+  of the packed database, written to the ``-wal`` file, and holds up other
+  commits while it runs. Without that room the pack still removes the
+  records; their pages stay free inside the file for later commits.
+- Readers holding an old snapshot keep the ``-wal`` file from being emptied
+  after a pack until they sync or close.
 - Writers get no invalidations (``invalidating = False``): one writer at a
   time; share a database between processes through the storage server.
 - A read-only storage holds its state only while the file is in WAL mode,
@@ -103,6 +113,9 @@ _CREATE_CHANGES = (
 
 #: The commits ``dhruva_changes`` keeps for read-only storages to catch up from.
 KEEP_CHANGES = 1000
+
+#: Free pages given back to the file system per transaction after a pack.
+VACUUM_STEP_PAGES = 2048
 
 
 def _oid_int(oid: bytes) -> int:
@@ -775,6 +788,7 @@ class SqliteStorage(Storage):
                 for _step in self._walk_alive(con, alive, root, follow_commits=True):
                     pass
                 self._delete_dead(con, alive)
+            self._reclaim_space()
         except sqlite3.Error as exc:
             raise self._pack_failed(self._sqlite_error(exc, "reading")) from exc
         except StorageError as exc:
@@ -809,6 +823,9 @@ class SqliteStorage(Storage):
                 for _step in self._walk_alive(con, alive, [], follow_commits=True):
                     pass
                 self._delete_dead(con, alive)
+            # No step after the deletion: a commit between steps could
+            # re-attach a record the pack has removed.
+            self._reclaim_space()
         except sqlite3.Error as exc:
             raise self._pack_failed(self._sqlite_error(exc, "reading")) from exc
         except StorageError as exc:
@@ -893,6 +910,66 @@ class SqliteStorage(Storage):
             len(dead),
             len(alive),
         )
+
+    def _reclaim_space(self) -> None:
+        """Give the pages a pack freed back to the file system.
+
+        A file in ``auto_vacuum=INCREMENTAL`` mode gives back
+        :data:`VACUUM_STEP_PAGES` pages per transaction. Any other file is
+        rewritten once by ``VACUUM``, which also turns that mode on, so that
+        later packs need no rewrite of the whole file. Either way each step is
+        one SQLite transaction: a crash leaves the file as it was before that
+        step, with every record it held.
+
+        Failing here (no room for VACUUM's copy, a long-running reader) loses
+        nothing: the freed pages stay in the file for later commits, and a
+        warning says so.
+        """
+        con = self._connection()
+        try:
+            (free,) = con.execute("PRAGMA freelist_count").fetchone()
+            if not free:
+                return
+            (mode,) = con.execute("PRAGMA auto_vacuum").fetchone()
+            if mode == 0:
+                log.info("%s: VACUUM gives %d free pages back", self.filename, free)
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                con.execute("VACUUM")
+            elif mode == 2:
+                while free:
+                    # executescript() runs the pragma to its end; execute()
+                    # would free a single page.
+                    con.executescript(
+                        f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});"
+                    )
+                    (left,) = con.execute("PRAGMA freelist_count").fetchone()
+                    if left >= free:
+                        break
+                    free = left
+            self._checkpoint()
+        except sqlite3.Error as exc:
+            log.warning(
+                "%s: the pack removed the unreachable records, but giving their "
+                "space back to the file system failed (%s); later commits reuse "
+                "it. Make room on the disk, or close the readers, and pack again",
+                self.filename,
+                exc,
+            )
+
+    def _checkpoint(self) -> None:
+        """Move the write-ahead log into the file and empty it, if no reader waits.
+
+        Readers are not waited for: their snapshots keep the log until a later
+        checkpoint (SQLite runs one every 1000 pages) or the close.
+        """
+        con = self._connection()
+        if self._journal_mode() != "wal":
+            return
+        con.execute("PRAGMA busy_timeout = 0")
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
 
     # --- closing ------------------------------------------------------------
 
