@@ -151,6 +151,11 @@ LOAD_CHUNK = 256
 
 DEFAULT_GCBYTES = 0
 
+#: At shutdown, loop turns left for a just-accepted connection to get its task
+#: (asyncio needs three), and how many times to cut the connections found.
+SHUTDOWN_TURNS = 8
+SHUTDOWN_ROUNDS = 5
+
 
 @dataclass(eq=False)
 class _Client:
@@ -329,45 +334,61 @@ class StorageServer:
     async def serve_async(self, stop_signals: Iterable[int] = ()) -> None:
         """The coroutine :meth:`serve` runs."""
         loop = asyncio.get_running_loop()
-        if self._sock is not None:
-            sock = self._sock
-        else:
-            owner, group, mode = self._socket_access
-            sock = listening_socket(self.address, owner=owner, group=group, mode=mode)
-        self.bound_address = bound_address(sock)
-        connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-        async def on_connect(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-        ) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            connections[task] = writer
-            try:
-                if self.tls is not None and not await self._start_tls(writer):
-                    return
-                await self._serve_connection(reader, writer)
-            except asyncio.CancelledError:
-                pass  # the server is stopping; end this task quietly
-            finally:
-                connections.pop(task, None)
-
         self._stopping = stopping = asyncio.Event()
         self._loop = loop
         self._commit_lock = asyncio.Lock()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="dhruva-storage")
         if self._stop_requested.is_set():
             stopping.set()
+
+        # The signal handlers come first: once the socket listens, a client may
+        # see it and send the signal, which must stop the server cleanly.
         signals = list(stop_signals)
         for signum in signals:
             loop.add_signal_handler(signum, self._on_signal, signum)
+        connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         server: asyncio.Server | None = None
+        sock: socket.socket | None = None
         try:
-            # TLS starts in on_connect, so that a failed handshake is logged.
-            if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(on_connect, sock=sock)
+            if self._sock is not None:
+                sock = self._sock
             else:
-                server = await asyncio.start_server(on_connect, sock=sock)
+                owner, group, mode = self._socket_access
+                sock = listening_socket(
+                    self.address, owner=owner, group=group, mode=mode
+                )
+            self.bound_address = bound_address(sock)
+
+            async def on_connect(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+            ) -> None:
+                if stopping.is_set():
+                    writer.transport.abort()  # accepted as the server stopped
+                    return
+                task = asyncio.current_task()
+                assert task is not None
+                connections[task] = writer
+                try:
+                    if self.tls is not None and not await self._start_tls(writer):
+                        return
+                    await self._serve_connection(reader, writer)
+                except asyncio.CancelledError:
+                    pass  # the server is stopping; end this task quietly
+                finally:
+                    connections.pop(task, None)
+
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="dhruva-storage")
+            # TLS starts in on_connect, so that a failed handshake is logged.
+            # Serving starts only once ``server`` is set, so that the finally
+            # below always closes it (never the socket under its feet).
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(
+                    on_connect, sock=sock, start_serving=False
+                )
+            else:
+                server = await asyncio.start_server(
+                    on_connect, sock=sock, start_serving=False
+                )
+            await server.start_serving()
             log.info(
                 "dhruva storage server ready on %s (protocol version %d%s%s)",
                 format_address(self.bound_address),
@@ -384,36 +405,56 @@ class StorageServer:
                 )
             await stopping.wait()
         finally:
-            # Stop listening, end every connection and any pack under way.
-            if server is not None:
-                server.close()
-            else:
-                sock.close()
-            # Cut every connection too: Python 3.11's wait_for() can swallow a
+            stopping.set()
+            await self._shut_down(server, sock, connections)
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
+            if self._sock is None and sock is not None:
+                remove_socket_file(self.address)
+            self._loop = self._stopping = None
+            self._stop_requested.clear()
+            if sock is not None:
+                log.info(
+                    "dhruva storage server on %s stopped",
+                    format_address(self.bound_address or self.address),
+                )
+
+    async def _shut_down(
+        self,
+        server: asyncio.Server | None,
+        sock: socket.socket | None,
+        connections: dict[asyncio.Task[None], asyncio.StreamWriter],
+    ) -> None:
+        """Stop listening, end every connection and any pack under way.
+
+        Connections accepted just before the listening socket closed still get
+        their task a few loop turns later: those turns are waited for, so that
+        nothing of the server runs (or logs a traceback) once this returns.
+        """
+        if server is not None:
+            server.close()
+        elif sock is not None:
+            sock.close()
+        for _round in range(SHUTDOWN_ROUNDS):
+            for _turn in range(SHUTDOWN_TURNS):
+                await asyncio.sleep(0)
+            if not connections:
+                break
+            # Cut every connection: Python 3.11's wait_for() can swallow a
             # cancellation that comes as the awaited call finishes.
             for task, writer in list(connections.items()):
                 task.cancel()
                 writer.transport.abort()
             await asyncio.gather(*connections, return_exceptions=True)
-            if self._pack_task is not None:
-                self._pack_task.cancel()
-                await asyncio.gather(self._pack_task, return_exceptions=True)
-            if server is not None:
-                # Python 3.11 waits here for connections accepted but not yet
-                # handed to a task; they are closed with the listening socket.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(server.wait_closed(), 2)
-            for signum in signals:
-                loop.remove_signal_handler(signum)
-            self._worker.shutdown(wait=True)
-            if self._sock is None:
-                remove_socket_file(self.address)
-            self._loop = self._stopping = None
-            self._stop_requested.clear()
-            log.info(
-                "dhruva storage server on %s stopped",
-                format_address(self.bound_address),
-            )
+        if self._pack_task is not None:
+            self._pack_task.cancel()
+            await asyncio.gather(self._pack_task, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2)
 
     def _on_signal(self, signum: int) -> None:
         log.info("stopping on signal %s", signal.Signals(signum).name)
