@@ -49,6 +49,13 @@ and later packs give back the freed pages (``incremental_vacuum``), without
 rewriting the file.
 Each is an SQLite transaction, so a crash during it leaves every record.
 
+No ``sqlite3`` exception leaves the storage: a file that is not a SQLite
+database, a damaged or cut-short one, and one another program keeps locked
+longer than ``timeout`` raise :class:`~dhruva.sqlite_errors.NotSqliteError`,
+:class:`~dhruva.sqlite_errors.SqliteDamagedError` and
+:class:`~dhruva.sqlite_errors.SqliteLockedError` (all
+:class:`~dhruva.error.StorageError`), naming the file and the way out.
+
 Limitations:
 
 - The first pack of a file (its ``VACUUM``) needs free disk space for a copy
@@ -86,12 +93,17 @@ from pathlib import Path
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
 from dhruva.record import ROOT_OID, pack_record, split_oids, unpack_record
+from dhruva.sqlite_errors import (
+    SQLITE_HEADER,
+    NotSqliteError,
+    SqliteDamagedError,
+    SqliteLockedError,
+    SqliteStorageError,
+    storage_error,
+)
 from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
 
 log = logging.getLogger(__name__)
-
-#: The first bytes of every SQLite 3 database file.
-SQLITE_HEADER = b"SQLite format 3\0"
 
 #: The largest oid SQLite can keep in an integer column, plus one.
 OID_LIMIT = 2**63
@@ -275,7 +287,7 @@ class SqliteStorage(Storage):
                 uri=uri,
             )
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {self.filename}: {exc}") from exc
+            raise self._sqlite_error(exc, "opening it") from exc
         con.text_factory = bytes
         return con
 
@@ -313,9 +325,10 @@ class SqliteStorage(Storage):
                     f"{self.filename} holds no database yet (it is empty); "
                     "open it writable once to initialize it"
                 )
-            self._check_objects_columns()
-            self._next_oid = self._durable_next = self._read_next_oid(tables)
-            self._begin_snapshot()
+            with self._sqlite_errors("opening it read-only"):
+                self._check_objects_columns()
+                self._next_oid = self._durable_next = self._read_next_oid(tables)
+                self._begin_snapshot()
         except BaseException:
             self._close_connection()
             raise
@@ -331,8 +344,9 @@ class SqliteStorage(Storage):
 
             self._lock = _WriterLock(self.filename)
             self._lock.acquire(self.filename, self._timeout)
-            found_mode = self._journal_mode()
-            self._restore_journal_mode = self._read_meta(tables, "journal_mode")
+            with self._sqlite_errors("opening it"):
+                found_mode = self._journal_mode()
+                self._restore_journal_mode = self._read_meta(tables, "journal_mode")
             if self._restore_journal_mode is None:
                 # First open by dhruva: remember the mode the file came in.
                 self._restore_journal_mode = found_mode
@@ -387,20 +401,8 @@ class SqliteStorage(Storage):
                 .execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 .fetchall()
             )
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise self._sqlite_error(exc, "reading its tables") from exc
-            raise StorageError(
-                f"{self.filename} is not a SQLite database ({exc}); the sqlite "
-                "storage opens SQLite files only. Check the path, or open the "
-                "file with the storage kind that wrote it"
-            ) from exc
-        except sqlite3.DatabaseError as exc:
-            raise StorageError(
-                f"{self.filename} is not a SQLite database ({exc}); the sqlite "
-                "storage opens SQLite files only. Check the path, or open the "
-                "file with the storage kind that wrote it"
-            ) from exc
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(exc, "reading its tables") from exc
         return {name.decode() if isinstance(name, bytes) else name for (name,) in rows}
 
     def _foreign_error(self, tables: Iterable[str]) -> StorageError:
@@ -470,14 +472,16 @@ class SqliteStorage(Storage):
                 "readonly=True to change it"
             )
 
-    def _sqlite_error(self, exc: sqlite3.Error, doing: str) -> StorageError:
-        if "locked" in str(exc) or "busy" in str(exc):
-            return StorageError(
-                f"{self.filename} stayed locked by another program for "
-                f"{self._timeout:g} s while {doing}; close the other program or "
-                "raise the timeout"
-            )
-        return StorageError(f"{self.filename}: SQLite failed while {doing}: {exc}")
+    def _sqlite_error(self, exc: sqlite3.Error, doing: str) -> SqliteStorageError:
+        return storage_error(exc, self.filename, doing, self._timeout)
+
+    @contextmanager
+    def _sqlite_errors(self, doing: str) -> Iterator[None]:
+        """Raise SQLite's errors as the :mod:`dhruva.sqlite_errors` ones."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(exc, doing) from exc
 
     @contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:
@@ -492,7 +496,10 @@ class SqliteStorage(Storage):
             con.execute("COMMIT")
         except BaseException as exc:
             if con.in_transaction:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.debug("%s: the rollback failed", self.filename, exc_info=True)
             if isinstance(exc, sqlite3.Error):
                 raise self._sqlite_error(exc, "writing") from exc
             raise
@@ -557,15 +564,17 @@ class SqliteStorage(Storage):
             return
         after = -1
         while True:
-            rows = (
-                self._connection()
-                .execute(
-                    "SELECT id, data, refs FROM objects WHERE id > ? "
-                    "ORDER BY id LIMIT ?",
-                    (after, max(1, batch_size)),
+            doing = f"reading the records after oid {after}" if after >= 0 else ""
+            with self._sqlite_errors(doing or "reading the records"):
+                rows = (
+                    self._connection()
+                    .execute(
+                        "SELECT id, data, refs FROM objects WHERE id > ? "
+                        "ORDER BY id LIMIT ?",
+                        (after, max(1, batch_size)),
+                    )
+                    .fetchall()
                 )
-                .fetchall()
-            )
             if not rows:
                 return
             for number, data, refs in rows:
@@ -575,7 +584,9 @@ class SqliteStorage(Storage):
 
     def get_size(self) -> int:
         """Return the number of records in the file."""
-        (count,) = self._connection().execute("SELECT count(*) FROM objects").fetchone()
+        con = self._connection()
+        with self._sqlite_errors("counting the records"):
+            (count,) = con.execute("SELECT count(*) FROM objects").fetchone()
         return int(count)
 
     def sync(self) -> list[bytes]:
@@ -622,7 +633,9 @@ class SqliteStorage(Storage):
         try:
             (serial,) = con.execute("SELECT max(serial) FROM dhruva_changes").fetchone()
             self._serial = serial or 0
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
             self._serial = None  # no writer of dhruva's has opened the file yet
         (self._data_version,) = con.execute("PRAGMA data_version").fetchone()
 
@@ -834,13 +847,18 @@ class SqliteStorage(Storage):
             self._pack_extra = None
 
     def _pack_failed(self, error: StorageError) -> StorageError:
-        """Say that a pack failed, why, and that it changed nothing."""
+        """Say that a pack failed, why, and that it changed nothing.
+
+        The error keeps its kind (locked, damaged...).
+        """
         reason = str(error).removeprefix(f"{self.filename}: ")
         message = (
             f"packing {self.filename} failed: {reason}; nothing was removed and "
             "the database is still writable"
         )
         log.error("%s", message)
+        if isinstance(error, SqliteStorageError):
+            return type(error)(message, self.filename)
         return StorageError(message)
 
     def _walk_alive(
@@ -996,12 +1014,15 @@ class SqliteStorage(Storage):
             log.debug("%s stays in WAL mode: %s", self.filename, exc)
 
     def _close_connection(self) -> None:
-        if self._con is not None:
-            self._con.close()
-            self._con = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._con is not None:
+                con, self._con = self._con, None
+                with self._sqlite_errors("closing it"):
+                    con.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> SqliteStorage:
         return self
@@ -1013,4 +1034,11 @@ class SqliteStorage(Storage):
     __str__ = __repr__
 
 
-__all__ = ["SQLITE_HEADER", "SqliteStorage"]
+__all__ = [
+    "SQLITE_HEADER",
+    "NotSqliteError",
+    "SqliteDamagedError",
+    "SqliteLockedError",
+    "SqliteStorage",
+    "SqliteStorageError",
+]
