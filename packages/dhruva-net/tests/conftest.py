@@ -19,6 +19,12 @@ import pytest
 #: `dhruva server`, through the core command line that loads the plugin.
 SERVER_COMMAND = [sys.executable, "-m", "dhruva.cli", "server"]
 
+#: A server of storages the command line cannot make (see serve_for_tests.py).
+TEST_SERVER_COMMAND = [
+    sys.executable,
+    str(Path(__file__).with_name("serve_for_tests.py")),
+]
+
 READY = re.compile(r"ready on (\S+)")
 
 
@@ -51,16 +57,18 @@ def start_server(
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
     pass_fds: tuple[int, ...] = (),
+    command: list[str] = SERVER_COMMAND,
 ) -> ServerProcess:
     """Start `dhruva server ARGS` and wait (generously) until it is listening.
 
     :param env: variables to add to the server's environment.
     :param prefix: a command line the server's command is appended to.
     :param pass_fds: file descriptors the server inherits.
+    :param command: the server's command line, before ``args``.
     """
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes it
     process = subprocess.Popen(
-        [*prefix, *SERVER_COMMAND, *args],
+        [*prefix, *command, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -97,6 +105,18 @@ def run_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield run
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def run_test_server(
+    run_server: Callable[..., ServerProcess],
+) -> Callable[..., ServerProcess]:
+    """Start ``serve_for_tests.py ARGS`` processes, killed at teardown."""
+
+    def run(*args: str, **options: Any) -> ServerProcess:
+        return run_server(*args, command=TEST_SERVER_COMMAND, **options)
+
+    return run
 
 
 @pytest.fixture

@@ -472,3 +472,34 @@ def test_prefetched_records_are_dropped_when_others_change_them(memory_server):
     assert reader.get_root()["child"]["value"] == "new"
     reader.close()
     writer.close()
+
+
+def test_a_big_scan_does_not_hold_up_other_clients(run_test_server):
+    # Listing the 1000 records that start the scan takes five seconds.
+    server = run_test_server("--records", "1000", "--list-delay", "0.005")
+    scanner = ClientStorage(address=server.address)
+    other = ClientStorage(address=server.address)
+    scanned: list[bytes] = []
+    scanning = threading.Thread(
+        target=lambda: scanned.extend(oid for oid, _r in scanner.gen_oid_record()),
+        daemon=True,
+    )
+    try:
+        scanning.start()
+        deadline = time.monotonic() + 30
+        while "listing started" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.01)
+
+        started = time.monotonic()
+        assert unpack_record(other.load(ROOT_OID))[1] == b"root"
+        commit(other, make_record(ROOT_OID, b"changed during the scan"))
+        assert time.monotonic() - started < 1.0
+        assert scanning.is_alive()  # the other client did not wait for the scan
+
+        scanning.join(60)
+        assert not scanning.is_alive()
+        assert len(scanned) == 1001 and len(set(scanned)) == 1001
+    finally:
+        scanner.close()
+        other.close()

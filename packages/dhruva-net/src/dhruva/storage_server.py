@@ -6,11 +6,13 @@ its own state, so a slow, idle or stuck client only ever waits on itself:
 - reads of a request have a deadline once its first byte arrived
   (``request_timeout``), idle connections may be closed (``idle_timeout``), and
   replies wait for a slow reader at most ``write_timeout`` seconds;
-- storage calls that may take long (a commit and its fsync, a pack step, the
-  listing of a scan) run in one worker thread, so the loop keeps accepting,
-  handshaking and answering. Storages are not thread-safe: every storage call,
-  in the loop or the worker, holds one lock, and quick calls (loads) run in the
-  loop only when nobody else holds it.
+- storage calls that may take long (a commit and its fsync, a pack step, a
+  batch of the listing that starts a scan) run in one worker thread, so the
+  loop keeps accepting, handshaking and answering. Storages are not
+  thread-safe: every storage call, in the loop or the worker, holds one lock,
+  and quick calls (loads) run in the loop only when nobody else holds it.
+  Long work is cut into short calls (pack steps, listing batches of at most
+  ``LIST_BATCH_SECONDS``), so that other clients' calls run in between.
 
 What the server keeps per client, as Durus does, and checks itself:
 
@@ -34,9 +36,11 @@ The wire protocol is in :mod:`dhruva.net_protocol` and ``docs/protocol.md``.
 
 Limitations:
 
-- Storage calls are serialized: while the worker runs a commit's fsync, a
-  non-incremental ``pack()`` or the listing that starts a scan, other clients'
-  loads wait for it (their connections stay served).
+- Storage calls are serialized: while the worker runs a commit's fsync or a
+  non-incremental ``pack()``, other clients' loads wait for it (their
+  connections stay served).
+- A scan that starts while a pack runs waits for the end of the pack, and a
+  pack waits for the listing of a scan that started first.
 - The server answers only clients of its own protocol version.
 """
 
@@ -51,7 +55,8 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -148,6 +153,11 @@ MAX_INVALID = 1_000_000
 
 #: Oids loaded per storage call in a bulk load.
 LOAD_CHUNK = 256
+
+#: Records listed per storage call when a full scan starts, and the seconds
+#: one such call may take (other clients' calls wait that long at most).
+LIST_BATCH = 10_000
+LIST_BATCH_SECONDS = 0.05
 
 DEFAULT_GCBYTES = 0
 
@@ -287,6 +297,9 @@ class StorageServer:
         self._storage_lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
         self._commit_lock: asyncio.Lock | None = None
+        #: Held by a pack and by the listing that starts a scan: a pack moves
+        #: the records a listing reads.
+        self._layout_lock: asyncio.Lock | None = None
         #: The records the commit being written replaces (None: a new oid).
         #: Loads of those oids meanwhile are answered from here, as before it.
         self._writing: dict[bytes, bytes | None] = {}
@@ -337,6 +350,7 @@ class StorageServer:
         self._stopping = stopping = asyncio.Event()
         self._loop = loop
         self._commit_lock = asyncio.Lock()
+        self._layout_lock = asyncio.Lock()
         if self._stop_requested.is_set():
             stopping.set()
 
@@ -967,15 +981,35 @@ class StorageServer:
 
     # --- scans, size -----------------------------------------------------------
 
-    def _list_oids(self) -> list[bytes]:
-        return [oid for oid, _record in self.storage.gen_oid_record()]
+    async def _list_oids(self) -> list[bytes]:
+        """Return the oid of every record, listed a batch per storage call.
+
+        Other clients' storage calls run between the batches, so a big
+        listing delays them by one batch at most. No pack runs meanwhile:
+        it could move the records the listing is reading.
+        """
+        assert self._layout_lock is not None
+        async with self._layout_lock:
+            records = await self._call(self.storage.gen_oid_record)
+            oids: list[bytes] = []
+            try:
+                while True:
+                    batch, done = await self._call(_next_oids, records, slow=True)
+                    oids += batch
+                    if done:
+                        return oids
+            finally:
+                close = getattr(records, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await self._call(close)
 
     async def _handle_scan(self, client: _Client, body: bytes) -> list[bytes]:
         if len(body) != 5:
             raise ProtocolError(f"scan: expected 5 bytes of body, got {len(body)}")
         batch_size = max(1, unpack_uint32(body[1:], "scan batch size"))
         if body[0] or client.scan is None:
-            client.scan = await self._call(self._list_oids, slow=True)
+            client.scan = await self._list_oids()
             client.scan.reverse()
         scan = client.scan
         records: list[tuple[bytes, bytes]] = []
@@ -1024,6 +1058,11 @@ class StorageServer:
         await asyncio.shield(self._start_pack())
 
     async def _run_pack(self) -> None:
+        assert self._layout_lock is not None
+        async with self._layout_lock:
+            await self._pack_steps()
+
+    async def _pack_steps(self) -> None:
         log.info("pack started")
         packer = await self._call(self.storage.get_packer)
         if packer is None:
@@ -1059,6 +1098,22 @@ def _check_records(staged: dict[bytes, bytes]) -> None:
                 f"commit refused: the record stored for oid {_oid_int(oid)} "
                 f"starts with oid {_oid_int(record_oid)}; nothing was written"
             )
+
+
+def _next_oids(
+    records: Iterator[tuple[bytes, bytes]],
+    limit: int = LIST_BATCH,
+    seconds: float = LIST_BATCH_SECONDS,
+) -> tuple[list[bytes], bool]:
+    """Storage call: the oids of the next records of a listing, up to ``limit``
+    or for about ``seconds``; and whether the listing is done."""
+    deadline = time.monotonic() + seconds
+    oids: list[bytes] = []
+    for oid, _record in records:
+        oids.append(oid)
+        if len(oids) >= limit or time.monotonic() > deadline:
+            return oids, False
+    return oids, True
 
 
 def _step(packer: Any) -> bool:
