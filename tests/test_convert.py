@@ -23,10 +23,18 @@ import pytest
 from click.testing import CliRunner
 from dhruva.cli import make_cli
 from dhruva.connection import Connection
+from dhruva.hookspecs import hookimpl
 from dhruva.persistent_dict import PersistentDict
 from dhruva.persistent_list import PersistentList
-from dhruva.plugins import get_plugins, open_storage
+from dhruva.plugins import (
+    Plugins,
+    get_plugin_manager,
+    get_plugins,
+    load_plugins,
+    open_storage,
+)
 from dhruva.record import ROOT_OID
+from dhruva.registry import StorageKind
 
 FIXTURES = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "durus-4"
@@ -297,3 +305,98 @@ def test_a_terminal_gets_a_progress_bar(made, tmp_path):
     assert proc.returncode == 0
     assert b"copying" in seen and b"100%" in seen
     assert proc.stdout.startswith("converted")
+
+
+# --- the kind of DST from its name, and the oid counter ---------------------------
+
+
+@pytest.mark.parametrize("name", ["new.sqlite", "new.sqlite3", "new.db", "NEW.DB"])
+def test_a_sqlite_name_makes_a_sqlite_database(made, tmp_path, name):
+    dst = tmp_path / name
+    result = convert(str(made), str(dst))
+    assert result.exit_code == 0, result.output
+    assert "(sqlite)" in result.output
+    assert dst.read_bytes().startswith(b"SQLite format 3\0")
+    add_and_check(dst)
+
+
+def test_another_name_makes_a_dhruva_file_and_storage_wins(made, tmp_path):
+    result = convert(str(made), str(tmp_path / "new.durus"))
+    assert result.exit_code == 0, result.output
+    assert get_plugins().recognize(str(tmp_path / "new.durus")) == "file"
+
+    dst = tmp_path / "odd.db"
+    result = convert(str(made), str(dst), "--storage", "file2")
+    assert result.exit_code == 0, result.output
+    assert get_plugins().recognize(str(dst)) == "file2"
+
+
+class ClaimsDb:
+    """A plugin whose storage kind claims the .db ending too."""
+
+    @hookimpl
+    def dhruva_register_storages(self, registry: Any) -> None:
+        registry.add(
+            StorageKind("otherdb", open=lambda *a, **k: None, suffixes=(".db",))
+        )
+
+
+def plugins_with(*plugins: object, without: tuple[str, ...] = ()) -> Plugins:
+    pm = load_plugins(get_plugin_manager())
+    for name in without:
+        pm.unregister(name=name)
+    for plugin in plugins:
+        pm.register(plugin)
+    return Plugins(pm)
+
+
+def test_an_ending_claimed_by_two_kinds_is_refused(made, tmp_path):
+    cli = make_cli(plugins_with(ClaimsDb()))
+    dst = tmp_path / "new.db"
+    result = CliRunner().invoke(cli, ["convert", str(made), str(dst)])
+    assert result.exit_code == 1
+    assert "otherdb, sqlite" in result.output and "--storage" in result.output
+    assert not dst.exists()
+
+    chosen = CliRunner().invoke(
+        cli, ["convert", str(made), str(dst), "--storage", "sqlite"]
+    )
+    assert chosen.exit_code == 0, chosen.output
+
+
+def test_a_sqlite_name_without_the_sqlite_plugin_is_refused(made, tmp_path):
+    cli = make_cli(plugins_with(without=("sqlite",)))
+    dst = tmp_path / "new.sqlite"
+    result = CliRunner().invoke(cli, ["convert", str(made), str(dst)])
+    assert result.exit_code == 1
+    assert "pip install dhruva-sqlite" in result.output
+    assert "--storage" in result.output
+    assert not dst.exists()
+
+
+def new_oids(path: Path, count: int = 5) -> list[int]:
+    with open_storage(path) as storage:
+        return [int.from_bytes(storage.new_oid(), "big") for _ in range(count)]
+
+
+@pytest.mark.parametrize("origin", ["sqlite", "file"])
+def test_oids_a_pack_removed_are_not_handed_out_by_the_copy(tmp_path, origin):
+    src = tmp_path / f"src.{origin}"
+    connection = Connection(open_storage(src, origin))
+    root = connection.get_root()
+    root["kept"] = PersistentDict(n=1)
+    connection.commit()
+    root["dropped"] = PersistentList(PersistentDict() for _ in range(40))
+    connection.commit()
+    dropped = max(int.from_bytes(d._p_oid, "big") for d in root["dropped"])
+    del root["dropped"]
+    connection.commit()
+    connection.pack()
+    connection.close()
+
+    dst = tmp_path / "dst.sqlite"
+    result = convert(str(src), str(dst))
+    assert result.exit_code == 0, result.output
+    with open_storage(dst, readonly=True) as copy:
+        assert copy.get_size() == 2  # the root and "kept"
+    assert min(new_oids(dst)) > dropped

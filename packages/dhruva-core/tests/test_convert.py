@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from dhruva.connection import Connection
-from dhruva.convert import check_empty, copy_reachable
+from dhruva.convert import check_empty, copy_reachable, get_oid_counter
 from dhruva.error import StorageError
 from dhruva.persistent_dict import PersistentDict
 from dhruva.persistent_list import PersistentList
@@ -113,3 +113,44 @@ def test_a_connection_on_the_copy_reads_it_and_adds_to_it():
     # Only the root changed; every other old record is intact.
     assert {o for o in old if copy.records[o] != old[o]} == {ROOT_OID}
     assert len(copy.records) == len(old) + 10
+
+
+class Reserving(MemoryStorage):
+    """A destination that takes an oid counter, as SqliteStorage does."""
+
+    def reserve_oids(self, next_oid: int) -> None:
+        self._next_oid = max(self._next_oid, next_oid)
+
+
+class Telling(MemoryStorage):
+    """A source that tells its counter through the public method."""
+
+    def get_oid_counter(self) -> int:
+        return 1000
+
+
+def test_the_oid_counter_of_the_source_is_carried(source):
+    for _ in range(30):
+        source.new_oid()  # handed out, never stored: oids 10..39
+    destination = Reserving()
+    result = copy_reachable(source, destination)
+    assert result.oid_counter == 40
+    assert int.from_bytes(destination.new_oid(), "big") >= 40
+
+
+def test_get_oid_counter_is_asked_first():
+    source = Telling()
+    commit(source, make_record(ROOT_OID, b"root"))
+    assert get_oid_counter(source) == 1000
+    destination = Reserving()
+    assert copy_reachable(source, destination).oid_counter == 1000
+    assert int.from_bytes(destination.new_oid(), "big") >= 1000
+
+
+def test_a_destination_that_takes_no_counter_still_starts_above_the_copy(source):
+    for _ in range(30):
+        source.new_oid()
+    destination = MemoryStorage()
+    result = copy_reachable(source, destination)
+    assert result.oid_counter is None
+    assert 9 < int.from_bytes(destination.new_oid(), "big") < 40

@@ -1,8 +1,12 @@
 """``dhruva convert SRC DST``: copy a database into a new storage of any kind.
 
 The source is opened read-only with the kind recognized from its first bytes
-(or ``--from-storage``); the destination gets ``--storage`` (``file`` by
-default) and must not exist, or be an empty file. Progress goes to stderr as a
+(or ``--from-storage``). The destination gets ``--storage``; without it, the
+kind whose plugin claims DST's file name ending (``.sqlite``, ``.sqlite3``
+and ``.db`` are SQLite's), or ``file`` for any other name. An ending claimed by
+several kinds, or known to belong to a kind that is not installed, is refused
+with a message asking for ``--storage``. DST must not exist, or be an empty
+file. Progress goes to stderr as a
 bar when stderr is a terminal, and nothing when it is piped; the summary goes
 to stdout. A conversion that fails removes what it wrote.
 """
@@ -17,12 +21,45 @@ from collections.abc import Callable, Iterator
 
 import click
 from dhruva.cli_options import _check_storage_name, cli_plugins, library_errors
-from dhruva.plugins import DEFAULT_STORAGE
+from dhruva.plugins import DEFAULT_STORAGE, KNOWN_STORAGES, Plugins
 
 log = logging.getLogger(__name__)
 
 #: Files that storages keep next to a database file.
 _SIDE_FILES = (".lock", "-wal", "-shm", "-journal")
+
+#: Endings of dhruva's own kinds, for a message when their plugin is missing.
+_KNOWN_SUFFIXES = {".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
+
+
+def kind_for_new_file(plugins: Plugins, path: str) -> str:
+    """Choose the storage kind of a new file from the ending of its name.
+
+    :return: the one kind whose plugin claims the ending, or
+        :data:`~dhruva.plugins.DEFAULT_STORAGE` when none does.
+    :raises click.ClickException: when several kinds claim it, or when it
+        belongs to one of dhruva's kinds whose distribution is not installed.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if not suffix:
+        return DEFAULT_STORAGE
+    claiming = sorted(kind.name for kind in plugins.storages if suffix in kind.suffixes)
+    if len(claiming) == 1:
+        return claiming[0]
+    if claiming:
+        raise click.ClickException(
+            f"{path} ends in {suffix}, which the storage kinds "
+            f"{', '.join(claiming)} all claim; pass --storage NAME to choose"
+        )
+    known = _KNOWN_SUFFIXES.get(suffix)
+    if known is not None:
+        raise click.ClickException(
+            f"{path} ends in {suffix}, the ending of {known} databases, but no "
+            f"installed plugin provides the {known} storage: install "
+            f"{KNOWN_STORAGES[known]} (`pip install {KNOWN_STORAGES[known]}`), or "
+            "pass --storage NAME to write another kind under that name"
+        )
+    return DEFAULT_STORAGE
 
 
 @contextlib.contextmanager
@@ -71,7 +108,8 @@ def _remove_partial(dst: str, existed: set[str]) -> None:
     metavar="NAME",
     default=None,
     callback=_check_storage_name,
-    help=f"Storage kind of DST (see `dhruva plugins`) [default: {DEFAULT_STORAGE}].",
+    help="Storage kind of DST (see `dhruva plugins`) [default: from DST's "
+    f"ending, .sqlite/.sqlite3/.db for sqlite; {DEFAULT_STORAGE} otherwise].",
 )
 @click.option(
     "--from-storage",
@@ -93,13 +131,16 @@ def convert_command(
 
     Any two storage kinds work: Durus files to dhruva, file to sqlite, sqlite
     to file, file2 to file... Records are copied as they are, under the same
-    oids; DST takes new commits right away. SRC is only read.
+    oids; DST takes new commits right away, and never hands out an oid SRC
+    handed out (where both storages tell and take their oid counter). SRC is
+    only read. Without --storage, DST's kind comes from its name: .sqlite,
+    .sqlite3 and .db make a SQLite database, other names a dhruva file.
     """
     from dhruva.convert import copy_reachable
 
     plugins = cli_plugins(ctx)
-    kind = storage or DEFAULT_STORAGE
     with library_errors("choosing the destination"):
+        kind = storage or kind_for_new_file(plugins, dst)
         if not plugins.get_storage_kind(kind).file_based:
             raise click.ClickException(
                 f"the {kind} storage keeps no file, so DST would be lost when "

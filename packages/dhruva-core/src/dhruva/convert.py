@@ -12,14 +12,24 @@ new oids above every copied one afterwards; :func:`copy_reachable` checks
 that, since a storage that does not (Durus's SqliteStorage after a bulk
 import) would overwrite the root with the next new object.
 
+The source's oid counter is carried over too (:func:`carry_oid_counter`), so
+that an oid the source handed out, or held before a pack removed it, is not
+handed out again by the destination: a stale reference to it, kept outside
+the database, can never find an unrelated object. A source tells its counter
+by a ``get_oid_counter()`` method (SqliteStorage; the other dhruva storages
+keep it as ``_next_oid``); a destination takes it by ``reserve_oids(n)``
+(SqliteStorage).
+
 Limitations:
 
 - The copy reads one state of the source when the source's storage keeps
   one for a read-only open (file storages, and SQLite files while a dhruva
   writer has them open); a source written by a Durus process while it is
   copied may give a copy that mixes two commits.
-- The oids the source handed out but no longer holds are not carried over:
-  the destination may hand them out again. No reference to them is copied.
+- A destination without ``reserve_oids`` (the file storages, today) starts
+  its counter above the highest copied oid only: it may hand out again the
+  oids the source gave to records a pack removed. No reference to those is
+  copied. TODO(#3): a way for FileStorage kinds to take an oid counter.
 """
 
 from __future__ import annotations
@@ -51,6 +61,41 @@ class CopyResult:
     size: int
     #: The highest oid copied, as a number.
     highest_oid: int
+    #: The source's oid counter carried to the destination, if it was.
+    oid_counter: int | None = None
+
+
+def get_oid_counter(storage: Storage) -> int | None:
+    """Return the number of the next oid ``storage`` would hand out, if it tells.
+
+    :return: ``storage.get_oid_counter()`` where there is one, else the
+        ``_next_oid`` counter of dhruva's storages, else None.
+    """
+    method = getattr(storage, "get_oid_counter", None)
+    value = method() if callable(method) else getattr(storage, "_next_oid", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def carry_oid_counter(source: Storage, destination: Storage) -> int | None:
+    """Make ``destination`` hand out no oid that ``source`` has handed out.
+
+    :return: the counter carried over, or None when the source does not tell
+        it or the destination cannot take it (no ``reserve_oids``).
+    """
+    counter = get_oid_counter(source)
+    reserve = getattr(destination, "reserve_oids", None)
+    if counter is None or not callable(reserve):
+        log.info(
+            "the oid counter of %r is not carried to %r (%s)",
+            source,
+            destination,
+            "the source does not tell it"
+            if counter is None
+            else "the destination cannot take it",
+        )
+        return None
+    reserve(counter)
+    return counter
 
 
 def check_empty(storage: Storage, name: str) -> None:
@@ -120,6 +165,7 @@ def copy_reachable(
     destination.end()
     if progress is not None and records > reported:
         progress(records - reported)
+    counter = carry_oid_counter(source, destination)
 
     # New objects must never land on a copied oid.
     probe = int.from_bytes(destination.new_oid(), "big")
@@ -133,4 +179,4 @@ def copy_reachable(
     log.info(
         "copied %d records (%d bytes) from %r to %r", records, size, source, destination
     )
-    return CopyResult(records, size, highest)
+    return CopyResult(records, size, highest, counter)

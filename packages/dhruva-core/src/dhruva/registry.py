@@ -32,6 +32,9 @@ class StorageKind:
     file_based: bool = True
     #: The distribution to install for it (for messages).
     distribution: str = ""
+    #: File name endings (".sqlite") that ask for this kind when a new file is
+    #: made without a kind name (``dhruva convert``); lower case, with the dot.
+    suffixes: tuple[str, ...] = ()
     #: Set by the registry: the plugin that added this kind.
     plugin: str = field(default="", compare=False)
 

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 #: The first bytes of every SQLite 3 database file.
 _SQLITE_HEADER = b"SQLite format 3\0"
 
+#: File name endings that make ``dhruva convert`` write a SQLite database.
+SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+
 
 def _open_sqlite(
     path: str | None, readonly: bool = False, repair: bool = False, **options: Any
@@ -43,6 +46,7 @@ def dhruva_register_storages(registry: StorageRegistry) -> None:
             description="records in one SQLite table, the Durus SqliteStorage layout",
             file_based=True,
             distribution="dhruva-sqlite",
+            suffixes=SQLITE_SUFFIXES,
         )
     )
 

@@ -676,6 +676,36 @@ class SqliteStorage(Storage):
         self._next_oid += 1
         return oid
 
+    def get_oid_counter(self) -> int:
+        """Return the number of the next oid :meth:`new_oid` hands out.
+
+        Every oid below it has been handed out (or held by a record) at some
+        time; ``dhruva convert`` carries it to the new database.
+        """
+        return self._next_oid
+
+    def reserve_oids(self, next_oid: int) -> None:
+        """Never hand out an oid below ``next_oid`` (kept in the file).
+
+        For copies from another storage (``dhruva convert``): the oids its
+        records had, and those a pack removed, stay unused here too. A lower
+        number changes nothing.
+
+        :raises StorageError: when ``next_oid`` does not fit a SQLite integer.
+        """
+        self._check_writable("reserve_oids()")
+        if next_oid <= self._next_oid:
+            return
+        if next_oid > OID_LIMIT:
+            raise StorageError(
+                f"reserve_oids({next_oid}): {self.filename} holds oids below 2**63 only"
+            )
+        self._next_oid = next_oid
+        with self._write_transaction() as con:
+            self._write_next_oid(con)
+        self._durable_next = self._next_oid
+        log.info("%s: new oids start at %d", self.filename, next_oid)
+
     def begin(self) -> None:
         self._check_writable("begin()")
         self._connection()
