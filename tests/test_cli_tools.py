@@ -542,3 +542,62 @@ def test_a_backup_restores_by_opening_it(tmp_path: Path) -> None:
     assert storage.load(ROOT_OID)
     storage.close()
     assert read_values(path) == (2, list(range(30)))
+
+
+# --- dhruva client --at: a past commit of a file storage ----------------------------
+
+
+def history_positions(path: Path) -> list[int]:
+    from dhruva.file_history import list_transactions
+
+    return [span.end for span in list_transactions(path)]
+
+
+def test_client_at_a_position_sees_the_database_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")  # root["n"] = 0, then 1, then 2
+    before = path.read_bytes()
+    positions = history_positions(path)
+    script = 'print("n is", root["n"], len(root["items"]))\n'
+
+    seen = []
+    for position in positions[-3:]:
+        result = CliRunner().invoke(
+            make_cli(),
+            ["client", "--file", str(path), "--at", str(position)],
+            input=script,
+        )
+        assert result.exit_code == 0, result.output
+        seen.append(result.stdout.strip())
+    assert seen == ["n is 0 30", "n is 1 30", "n is 2 30"]
+    assert path.read_bytes() == before
+
+    # The view is read-only: a commit is refused, the file stays as it was.
+    result = CliRunner().invoke(
+        make_cli(),
+        ["client", "--file", str(path), "--at", str(positions[-2])],
+        input='root["n"] = 99\nconnection.commit()\n',
+    )
+    assert result.exit_code == 1
+    assert "read-only" in result.output
+    assert path.read_bytes() == before
+
+
+def test_client_at_names_what_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    inside = history_positions(path)[-1] - 1
+    result = run("client", "--file", str(path), "--at", str(inside))
+    assert result.exit_code == 1
+    assert f"byte offset {inside}" in result.output
+    assert f"dhruva history {path}" in result.output
+
+    result = run("client", "--at", "60")
+    assert result.exit_code == 2
+    assert "give --file" in result.output
+
+    sqlite_path = tmp_path / "db.sqlite"
+    make_database(sqlite_path, "sqlite")
+    result = run("client", "--file", str(sqlite_path), "--at", "60")
+    assert result.exit_code == 1
+    assert "keep their past commits" in result.output

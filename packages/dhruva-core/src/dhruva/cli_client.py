@@ -8,11 +8,15 @@ objects can be imported from there.
 
 When standard input is not a terminal, what it holds runs as one script and the
 command exits: ``echo 'root["x"] = 1; connection.commit()' | dhruva -c``.
+
+``--at POSITION`` (with ``--file``) opens a file storage read-only as it was
+at one of its past commits, a position ``dhruva history FILE`` lists.
 """
 
 from __future__ import annotations
 
 import code
+import importlib
 import logging
 import os
 import pprint
@@ -171,6 +175,15 @@ def interact(namespace: dict[str, Any], description: str) -> None:
     help="Python file to run in the console's namespace first "
     "[default: $DHRUVASTARTUP].",
 )
+@click.option(
+    "--at",
+    "at",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="POSITION",
+    help="Open --file read-only as of a past commit: a position that "
+    "`dhruva history FILE` lists (file storages).",
+)
 @server_only_option("gcbytes")
 @server_only_option("stop")
 @click.pass_context
@@ -186,13 +199,21 @@ def client_command(
     cache_size: int,
     serializer: str | None,
     startup: str | None,
+    at: int | None,
 ) -> None:
     """Open a Python console with `connection` and `root` of a database.
 
     With --file (or a --storage that keeps no file, such as memory) the
     storage is opened directly and exclusively; otherwise the client talks to
     the server at --host/--port or --address. Piped input runs as a script.
+    With --at, --file is opened read-only as it was at that past commit.
     """
+    if at is not None and (file is None or storage is not None or repair):
+        raise click.UsageError(
+            "--at opens a file storage as of a past commit: give --file, "
+            "without --storage or --repair (the format is read from the file)",
+            ctx=ctx,
+        )
     direct = file is not None or (
         storage is not None
         and not cli_plugins(ctx).get_storage_kind(storage).file_based
@@ -207,10 +228,14 @@ def client_command(
                 f"the {storage} storage keeps none",
                 ctx=ctx,
             )
-        opened = open_file_storage(
-            file, storage, readonly=readonly, repair=repair, ctx=ctx
-        )
-        description = file or f"a {storage} storage"
+        if at is not None and file is not None:
+            opened = _open_at(file, at)
+            description = f"{file} as of position {at}"
+        else:
+            opened = open_file_storage(
+                file, storage, readonly=readonly, repair=repair, ctx=ctx
+            )
+            description = file or f"a {storage} storage"
     else:
         if readonly or repair or storage is not None:
             raise click.UsageError(
@@ -241,6 +266,22 @@ def client_command(
         _close(connection, opened, description)
     if status:
         ctx.exit(status)
+
+
+def _open_at(file: str, at: int) -> Storage:
+    """Open ``file`` read-only as of position ``at`` (dhruva-file's history)."""
+    try:
+        # Imported by name: dhruva-file is an optional distribution.
+        file_history = importlib.import_module("dhruva.file_history")
+    except ImportError as error:
+        if error.name not in ("dhruva.file_history", "dhruva"):
+            raise
+        raise click.ClickException(
+            "--at needs dhruva-file, which is not installed: `pip install dhruva-file`"
+        ) from None
+    with library_errors(f"cannot open {file} as of position {at}", file):
+        storage: Storage = file_history.open_file(file, at=at)
+    return storage
 
 
 def _close(connection: Connection, opened: Storage, description: str) -> None:
