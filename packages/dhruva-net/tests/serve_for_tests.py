@@ -1,10 +1,11 @@
 """A server process for the tests, serving storages the command line cannot.
 
 Run as ``python serve_for_tests.py [--records N] [--list-delay SECONDS]
-[--max-unread N]``: it serves a MemoryStorage holding a root and N more
-records on a free loopback port, logging ``ready on HOST:PORT`` like
-``dhruva server``. With ``--list-delay``, listing every record (the start of a
-full scan) takes that long per record and logs ``listing started``.
+[--max-unread N]``: it serves a MemoryStorage (with ``--records``, an
+opaque root and N more records) on a free loopback port, logging ``ready on
+HOST:PORT`` like ``dhruva server``. With ``--list-delay``, listing every
+record (the start of a full scan) takes that long per record and logs
+``listing started``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import time
 from collections.abc import Iterator
 
-import dhruva.storage_server as storage_server
 from dhruva.record import ROOT_OID
 from dhruva.storage import MemoryStorage
 from dhruva.storage_server import StorageServer
@@ -57,17 +57,17 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if options.max_unread is not None:
-        storage_server.MAX_UNREAD = options.max_unread
 
     storage = SlowListingStorage(options.list_delay)
-    oids = [storage.new_oid() for _ in range(options.records + 1)]
-    storage.begin()
-    storage.store(ROOT_OID, make_record(ROOT_OID, b"root"))
-    for oid in oids[1:]:
-        storage.store(oid, make_record(oid, b"record"))
-    storage.end()
-    server = StorageServer(storage, address=("127.0.0.1", 0))
+    if options.records:
+        oids = [storage.new_oid() for _ in range(options.records + 1)]
+        storage.begin()
+        storage.store(ROOT_OID, make_record(ROOT_OID, b"root"))
+        for oid in oids[1:]:
+            storage.store(oid, make_record(oid, b"record"))
+        storage.end()
+    limits = {} if options.max_unread is None else {"max_unread": options.max_unread}
+    server = StorageServer(storage, address=("127.0.0.1", 0), **limits)
     server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
 
 

@@ -6,7 +6,9 @@ import time
 
 import pytest
 from dhruva.client_storage import ClientStorage
+from dhruva.connection import Connection
 from dhruva.error import (
+    ConflictError,
     DhruvaKeyError,
     ReadConflictError,
     StorageError,
@@ -358,3 +360,47 @@ def test_use_after_close_names_the_fix(memory_server):
 def test_no_server_is_a_storage_error_naming_the_address(socket_path):
     with pytest.raises(StorageError, match="cannot connect.*server.sock"):
         ClientStorage(address=socket_path)
+
+
+def test_a_client_too_far_behind_is_told_to_drop_everything(run_test_server):
+    server = run_test_server("--max-unread", "50")
+    writer = ClientStorage(address=server.address)
+    behind = ClientStorage(address=server.address)
+    reader = Connection(ClientStorage(address=server.address))
+    try:
+        root = reader.get_root()
+        (x,) = new_oids(writer, 1)
+        commit(writer, make_record(x, b"x"))
+        assert x in behind.sync()
+        assert data_of(behind, x) == b"x"
+
+        # Others change more oids than the server keeps for one client.
+        for start in range(0, 60, 20):
+            oids = new_oids(writer, 20)
+            commit(writer, *(make_record(oid, b"%d" % start) for oid in oids))
+
+        # Until it syncs, it may neither read nor write.
+        with pytest.raises(ReadConflictError):
+            behind.load(x)
+        with pytest.raises(ConflictError):
+            commit(behind, make_record(x, b"stale"))
+        synced = behind.sync()
+        assert synced == [] and getattr(synced, "everything", False)
+        assert data_of(behind, x) == b"x"
+
+        # A Connection that far behind drops its objects and reads them anew.
+        assert not root._p_is_ghost()
+        reader.abort()
+        assert root._p_is_ghost()
+        assert dict(root) == {}
+
+        # Changes made after that are checked as before.
+        commit(writer, make_record(x, b"x2"))
+        behind.sync()
+        with pytest.raises(ConflictError):
+            commit(behind, make_record(x, b"stale again"))
+        assert data_of(writer, x) == b"x2"
+    finally:
+        writer.close()
+        behind.close()
+        reader.close()

@@ -24,7 +24,10 @@ What the server keeps per client, as Durus does, and checks itself:
   (load, bulk load or prefetch) since. A commit writing one is refused as a
   conflict every time, whatever the client synced or was told: a client that
   never re-read an object cannot overwrite another's change to it (an old,
-  buggy or hostile client resending a stale record).
+  buggy or hostile client resending a stale record). It holds at most
+  ``max_unread`` oids: a client further behind has both sets dropped, its
+  loads and commits refused until it syncs, and that sync answers
+  "everything" (a Connection then drops every object it holds).
 - ``refused``: oids a refused commit told the client about, for its staged
   records.
 - ``unused_oids``: oids handed to this client and not committed yet. A record
@@ -42,6 +45,9 @@ Limitations:
 - A scan that starts while a pack runs waits for the end of the pack, and a
   pack waits for the listing of a scan that started first.
 - The server answers only clients of its own protocol version.
+- Once a client fell ``max_unread`` changed oids behind, the stale-write check
+  knows only of the changes made after its "everything" sync: a client that
+  ignores that answer and resends records it held before is not caught.
 """
 
 from __future__ import annotations
@@ -151,6 +157,10 @@ MAX_STAGED_BYTES = 1024 * 1024 * 1024
 #: Invalid oids kept for one client; beyond it, the client must resync all.
 MAX_INVALID = 1_000_000
 
+#: Changed oids a client has not read again, kept for its stale-write check;
+#: beyond it, the client must resync all (and read again what it writes).
+MAX_UNREAD = 1_000_000
+
 #: Oids loaded per storage call in a bulk load.
 LOAD_CHUNK = 256
 
@@ -173,12 +183,15 @@ class _Client:
 
     #: The peer, for log lines.
     peer: str
+    #: Changed oids kept in ``unread`` (and ``invalid``) before the client is
+    #: told to drop everything instead.
+    max_unread: int = MAX_UNREAD
     #: Oids other clients committed since this client last synced.
     invalid: set[bytes] = field(default_factory=set)
-    #: True once ``invalid`` grew past MAX_INVALID and was dropped.
+    #: True once the client fell too far behind: ``invalid`` and ``unread``
+    #: were dropped, and its next sync answers "everything".
     invalid_overflow: bool = False
     #: Oids other clients changed that this client has not loaded since.
-    #: TODO(#5): bounded only by the number of oids others change.
     unread: set[bytes] = field(default_factory=set)
     #: Oids a refused commit told this client about, for the staged records.
     refused: set[bytes] = field(default_factory=set)
@@ -191,18 +204,22 @@ class _Client:
     scan: list[bytes] | None = None
 
     def invalidate(self, oids: Iterable[bytes]) -> None:
+        """Note that other clients changed ``oids``."""
+        if self.invalid_overflow:
+            return  # the "everything" of the next sync covers them
         oids = list(oids)
         self.unread.update(oids)
-        if self.invalid_overflow:
-            return
         self.invalid.update(oids)
-        if len(self.invalid) > MAX_INVALID:
+        if len(self.unread) > self.max_unread or len(self.invalid) > MAX_INVALID:
+            # Until it syncs, its loads and commits are refused; the sync
+            # tells it to drop every object it holds, so it reads them again.
             log.info(
-                "client %s has not synced for %d changed oids; it will resync all",
+                "client %s is %d changed oids behind; it will resync all",
                 self.peer,
-                len(self.invalid),
+                len(self.unread),
             )
-            self.invalid.clear()
+            self.invalid = set()
+            self.unread = set()
             self.invalid_overflow = True
 
 
@@ -242,6 +259,8 @@ class StorageServer:
     :param request_timeout: seconds to receive the rest of a started request.
     :param write_timeout: seconds a reply may wait for a client to read.
     :param handshake_timeout: seconds for TLS, hello and authentication.
+    :param max_unread: changed oids kept per client for its checks; a client
+        further behind is told to drop all its objects at its next sync.
     """
 
     def __init__(
@@ -265,6 +284,7 @@ class StorageServer:
         request_timeout: float = REQUEST_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_unread: int = MAX_UNREAD,
     ) -> None:
         self.storage = storage
         #: The address asked for (or the passed socket's).
@@ -292,6 +312,7 @@ class StorageServer:
         self.request_timeout = request_timeout
         self.write_timeout = write_timeout
         self.handshake_timeout = handshake_timeout
+        self.max_unread = max_unread
 
         # One lock around every storage call; one worker for the slow ones.
         self._storage_lock = threading.Lock()
@@ -503,7 +524,7 @@ class StorageServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = _peer_name(writer)
-        client = _Client(peer)
+        client = _Client(peer, self.max_unread)
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         try:
             try:
