@@ -534,21 +534,6 @@ def test_damaged_tails_are_found(three_commits, damage):
         assert (b in {o for o, _r in s.gen_oid_record()}) == (torn_at == end)
 
 
-@pytest.mark.xfail(
-    reason="TODO(#7): DFS20 has no checksums; zeros starting at a length word "
-    "read as the end of the transaction",
-    strict=True,
-)
-def test_zeros_from_a_length_word_on_are_found(three_commits):
-    path, _oids, start, end = three_commits
-    data = bytearray(path.read_bytes())
-    data[end - 20 :] = bytes(20)  # the second record's length word is 0x0000000d
-    path.write_bytes(bytes(data))
-    with pytest.raises(TornTailError) as info:
-        FileStorage2(path)
-    assert info.value.offset == start
-
-
 def test_one_empty_transaction_at_the_end_is_not_damage(three_commits):
     # Durus writes a lone end marker for a commit with no records.
     path, (_root, a, _b), _start, end = three_commits

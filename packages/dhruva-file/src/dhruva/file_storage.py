@@ -13,7 +13,12 @@ go (a server's group commit), and may be called from another thread while the
 next commit is written. A crash mid-commit leaves an
 incomplete transaction at the end of the file; opening it for writing is then
 refused until it is opened with ``repair=True``, which cuts the tail off and
-saves it next to the file as ``<file>.torn-<offset>``.
+saves it next to the file as ``<file>.torn-<offset>``. The layout has no
+checksums, so a last transaction whose lengths add up but whose end is zeros
+(the file grew before its data reached the disk) is found by reading the
+records the zeros reach: pickle data, a serializer's tag and the references
+a pickle names do not read as zeros (see
+:func:`~dhruva.shelf.record_data_problem`).
 
 One process at a time may open a file for writing: it holds an exclusive
 ``flock`` on the file (the lock Durus takes too) and writes its pid and host
@@ -51,6 +56,10 @@ Limitations:
   records); it is read once something follows it.
 - Oids freed by a pack are never handed out again by dhruva (Durus reuses
   them).
+- Bytes changed in place inside a record whose lengths still add up are
+  not found at open (``dhruva verify`` parses every record), nor zeros
+  inside the payload of a tagged record (msgspec, dill) past its tag, nor
+  zeros in record data a program stored that is not a serializer's.
 - A pack needs room for a second copy of the reachable records next to the
   file, and fails on a record that refers to an oid with no record (a
   dangling reference) without removing anything.
@@ -67,8 +76,8 @@ import socket
 import stat
 import tempfile
 import threading
-from collections import deque
-from collections.abc import Iterator, MutableSequence
+from collections import ChainMap, deque
+from collections.abc import Container, Iterator, Mapping, MutableSequence
 from typing import BinaryIO, Self, cast
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
@@ -85,7 +94,10 @@ from dhruva.shelf import (
     encode_map,
     encode_transaction,
     read_record,
+    record_data_problem,
+    record_spans,
     scan_transactions,
+    zeros_start,
 )
 from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
 
@@ -410,7 +422,98 @@ class FileStorage(Storage):
                 scan.end = final.start
                 scan.transactions -= 1
                 collect.pop()
+        scan.last = collect[-1] if collect else None
         return scan
+
+    def _record_spans(
+        self, file: BinaryIO, span: TransactionSpan
+    ) -> Iterator[tuple[int, int]]:
+        """Yield ``(offset, length)`` of each object record of a complete
+        transaction, in file order."""
+        return record_spans(file, span)
+
+    def _zeroed_record(self, file: BinaryIO, span: TransactionSpan) -> str | None:
+        """Say where zeros stand in place of record data in the transaction
+        ``span``; None when there are none.
+
+        The Durus layouts have no checksums: a crash can leave a transaction
+        whose lengths add up but whose bytes, from some point on, never
+        reached the disk. Only the records the trailing zeros reach are read
+        (see :func:`~dhruva.shelf.record_data_problem`).
+        """
+        spans = list(self._record_spans(file, span))
+        if not spans:
+            return None
+        zeros_at = zeros_start(file, span.start, spans[-1][0] + spans[-1][1])
+        for offset, length in spans:
+            if offset + length <= zeros_at:
+                continue
+            file.seek(offset)
+            record = file.read(length)
+            problem = record_data_problem(record, max(0, zeros_at - offset))
+            if problem is not None:
+                return (
+                    f"zeros run from byte offset {zeros_at} to its end; the record "
+                    f"of oid {int.from_bytes(record[:8], 'big')} at byte offset "
+                    f"{offset} is not whole: {problem}"
+                )
+        return None
+
+    def _dangling_reference(
+        self, file: BinaryIO, span: TransactionSpan, known: Container[bytes]
+    ) -> str | None:
+        """Say which record of the transaction ``span`` refers to an oid with
+        no record in ``known``; None when none does."""
+        for offset, length in self._record_spans(file, span):
+            file.seek(offset)
+            oid, _data, refs = unpack_record(file.read(length))
+            for ref in split_oids(refs):
+                if ref not in known:
+                    return (
+                        f"zeros follow it, and its record of oid "
+                        f"{int.from_bytes(oid, 'big')} at byte offset {offset} "
+                        f"refers to oid {int.from_bytes(ref, 'big')}, which has "
+                        "no record: the zeros may have been its records"
+                    )
+        return None
+
+    def _check_last_transaction(
+        self,
+        file: BinaryIO,
+        scan: ScanResult,
+        start: int,
+        *,
+        base: Mapping[bytes, int] | None = None,
+        size: int = 0,
+    ) -> ScanResult:
+        """Treat the last transaction as torn when zeros stand where its
+        records' data belongs.
+
+        :param start: where the scan began (the end of the offset map).
+        :param base: for a layout where zeros can read as the end of a
+            transaction (DFS20), the records before ``start``: when zeros
+            follow the last transaction up to ``size``, a reference from it
+            to an oid with no record means the zeros were some of its records.
+        :return: ``scan``, or a scan that ends before the last transaction.
+        """
+        last = scan.last
+        if last is None or self.at is not None or scan.damaged_inside:
+            return scan
+        problem = self._zeroed_record(file, last)
+        if (
+            problem is None
+            and base is not None
+            and scan.torn_at == last.end
+            and zeros_start(file, last.end, size) == last.end
+        ):
+            problem = self._dangling_reference(
+                file, last, ChainMap(scan.index, dict(base))
+            )
+        if problem is None:
+            return scan
+        cut = self._scan(file, start, last.start)
+        cut.torn_at, cut.reason = last.start, problem
+        return cut
 
     def _load_layout(self, repair: bool) -> None:
         """Read the prefix and offset map, then index the later transactions."""
@@ -439,6 +542,7 @@ class FileStorage(Storage):
             )
 
         scan = self._scan(file, self._map.end, size)
+        scan = self._check_last_transaction(file, scan, self._map.end)
         self._check_tail(scan, size, repair)
         self._index = scan.index
         self._end = scan.end

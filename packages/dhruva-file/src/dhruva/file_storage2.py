@@ -28,12 +28,19 @@ writes a new file and renames it over the old one.
 Limitations:
 
 - The layout has no checksums. A last transaction cut short, zero-filled or
-  followed by garbage is found; bytes changed in place inside a record whose
-  lengths still add up are not. Neither are zeros that start exactly at a
-  record's length word (it reads as the end marker): such a transaction is
-  kept without its zeroed records, and only the zeros are cut. The other
-  way round, a complete transaction whose last record ends in a zero byte,
-  followed by a zero-filled tail, is cut with the tail (and saved with it).
+  followed by garbage is found: at open, the records of the last
+  transaction that trailing zeros reach are read, and zeros where pickle
+  data (or a serializer's tag) belongs, or where a reference its pickle
+  names should be, make it a torn tail (see
+  :func:`~dhruva.shelf.record_data_problem`). Bytes changed in place inside
+  a record whose lengths still add up are not found, nor zeros inside the
+  payload of a tagged record (msgspec, dill) past its tag.
+- Zeros that start exactly at a record's length word read as the end of
+  the transaction: such a file is byte for byte a complete commit followed
+  by a zero-filled one, and it is read so (the commit is kept, only the
+  zeros are cut), so that no durable commit is ever cut off. Only when the
+  kept part refers to an oid that has no record is it known to be torn, and
+  cut with the zeros.
   TODO(#7): checksums, in a format Durus ignores.
 - Commits with no records write nothing (Durus writes an empty transaction, a
   lone int4 zero). A file ending in more than one empty transaction is taken
@@ -175,38 +182,31 @@ def scan_transactions(
         appended to it for each complete transaction.
     """
     result = ScanResult(index={}, end=start, transactions=0)
-    done: list[tuple[int, dict[bytes, int], int]] = []
     position = start
     while position < file_size:
         checked = _check_transaction(file, position, file_size)
         if isinstance(checked, str):
             result.torn_at, result.reason = position, checked
-            # A zeroed length word reads as an end marker: when the zeros
-            # start inside the record before it, that transaction is torn too.
-            if isinstance(checked, _ZeroTail) and done and done[-1][1]:
-                file.seek(position - 5)
-                if file.read(1) == b"\0":
-                    result.torn_at = done.pop()[0]
-                    result.reason = (
-                        "zeros run from inside its last record to the end of the "
-                        "file, past what may be a zeroed length word"
-                    )
             break
         found, after = checked
-        done.append((position, found, after))
-        position = after
-
-    for begin, found, after in done:
         result.index.update(found)
+        result.last = TransactionSpan(position, after, len(found))
         if spans is not None:
-            spans.append(TransactionSpan(begin, after, len(found)))
-    result.transactions = len(done)
-    result.end = result.torn_at if result.torn_at is not None else position
+            spans.append(result.last)
+        result.transactions += 1
+        position = result.end = after
     return result
 
 
-class _ZeroTail(str):
-    """A problem report: zeros run from a transaction's start to the file's end."""
+def record_spans(file: BinaryIO, span: TransactionSpan) -> Iterator[tuple[int, int]]:
+    """Yield ``(offset, length)`` of the object records of a complete
+    transaction, in file order."""
+    at = span.start
+    while at < span.end - 4:
+        file.seek(at)
+        (length,) = _int4.unpack(file.read(4))
+        yield at + 4, length
+        at += 4 + length
 
 
 def _check_transaction(
@@ -231,9 +231,7 @@ def _check_transaction(
         # The end marker; zeros running on to the end are what a crash leaves.
         if length == 0:
             if at == position and file_size - at > 4 and _zeros_to_end(file, at):
-                return _ZeroTail(
-                    f"{file_size - at} zero bytes run to the end of the file"
-                )
+                return f"{file_size - at} zero bytes run to the end of the file"
             return found, at + 4
 
         if length < _MIN_RECORD or at + 4 + length > file_size:
@@ -353,7 +351,10 @@ class FileStorage2(FileStorage):
                 "the index record, written when the file was created or last "
                 f"packed, ends at byte offset {base_end}"
             )
-        scan = scan_transactions(file, base_end, visible)
+        scan = self._scan(file, base_end, visible)
+        scan = self._check_last_transaction(
+            file, scan, base_end, base=index, size=visible
+        )
         self._check_tail(scan, visible, repair)
         self._base_count = len(index)
         index.update(scan.index)
@@ -382,6 +383,11 @@ class FileStorage2(FileStorage):
         spans: MutableSequence[TransactionSpan] | None = None,
     ) -> ScanResult:
         return scan_transactions(file, start, size, spans)
+
+    def _record_spans(
+        self, file: BinaryIO, span: TransactionSpan
+    ) -> Iterator[tuple[int, int]]:
+        return record_spans(file, span)
 
     def _base_records(self) -> int:
         return self._base_count

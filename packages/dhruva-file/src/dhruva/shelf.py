@@ -26,8 +26,10 @@ storage on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
+import zlib
 from collections.abc import Iterator, Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -276,6 +278,8 @@ class ScanResult:
     #: True when the bad transaction fits in the file and more data follows it:
     #: damage in the middle of the file, not an incomplete last commit.
     damaged_inside: bool = False
+    #: The last complete transaction, or None when there is none.
+    last: TransactionSpan | None = None
 
 
 def scan_transactions(
@@ -297,7 +301,7 @@ def scan_transactions(
     result = ScanResult(index={}, end=start, transactions=0)
     position = start
     while position < file_size:
-        found: dict[bytes, int] = {} if spans is not None else result.index
+        found: dict[bytes, int] = {}
         problem = _check_transaction(file, position, file_size, found)
         if problem is not None:
             result.torn_at = position
@@ -311,9 +315,10 @@ def scan_transactions(
             break
         file.seek(position)
         end = position + 8 + _int8.unpack(file.read(8))[0]
+        result.index.update(found)
+        result.last = TransactionSpan(position, end, len(found))
         if spans is not None:
-            result.index.update(found)
-            spans.append(TransactionSpan(position, end, len(found)))
+            spans.append(result.last)
         position = result.end = end
         result.transactions += 1
     return result
@@ -367,6 +372,17 @@ def _check_transaction(
     return None
 
 
+def record_spans(file: BinaryIO, span: TransactionSpan) -> Iterator[tuple[int, int]]:
+    """Yield ``(offset, length)`` of the object records of a complete
+    transaction, in file order."""
+    at = span.start + 8
+    while at < span.end:
+        file.seek(at)
+        (size,) = _int8.unpack(file.read(8))
+        yield at + 16, size - 8
+        at += 8 + size
+
+
 def _zeros_to_end(file: BinaryIO, position: int) -> bool:
     file.seek(position)
     while True:
@@ -375,6 +391,94 @@ def _zeros_to_end(file: BinaryIO, position: int) -> bool:
             return True
         if chunk.count(0) != len(chunk):
             return False
+
+
+# --- zeros where record data belongs -------------------------------------------------
+
+
+def zeros_start(file: BinaryIO, start: int, end: int) -> int:
+    """Return where the run of zero bytes that ends at ``end`` begins (``end``
+    when the byte before it is not zero), not before ``start``."""
+    at = end
+    while at > start:
+        step = min(1 << 16, at - start)
+        file.seek(at - step)
+        chunk = file.read(step)
+        kept = len(chunk.rstrip(b"\0"))
+        if kept:
+            return at - step + kept
+        at -= step
+    return start
+
+
+def _pickled_oids(data: bytes) -> set[bytes] | None:
+    """Return the 8-byte strings a pickle record's data holds (the oids of
+    its references among them), or None when it does not parse."""
+    import pickletools
+
+    found: set[bytes] = set()
+    try:
+        ops = list(pickletools.genops(data))
+        end = (ops[[op.name for op, _a, _p in ops].index("STOP")][2] or 0) + 1
+        state = data[end:]
+        if state[:1] == b"\x78":
+            with contextlib.suppress(zlib.error):
+                state = zlib.decompress(state)
+        for _op, arg, _pos in pickletools.genops(state):
+            if isinstance(arg, bytes) and len(arg) == 8:
+                found.add(arg)
+            elif isinstance(arg, str) and len(arg) == 8:
+                with contextlib.suppress(UnicodeEncodeError):
+                    found.add(arg.encode("latin-1"))
+    except (ValueError, IndexError, EOFError):
+        return None
+    return found
+
+
+def record_data_problem(record: bytes, zeros_at: int) -> str | None:
+    """Say what is wrong with an object record whose bytes from ``zeros_at``
+    (an offset into ``record``) on are zeros; None when it is plausible.
+
+    Durus layouts have no checksums, but their records are written by a
+    serializer: pickles (Durus's layout), or data tagged ``\\0NAME\\0`` by one
+    of dhruva's serializers (see :mod:`dhruva.serializer`). Zeros a crash left
+    in place of the data do not parse as either. Only structure is read:
+    nothing is imported or run.
+    """
+    from dhruva.serialize import check_pickle_data
+    from dhruva.serializer import TAG_START
+
+    data_end = 12 + int.from_bytes(record[8:12], "big")
+    if data_end <= zeros_at:
+        # Only references are zeros: references to the root, or lost ones.
+        # Pickle data names every object it refers to.
+        if record[12:13] == TAG_START:
+            return None
+        oids = _pickled_oids(record[12:data_end])
+        if oids is None:
+            return None  # not a pickle: opaque data, nothing to compare with
+        refs = record[data_end:]
+        for i in range(0, len(refs) - 7, 8):
+            if refs[i : i + 8] not in oids:
+                number = int.from_bytes(refs[i : i + 8], "big")
+                return f"it refers to oid {number}, which its data does not name"
+        return None
+
+    data = record[12:data_end]
+    if data[:1] == TAG_START:
+        name_end = data.find(TAG_START, 1)
+        class_end = data.find(TAG_START, name_end + 1) if name_end > 0 else -1
+        name = data[1:name_end] if name_end > 0 else b""
+        if class_end < 0 or not name.replace(b"_", b"").replace(b"-", b"").isalnum():
+            return "its data is neither a pickle nor tagged by a serializer"
+        if b":" not in data[name_end + 1 : class_end]:
+            return "the class name of its serializer tag is missing"
+        return None
+    try:
+        check_pickle_data(data)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def read_record(file: BinaryIO, path: str, oid: bytes, offset: int) -> bytes:
