@@ -88,6 +88,14 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path, readonly: bool
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
 
 
+def test_a_missing_folder_is_named(tmp_path: Path):
+    path = tmp_path / "missing" / "db.sqlite"
+    with pytest.raises(SqliteStorageError) as refused:
+        SqliteStorage(path)
+    check_message(refused.value, path, "cannot open", "folder exists")
+    assert not (tmp_path / "missing").exists()
+
+
 # --- damaged -------------------------------------------------------------------------
 
 

@@ -107,6 +107,12 @@ def storage_error(
             f"`dhruva verify {path}` tells what can still be read",
             path,
         )
+    if name.startswith("SQLITE_CANTOPEN"):
+        return SqliteStorageError(
+            f"SQLite cannot open {path} ({exc}): check that its folder exists "
+            "and that you may read it (and write it, unless read-only)",
+            path,
+        )
     return SqliteStorageError(f"{path}: SQLite failed while {doing}: {exc}", path)
 
 
