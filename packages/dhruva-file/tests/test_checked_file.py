@@ -5,6 +5,7 @@ bit flips everywhere, SIGKILLed committing processes)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import random
@@ -373,17 +374,66 @@ def test_damage_before_the_last_transaction_is_refused_even_with_repair(tmp_path
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
 
 
-def test_a_damaged_header_or_index_is_refused(tmp_path):
+def test_a_damaged_header_is_refused(tmp_path):
     path = tmp_path / "db"
     build(path)
-    data = path.read_bytes()
+    flipped = bytearray(path.read_bytes())
+    flipped[20] ^= 0x04
+    path.write_bytes(flipped)
+    with pytest.raises(DamagedFileError, match="restore the file from a backup"):
+        CheckedFileStorage(path, readonly=True)
+
+
+# Where the index block is damaged: its mark, size, count, an oid, an
+# offset, its checksum.
+@pytest.mark.parametrize("where", [0, 5, 19, 20, 30, -1])
+def test_a_damaged_index_block_is_rebuilt_from_the_base(tmp_path, where, caplog):
+    path = tmp_path / "db"
+    points = build(path)
+    data = bytearray(path.read_bytes())
     index_at = int.from_bytes(data[8:16], "big")
-    for where in (20, index_at + 30):
-        flipped = bytearray(data)
-        flipped[where] ^= 0x04
-        path.write_bytes(flipped)
-        with pytest.raises(DamagedFileError, match="restore the file from a backup"):
-            CheckedFileStorage(path, readonly=True)
+    count = int.from_bytes(data[index_at + 12 : index_at + 20], "big")
+    block_end = index_at + 20 + 16 * count + 4
+    data[where + (block_end if where < 0 else index_at)] ^= 0x21
+    path.write_bytes(data)
+
+    with caplog.at_level(logging.WARNING), CheckedFileStorage(path) as s:
+        assert_holds(s, points[-1][1])
+        [problem] = s.check()
+        assert problem.offset == index_at
+        commit(s, make_record(oid(2), b"two, after the rebuild"))
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(path) in warning.getMessage()
+    assert f"byte offset {index_at}" in warning.getMessage()
+    assert "dhruva pack" in warning.getMessage()
+
+    # Reopened (read-only too), then packed: a sound file again.
+    expected = dict(points[-1][1])
+    expected[oid(2)] = make_record(oid(2), b"two, after the rebuild")
+    with CheckedFileStorage(path, readonly=True) as view:
+        assert_holds(view, expected)
+    with CheckedFileStorage(path) as s:
+        assert_holds(s, expected)
+        s.pack()
+        assert s.check() == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), CheckedFileStorage(path) as s:
+        assert_holds(s, expected)
+    assert not caplog.records
+
+
+def test_an_index_block_and_its_base_both_damaged_are_refused(tmp_path):
+    path = tmp_path / "db"
+    build(path)
+    data = bytearray(path.read_bytes())
+    index_at = int.from_bytes(data[8:16], "big")
+    data[index_at + 30] ^= 0x04
+    data[HEADER_SIZE + 40] ^= 0x04  # inside the first base transaction
+    path.write_bytes(data)
+    with pytest.raises(DamagedFileError) as refused:
+        CheckedFileStorage(path, readonly=True)
+    assert refused.value.offset == index_at
+    assert "restore the file from a backup" in str(refused.value)
 
 
 def test_another_format_is_refused(tmp_path):

@@ -44,8 +44,11 @@ What the checksums catch, and what happens then:
   A read-only open reads the database as it was just before the damage
   (logged as an error); ``dhruva restore FILE --at POSITION`` can write that
   state to a new file.
-- The header and the index block are checked at open; damage there is a
-  :class:`DamagedFileError`.
+- The header and the index block are checked at open; damage in the header
+  is a :class:`DamagedFileError`. A damaged index block is rebuilt by
+  scanning the base transactions it maps (they have their own checksums),
+  with a warning naming the path and offset; a pack writes a sound one.
+  Only when the base is damaged as well is it a :class:`DamagedFileError`.
 - Every :meth:`~CheckedFileStorage.load` checks the record's own checksum
   (base records are not read at open), so a damaged record raises
   :class:`DamagedRecordError` naming the path, byte offset and oid; it is
@@ -65,9 +68,10 @@ Limitations:
 - The index is in memory: about 100 bytes per object.
 - Durus can not read this format; ``FileStorage(path, format="durus")``
   creates a SHELF-1 file for programs that still run Durus.
-- A damaged index block or header makes the file unreadable (the base
-  records could be found again by scanning the base transactions).
-  TODO(#7): rebuild a damaged index block from the base transactions.
+- A damaged header makes the file unreadable; so does a damaged index
+  block when the base transactions it maps are damaged too. A rebuilt index
+  block is rebuilt again at each open (nothing is changed in place) until a
+  pack writes a new file.
 - Damage inside the base (records a pack wrote) is found only when such a
   record is loaded (or by reading every record, as ``dhruva verify`` does).
 """
@@ -407,8 +411,8 @@ class CheckedFileStorage(FileStorage):
         and ``repair`` is false.
     :raises MidFileDamageError: when a transaction before the last one fails
         its checks (read-only opens read up to it instead).
-    :raises DamagedFileError: when the header or the index block fails its
-        checksum.
+    :raises DamagedFileError: when the header fails its checksum, or the
+        index block does and the base can not be read again without it.
     :raises StorageError: when the file is missing (read-only) or not in
         this format.
     """
@@ -419,6 +423,9 @@ class CheckedFileStorage(FileStorage):
     #: The offset of mid-file damage a read-only storage has logged already.
     _damage_reported: int | None = None
 
+    #: Where the index block is damaged, and how, when it was rebuilt at open.
+    _index_damage: tuple[int, str] | None = None
+
     _LAYOUT_STATE = (
         "_file",
         "_index",
@@ -427,6 +434,7 @@ class CheckedFileStorage(FileStorage):
         "_next_oid",
         "_base_count",
         "_written_ns",
+        "_index_damage",
     )
 
     # --- opening -------------------------------------------------------------------
@@ -466,29 +474,17 @@ class CheckedFileStorage(FileStorage):
         if len(head) < HEADER_SIZE or zlib.crc32(head[:-4]) != check:
             raise self._damaged(0, "the file header fails its checksum")
 
-        # The index block of the base.
-        block = os.pread(fd, _index_head.size, index_at)
-        if len(block) < _index_head.size:
-            raise self._damaged(index_at, "the index block is cut short")
-        mark, block_size, count = _index_head.unpack(block)
-        if (
-            mark != INDEX_MARK
-            or block_size != _index_head.size + count * _entry.size + 4
-            or index_at + block_size > size
-        ):
-            raise self._damaged(index_at, "the index block's header is damaged")
-        block = os.pread(fd, block_size, index_at)
-        if (
-            zlib.crc32(memoryview(block)[:-4])
-            != _int4.unpack_from(block, block_size - 4)[0]
-        ):
-            raise self._damaged(index_at, "the index block fails its checksum")
-        index = dict(
-            _entry.iter_unpack(memoryview(block)[_index_head.size : block_size - 4])
-        )
+        # The index block of the base, or the base read again without it.
+        if not HEADER_SIZE <= index_at <= size:
+            raise self._damaged(0, f"the header puts the index block at {index_at}")
+        read = self._read_index(fd, index_at, size)
+        if isinstance(read, str):
+            index, base_end = self._rebuild_index(fd, index_at, size, read)
+        else:
+            index, base_end = read
+        self._index_damage = None if not isinstance(read, str) else (index_at, read)
 
         # The transactions committed after it.
-        base_end = index_at + block_size
         if visible < base_end:
             raise self._not_a_position(
                 "the index block, written when the file was created or last "
@@ -539,6 +535,74 @@ class CheckedFileStorage(FileStorage):
                 where,
             )
         return scan
+
+    def _read_index(
+        self, fd: int, index_at: int, size: int
+    ) -> tuple[dict[bytes, int], int] | str:
+        """Read and check the index block at ``index_at``.
+
+        :return: the offsets by oid and the end of the block, or what is
+            wrong with the block.
+        """
+        block = os.pread(fd, _index_head.size, index_at)
+        if len(block) < _index_head.size:
+            return "the index block is cut short"
+        mark, block_size, count = _index_head.unpack(block)
+        if (
+            mark != INDEX_MARK
+            or block_size != _index_head.size + count * _entry.size + 4
+            or index_at + block_size > size
+        ):
+            return "the index block's header is damaged"
+        block = os.pread(fd, block_size, index_at)
+        if (
+            zlib.crc32(memoryview(block)[:-4])
+            != _int4.unpack_from(block, block_size - 4)[0]
+        ):
+            return "the index block fails its checksum"
+        entries = memoryview(block)[_index_head.size : block_size - 4]
+        return dict(_entry.iter_unpack(entries)), index_at + block_size
+
+    def _rebuild_index(
+        self, fd: int, index_at: int, size: int, damage: str
+    ) -> tuple[dict[bytes, int], int]:
+        """Index the base again from its transactions, which the damaged
+        index block maps (they carry their own checksums).
+
+        The block holds an entry per record of the base, so its size, and
+        where the later transactions start, follow from the records found.
+
+        :return: the offsets by oid and the end of the index block.
+        :raises DamagedFileError: when the base transactions are damaged too,
+            or the later transactions do not start where the block must end.
+        """
+        scan = scan_transactions(fd, HEADER_SIZE, index_at)
+        bad = scan.damaged_at if scan.damaged_at is not None else scan.torn_at
+        if bad is not None or scan.end != index_at:
+            raise self._damaged(
+                index_at,
+                f"{damage}, and the base transactions it indexes are damaged too "
+                f"(at byte offset {bad}: {scan.reason})",
+            )
+        base_end = index_at + _index_head.size + len(scan.index) * _entry.size + 4
+        following = find_good_transaction(fd, index_at, size)
+        if base_end > size or following not in (None, base_end):
+            raise self._damaged(
+                index_at,
+                f"{damage}, and its size can not be told from the base "
+                "transactions (later transactions do not start where it "
+                "would end)",
+            )
+        log.warning(
+            "%s: %s (byte offset %d); rebuilt the index of %d records from the "
+            "base transactions. Pack the database (`dhruva pack`) to write a "
+            "sound index block",
+            self.path,
+            damage,
+            index_at,
+            len(scan.index),
+        )
+        return scan.index, base_end
 
     # --- reading -------------------------------------------------------------------
 
@@ -625,6 +689,16 @@ class CheckedFileStorage(FileStorage):
         fd = self._live_file().fileno()
         problems: list[DamagedFileError | DamagedRecordError] = []
         index_at = int.from_bytes(os.pread(fd, 8, len(MAGIC)), "big")
+        if self._index_damage is not None:
+            at, damage = self._index_damage
+            problems.append(
+                DamagedFileError(
+                    self.path,
+                    at,
+                    f"{damage} (rebuilt from the base transactions at open; "
+                    "pack the database to write a sound one)",
+                )
+            )
 
         # The base transactions must run exactly to the index block.
         for start, limit in ((HEADER_SIZE, index_at), (self._base_end, self._end)):
