@@ -1,13 +1,18 @@
-"""Fixtures that run a real ``dhruva server`` process on loopback or a unix socket."""
+"""Fixtures of the net tests: real ``dhruva server`` processes on loopback or a
+unix socket, servers in a thread of the test process, and raw protocol
+connections (``wire``) for clients that misbehave on purpose."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dhruva.client_storage import wait_for_server
+from dhruva.net_protocol import (
+    PROTOCOL_VERSION,
+    frame,
+    hello,
+    parse_hello,
+    socket_address,
+)
+from dhruva.storage import Storage
+from dhruva.storage_server import StorageServer
 
 #: `dhruva server`, through the core command line that loads the plugin.
 SERVER_COMMAND = [sys.executable, "-m", "dhruva.cli", "server"]
@@ -149,3 +164,70 @@ def _start_failing(*args: str, env: dict[str, str] | None = None) -> str:
     )
     assert done.returncode != 0, done.stderr
     return done.stderr
+
+
+class Wire:
+    """Raw protocol connections, for tests that speak the protocol by hand."""
+
+    @staticmethod
+    def connect(address: tuple[str, int] | str, timeout: float = 10.0) -> socket.socket:
+        """A plain socket connected to ``address``."""
+        family, target = socket_address(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(target)
+        return sock
+
+    @staticmethod
+    def read_frame(sock: socket.socket) -> bytes | None:
+        """Return the next payload, or None when the server closed the connection."""
+        data = b""
+        while len(data) < 4:
+            chunk = sock.recv(4 - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        (size,) = struct.unpack(">I", data)
+        payload = b""
+        while len(payload) < size:
+            chunk = sock.recv(size - len(payload))
+            assert chunk, "connection closed inside a frame"
+            payload += chunk
+        return payload
+
+    @classmethod
+    def shake_hands(cls, sock: socket.socket) -> None:
+        """Send our hello and check the server's."""
+        sock.sendall(frame(hello()))
+        reply = cls.read_frame(sock)
+        assert reply is not None and parse_hello(reply)[0] == PROTOCOL_VERSION
+
+
+@pytest.fixture
+def wire() -> type[Wire]:
+    """Raw protocol connections (:class:`Wire`)."""
+    return Wire
+
+
+@pytest.fixture
+def serve_in_thread() -> Iterator[Callable[..., StorageServer]]:
+    """Serve storages from threads of this process; all are stopped at teardown.
+
+    Call it as ``serve_in_thread(storage, address=..., **options)``; it returns
+    the StorageServer once it accepts connections.
+    """
+    running: list[tuple[StorageServer, threading.Thread]] = []
+
+    def serve(storage: Storage, **options: Any) -> StorageServer:
+        server = StorageServer(storage, **options)
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        wait_for_server(server.address, timeout=20)
+        return server
+
+    yield serve
+    for server, thread in running:
+        server.stop()
+        thread.join(20)
+        assert not thread.is_alive(), f"{server} did not stop"

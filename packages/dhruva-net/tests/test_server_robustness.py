@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from dhruva.client_storage import ClientStorage, wait_for_server
+from dhruva.client_storage import ClientStorage
 from dhruva.connection import Connection
 from dhruva.error import ConflictError, StorageError
 from dhruva.net_protocol import (
@@ -22,50 +22,17 @@ from dhruva.net_protocol import (
     STATUS_OKAY,
     STATUS_REFUSED,
     frame,
-    hello,
     pack_records,
     pack_uint32,
-    socket_address,
     unpack_error,
 )
 from dhruva.persistent import Persistent
 from dhruva.persistent_dict import PersistentDict
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage import MemoryStorage
-from dhruva.storage_server import StorageServer
 from dhruva.storage_testing import commit, make_record, new_oids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-
-def raw_connection(address, timeout=10.0):
-    family, target = socket_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(target)
-    return sock
-
-
-def read_frame(sock):
-    """Return the next payload, or None when the server closed the connection."""
-    data = b""
-    while len(data) < 4:
-        chunk = sock.recv(4 - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    (size,) = struct.unpack(">I", data)
-    payload = b""
-    while len(payload) < size:
-        chunk = sock.recv(size - len(payload))
-        assert chunk, "connection closed inside a frame"
-        payload += chunk
-    return payload
-
-
-def shake_hands(sock):
-    sock.sendall(frame(hello()))
-    assert read_frame(sock)[:1] == b"H"
 
 
 def timed_commits(address, count=10):
@@ -83,20 +50,20 @@ def timed_commits(address, count=10):
     return slowest
 
 
-def test_stuck_idle_and_slow_clients_do_not_stall_a_commit(memory_server):
+def test_stuck_idle_and_slow_clients_do_not_stall_a_commit(wire, memory_server):
     address = memory_server.address
     big = ClientStorage(address=address)
     commit(big, make_record(ROOT_OID, b"x" * 1_000_000))
     big.close()
 
-    silent = raw_connection(address)  # connects, never says hello
-    idle = raw_connection(address)
-    shake_hands(idle)
-    half = raw_connection(address)
-    shake_hands(half)
+    silent = wire.connect(address)  # connects, never says hello
+    idle = wire.connect(address)
+    wire.shake_hands(idle)
+    half = wire.connect(address)
+    wire.shake_hands(half)
     half.sendall(struct.pack(">I", 100) + b"L\0\0")  # a request cut short
-    slow = raw_connection(address)
-    shake_hands(slow)
+    slow = wire.connect(address)
+    wire.shake_hands(slow)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # Ask for 64 MB of replies and never read them.
     for _ in range(4):
@@ -110,7 +77,7 @@ def test_stuck_idle_and_slow_clients_do_not_stall_a_commit(memory_server):
     assert memory_server.process.poll() is None
 
 
-def test_timeouts_close_idle_half_sent_and_non_reading_clients(run_server):
+def test_timeouts_close_idle_half_sent_and_non_reading_clients(wire, run_server):
     server = run_server(
         "--storage",
         "memory",
@@ -125,18 +92,18 @@ def test_timeouts_close_idle_half_sent_and_non_reading_clients(run_server):
     commit(big, make_record(ROOT_OID, b"x" * 1_000_000))
     big.close()
 
-    idle = raw_connection(server.address)
-    shake_hands(idle)
-    half = raw_connection(server.address)
-    shake_hands(half)
+    idle = wire.connect(server.address)
+    wire.shake_hands(idle)
+    half = wire.connect(server.address)
+    wire.shake_hands(half)
     half.sendall(struct.pack(">I", 100) + b"L")
-    slow = raw_connection(server.address)
-    shake_hands(slow)
+    slow = wire.connect(server.address)
+    wire.shake_hands(slow)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(frame(CMD_BULK_LOAD + ROOT_OID * 32))
     try:
-        assert read_frame(idle) is None  # closed by the server
-        reply = read_frame(half)
+        assert wire.read_frame(idle) is None  # closed by the server
+        reply = wire.read_frame(half)
         assert reply is not None and reply[:1] == STATUS_ERROR
         assert "not complete within 1.0 seconds" in str(unpack_error(reply[1:]))
         deadline = time.monotonic() + 20
@@ -150,7 +117,7 @@ def test_timeouts_close_idle_half_sent_and_non_reading_clients(run_server):
     assert timed_commits(server.address, 3) < 1.0
 
 
-def test_fuzzed_frames_get_a_protocol_error_and_the_server_serves_on(run_server):
+def test_fuzzed_frames_get_a_protocol_error_and_the_server_serves_on(wire, run_server):
     server = run_server("--storage", "memory", "--port", "0")
     address = server.address
 
@@ -164,9 +131,9 @@ def test_fuzzed_frames_get_a_protocol_error_and_the_server_serves_on(run_server)
         mode=st.sampled_from(["raw", "after-hello", "framed", "truncated", "big"]),
     )
     def fuzz(data: bytes, mode: str) -> None:
-        with raw_connection(address, timeout=10) as sock:
+        with wire.connect(address, timeout=10) as sock:
             if mode != "raw":
-                shake_hands(sock)
+                wire.shake_hands(sock)
             if mode == "framed":
                 # A well-formed frame around random content (never "quit").
                 data = frame(b"Q" not in data[:1] and data or b"?")
@@ -239,12 +206,12 @@ def test_a_hundred_clients_commit_at_once(memory_server):
     setup.close()
 
 
-def hostile_client(address):
+def hostile_client(wire, address):
     """A raw connection that has shaken hands and synced."""
-    sock = raw_connection(address)
-    shake_hands(sock)
+    sock = wire.connect(address)
+    wire.shake_hands(sock)
     sock.sendall(frame(CMD_SYNC))
-    assert read_frame(sock)[:1] == STATUS_OKAY
+    assert wire.read_frame(sock)[:1] == STATUS_OKAY
     return sock
 
 
@@ -253,32 +220,32 @@ def stage(sock, *records):
         sock.sendall(frame(payload))
 
 
-def test_a_client_that_skips_its_conflict_checks_is_refused(memory_server):
+def test_a_client_that_skips_its_conflict_checks_is_refused(wire, memory_server):
     honest = ClientStorage(address=memory_server.address)
     commit(honest, make_record(ROOT_OID, b"first"))
-    with hostile_client(memory_server.address) as hostile:
+    with hostile_client(wire, memory_server.address) as hostile:
         commit(honest, make_record(ROOT_OID, b"honest change"))
 
         # Refused once with the changed oid; committing again regardless is
         # refused as a conflict, and nothing is written.
         stage(hostile, make_record(ROOT_OID, b"overwrite"))
         hostile.sendall(frame(CMD_COMMIT))
-        assert read_frame(hostile) == STATUS_REFUSED + ROOT_OID
+        assert wire.read_frame(hostile) == STATUS_REFUSED + ROOT_OID
         hostile.sendall(frame(CMD_COMMIT))
-        assert read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
+        assert wire.read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
 
         # Staged, then synced, then committed: still written before it knew.
         commit(honest, make_record(ROOT_OID, b"honest again"))
         stage(hostile, make_record(ROOT_OID, b"overwrite"))
         hostile.sendall(frame(CMD_SYNC))
-        assert read_frame(hostile) == STATUS_OKAY + b"\0" + ROOT_OID
+        assert wire.read_frame(hostile) == STATUS_OKAY + b"\0" + ROOT_OID
         hostile.sendall(frame(CMD_COMMIT))
-        assert read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
+        assert wire.read_frame(hostile) == STATUS_CONFLICT + ROOT_OID
 
         # An oid nobody handed out.
         stage(hostile, make_record((10**9).to_bytes(8, "big"), b"made up"))
         hostile.sendall(frame(CMD_COMMIT))
-        reply = read_frame(hostile)
+        reply = wire.read_frame(hostile)
         assert reply[:1] == STATUS_ERROR
         assert "oid 1000000000 is not in the storage" in str(unpack_error(reply[1:]))
 
@@ -330,7 +297,7 @@ def test_a_stale_record_resent_after_its_refusal_is_refused_every_time(
     good.close()
 
 
-def test_records_that_are_not_object_records_are_refused(memory_server):
+def test_records_that_are_not_object_records_are_refused(wire, memory_server):
     honest = ClientStorage(address=memory_server.address)
     commit(honest, make_record(ROOT_OID, b"first"))
 
@@ -343,11 +310,11 @@ def test_records_that_are_not_object_records_are_refused(memory_server):
     honest.end(None)
 
     # A client that does not check is refused by the server; nothing is written.
-    with hostile_client(memory_server.address) as hostile:
+    with hostile_client(wire, memory_server.address) as hostile:
         for payload in pack_records([(ROOT_OID, ROOT_OID + b"\x00garbage")]):
             hostile.sendall(frame(payload))
         hostile.sendall(frame(CMD_COMMIT))
-        reply = read_frame(hostile)
+        reply = wire.read_frame(hostile)
         assert reply[:1] == STATUS_ERROR
         message = str(unpack_error(reply[1:]))
         assert "the record for oid 0 is not an object record" in message
@@ -356,7 +323,7 @@ def test_records_that_are_not_object_records_are_refused(memory_server):
         for payload in pack_records([(ROOT_OID, make_record(oid, b"x"))]):
             hostile.sendall(frame(payload))
         hostile.sendall(frame(CMD_COMMIT))
-        reply = read_frame(hostile)
+        reply = wire.read_frame(hostile)
         assert reply[:1] == STATUS_ERROR
         assert "oid 0 starts with oid 8" in str(unpack_error(reply[1:]))
 
@@ -366,7 +333,7 @@ def test_records_that_are_not_object_records_are_refused(memory_server):
     honest.close()
 
 
-def test_oids_of_a_client_that_left_are_released_and_never_reused(memory_server):
+def test_oids_of_a_client_that_left_are_released_and_never_reused(wire, memory_server):
     leaving = ClientStorage(address=memory_server.address)
     taken = {leaving.new_oid() for _ in range(5)}
     leaving.close()
@@ -380,9 +347,9 @@ def test_oids_of_a_client_that_left_are_released_and_never_reused(memory_server)
     finally:
         other.close()
     # A raw client asking for oids gets fresh ones as well.
-    with hostile_client(memory_server.address) as sock:
+    with hostile_client(wire, memory_server.address) as sock:
         sock.sendall(frame(CMD_NEW_OIDS + pack_uint32(3)))
-        reply = read_frame(sock)
+        reply = wire.read_frame(sock)
         assert reply[:1] == STATUS_OKAY
         assert taken.isdisjoint(reply[i : i + 8] for i in range(1, 25, 8))
 
@@ -404,16 +371,10 @@ class FailingPackStorage(MemoryStorage):
         return packer()
 
 
-def test_a_failing_pack_is_logged_and_abandoned(socket_path, caplog):
-    storage = FailingPackStorage()
-    server = StorageServer(storage, address=socket_path)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    clients = []
+def test_a_failing_pack_is_logged_and_abandoned(socket_path, caplog, serve_in_thread):
+    serve_in_thread(FailingPackStorage(), address=socket_path)
+    client = ClientStorage(address=socket_path)
     try:
-        wait_for_server(socket_path, timeout=20)
-        client = ClientStorage(address=socket_path)
-        clients.append(client)
         (garbage,) = new_oids(client, 1)
         commit(client, make_record(ROOT_OID, b"root"), make_record(garbage))
         commit(client, make_record(ROOT_OID, b"root, no reference"))
@@ -427,13 +388,8 @@ def test_a_failing_pack_is_logged_and_abandoned(socket_path, caplog):
         client.pack()
         with pytest.raises(KeyError):
             client.load(garbage)
-        client.close()
     finally:
-        for client in clients:
-            client.close()
-        server.stop()
-        thread.join(20)
-    assert not thread.is_alive()
+        client.close()
 
 
 def test_prefetch_saves_round_trips(memory_server):

@@ -8,7 +8,6 @@ import secrets
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -28,37 +27,12 @@ from dhruva.net_protocol import (
     auth_proof,
     frame,
     hello,
-    socket_address,
     unpack_error,
 )
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage_testing import commit, make_record
 
 KEY = secrets.token_hex(32).encode()
-
-
-def raw_connection(address, timeout=10.0):
-    family, target = socket_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(target)
-    return sock
-
-
-def read_frame(sock):
-    data = b""
-    while len(data) < 4:
-        chunk = sock.recv(4 - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    (size,) = struct.unpack(">I", data)
-    payload = b""
-    while len(payload) < size:
-        chunk = sock.recv(size - len(payload))
-        assert chunk
-        payload += chunk
-    return payload
 
 
 def serves(address, **options):
@@ -100,43 +74,43 @@ def test_a_client_without_the_key_is_refused(auth_server, key, monkeypatch):
     assert serves(auth_server.address, auth_key=KEY)
 
 
-def test_a_replayed_answer_is_refused(auth_server):
+def test_a_replayed_answer_is_refused(wire, auth_server):
     def challenge(sock):
         sock.sendall(frame(hello()))
-        assert read_frame(sock)[:1] == b"H"
-        reply = read_frame(sock)
+        assert wire.read_frame(sock)[:1] == b"H"
+        reply = wire.read_frame(sock)
         assert reply[:1] == STATUS_CHALLENGE and len(reply) == 1 + NONCE_SIZE
         return reply[1:]
 
     # A good exchange, recorded by an eavesdropper.
-    with raw_connection(auth_server.address) as sock:
+    with wire.connect(auth_server.address) as sock:
         server_nonce = challenge(sock)
         nonce = secrets.token_bytes(NONCE_SIZE)
         answer = CMD_AUTH + nonce + auth_proof(KEY, b"client", server_nonce, nonce)
         sock.sendall(frame(answer))
-        assert read_frame(sock)[:1] == STATUS_OKAY
+        assert wire.read_frame(sock)[:1] == STATUS_OKAY
 
     # The same answer on a new connection meets a fresh challenge.
-    with raw_connection(auth_server.address) as sock:
+    with wire.connect(auth_server.address) as sock:
         assert challenge(sock) != server_nonce
         sock.sendall(frame(answer))
-        reply = read_frame(sock)
+        reply = wire.read_frame(sock)
         assert reply[:1] == STATUS_ERROR
         assert isinstance(unpack_error(reply[1:]), AuthenticationError)
-        assert read_frame(sock) is None
+        assert wire.read_frame(sock) is None
     assert "failed authentication" in auth_server.log()
 
 
-def test_failed_logins_are_one_warning_line_each(auth_server, monkeypatch):
+def test_failed_logins_are_one_warning_line_each(wire, auth_server, monkeypatch):
     monkeypatch.delenv("DHRUVA_AUTH_KEY", raising=False)
     with pytest.raises(AuthenticationError):
         ClientStorage(address=auth_server.address, auth_key=b"y" * 32)
-    with raw_connection(auth_server.address) as sock:
+    with wire.connect(auth_server.address) as sock:
         sock.sendall(frame(hello()))
-        assert read_frame(sock)[:1] == b"H"
-        assert read_frame(sock)[:1] == STATUS_CHALLENGE
+        assert wire.read_frame(sock)[:1] == b"H"
+        assert wire.read_frame(sock)[:1] == STATUS_CHALLENGE
         sock.sendall(frame(CMD_QUIT))  # a command before logging in
-        assert read_frame(sock)[:1] == STATUS_ERROR
+        assert wire.read_frame(sock)[:1] == STATUS_ERROR
     assert serves(auth_server.address, auth_key=KEY)  # and it serves on
 
     log = auth_server.log()
@@ -148,13 +122,13 @@ def test_failed_logins_are_one_warning_line_each(auth_server, monkeypatch):
     assert "Traceback" not in log and "internal error" not in log
 
 
-def test_admin_commands_need_authentication(auth_server):
-    with raw_connection(auth_server.address) as sock:
+def test_admin_commands_need_authentication(wire, auth_server):
+    with wire.connect(auth_server.address) as sock:
         sock.sendall(frame(hello()))
-        assert read_frame(sock)[:1] == b"H"
-        assert read_frame(sock)[:1] == STATUS_CHALLENGE
+        assert wire.read_frame(sock)[:1] == b"H"
+        assert wire.read_frame(sock)[:1] == STATUS_CHALLENGE
         sock.sendall(frame(CMD_QUIT))  # stop, without authenticating
-        reply = read_frame(sock)
+        reply = wire.read_frame(sock)
         assert isinstance(unpack_error(reply[1:]), AuthenticationError)
     with pytest.raises(AuthenticationError):
         stop_server(auth_server.address)
@@ -257,8 +231,8 @@ def test_a_plain_client_of_a_tls_server_gets_an_error_not_a_hang(tls_server):
     assert "Traceback" not in tls_server.log()
 
 
-def test_a_stalled_tls_handshake_does_not_block_others(tls_server, certificates):
-    with raw_connection(tls_server.address) as stalled:
+def test_a_stalled_tls_handshake_does_not_block_others(wire, tls_server, certificates):
+    with wire.connect(tls_server.address) as stalled:
         stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello, no more
         started = time.monotonic()
         assert serves(tls_server.address, tls_ca=str(certificates / "ca.pem"))

@@ -25,43 +25,12 @@ from dhruva.net_protocol import (
     frame,
     hello,
     parse_hello,
-    socket_address,
     unpack_error,
 )
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage import MemoryStorage
 from dhruva.storage_server import StorageServer
 from dhruva.storage_testing import commit, make_record
-
-
-def raw_connection(address, timeout=10.0):
-    family, target = socket_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(target)
-    return sock
-
-
-def read_frame(sock):
-    """Return the next payload, or None when the server closed the connection."""
-    data = b""
-    while len(data) < 4:
-        chunk = sock.recv(4 - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    (size,) = struct.unpack(">I", data)
-    payload = b""
-    while len(payload) < size:
-        chunk = sock.recv(size - len(payload))
-        assert chunk, "connection closed inside a frame"
-        payload += chunk
-    return payload
-
-
-def shake_hands(sock):
-    sock.sendall(frame(hello()))
-    assert parse_hello(read_frame(sock))[0] == PROTOCOL_VERSION
 
 
 def assert_server_still_serves(address):
@@ -73,12 +42,12 @@ def assert_server_still_serves(address):
         client.close()
 
 
-def expect_protocol_error_then_close(sock):
-    reply = read_frame(sock)
+def expect_protocol_error_then_close(wire, sock):
+    reply = wire.read_frame(sock)
     assert reply is not None and reply[:1] == STATUS_ERROR
     error = unpack_error(reply[1:])
     assert isinstance(error, ProtocolError)
-    assert read_frame(sock) is None
+    assert wire.read_frame(sock) is None
     return error
 
 
@@ -91,20 +60,20 @@ def expect_protocol_error_then_close(sock):
         b"V\0\0\0\1",  # a Durus 4 client's version check
     ],
 )
-def test_garbage_before_the_hello_is_refused_and_logged(memory_server, garbage):
-    with raw_connection(memory_server.address) as sock:
+def test_garbage_before_the_hello_is_refused_and_logged(wire, memory_server, garbage):
+    with wire.connect(memory_server.address) as sock:
         sock.sendall(garbage)
-        error = expect_protocol_error_then_close(sock)
+        error = expect_protocol_error_then_close(wire, sock)
     assert "dhruva" in str(error)
     assert "closing the connection from 127.0.0.1" in memory_server.log()
     assert_server_still_serves(memory_server.address)
 
 
-def test_frame_over_the_limit_after_the_hello(memory_server):
-    with raw_connection(memory_server.address) as sock:
-        shake_hands(sock)
+def test_frame_over_the_limit_after_the_hello(wire, memory_server):
+    with wire.connect(memory_server.address) as sock:
+        wire.shake_hands(sock)
         sock.sendall(struct.pack(">I", MAX_FRAME_SIZE + 1))
-        error = expect_protocol_error_then_close(sock)
+        error = expect_protocol_error_then_close(wire, sock)
     assert str(MAX_FRAME_SIZE) in str(error)
     assert_server_still_serves(memory_server.address)
 
@@ -117,13 +86,15 @@ def test_frame_over_the_limit_after_the_hello(memory_server):
         (CMD_STAGE + struct.pack(">I", 500) + b"\0" * 20, "claims 500 bytes"),
     ],
 )
-def test_malformed_command_closes_only_that_connection(memory_server, payload, message):
+def test_malformed_command_closes_only_that_connection(
+    wire, memory_server, payload, message
+):
     bystander = ClientStorage(address=memory_server.address)
     try:
-        with raw_connection(memory_server.address) as sock:
-            shake_hands(sock)
+        with wire.connect(memory_server.address) as sock:
+            wire.shake_hands(sock)
             sock.sendall(frame(payload))
-            error = expect_protocol_error_then_close(sock)
+            error = expect_protocol_error_then_close(wire, sock)
         assert message in str(error)
         assert message in memory_server.log()
         commit(bystander, make_record(ROOT_OID, b"bystander"))
@@ -145,11 +116,13 @@ def test_a_client_of_another_version_gets_a_clear_error(memory_server, monkeypat
     assert_server_still_serves(memory_server.address)
 
 
-def test_the_server_answers_an_old_client_with_its_version_and_closes(memory_server):
-    with raw_connection(memory_server.address) as sock:
+def test_the_server_answers_an_old_client_with_its_version_and_closes(
+    wire, memory_server
+):
+    with wire.connect(memory_server.address) as sock:
         sock.sendall(frame(hello(version=PROTOCOL_VERSION + 7)))
-        assert parse_hello(read_frame(sock))[0] == PROTOCOL_VERSION
-        assert read_frame(sock) is None
+        assert parse_hello(wire.read_frame(sock))[0] == PROTOCOL_VERSION
+        assert wire.read_frame(sock) is None
 
 
 def fake_server(behaviour):
@@ -260,9 +233,9 @@ def _start_failing(run_server, address):
     return done.stderr
 
 
-def test_a_stalled_client_does_not_stall_the_others(memory_server):
-    with raw_connection(memory_server.address) as stalled:
-        shake_hands(stalled)
+def test_a_stalled_client_does_not_stall_the_others(wire, memory_server):
+    with wire.connect(memory_server.address) as stalled:
+        wire.shake_hands(stalled)
         stalled.sendall(struct.pack(">I", 100) + CMD_LOAD)  # then nothing more
         other = ClientStorage(address=memory_server.address, timeout=20)
         try:
@@ -326,15 +299,13 @@ class SlowPackingStorage(MemoryStorage):
         return super().load(oid)
 
 
-def test_clients_are_served_between_the_steps_of_an_incremental_pack(socket_path):
+def test_clients_are_served_between_the_steps_of_an_incremental_pack(
+    socket_path, serve_in_thread
+):
     storage = SlowPackingStorage()
-    server = StorageServer(storage, address=socket_path)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    packer_client = None
+    serve_in_thread(storage, address=socket_path)
+    packer_client = ClientStorage(address=socket_path)
     try:
-        wait_for_server(socket_path, timeout=20)
-        packer_client = ClientStorage(address=socket_path)
         commit(packer_client, make_record(ROOT_OID, b"root"))
         packing = threading.Thread(target=packer_client.pack, daemon=True)
         packing.start()
@@ -353,7 +324,4 @@ def test_clients_are_served_between_the_steps_of_an_incremental_pack(socket_path
         packing.join(30)
         assert not packing.is_alive() and not storage.packing
     finally:
-        server.stop()
-        thread.join(20)
-        if packer_client is not None:
-            packer_client.close()
+        packer_client.close()
