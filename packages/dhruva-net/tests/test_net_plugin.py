@@ -28,8 +28,19 @@ def test_the_plugin_adds_a_server_command_with_the_durus_options():
         "--readonly",
         "--repair",
         "--stop",
-        "--cache-size",
     } <= options
+
+
+def test_cache_size_is_not_listed_but_accepted_as_durus_did(socket_path):
+    help_text = CliRunner().invoke(make_cli(), ["-s", "--help"]).output
+    assert "--gcbytes" in help_text and "--cache-size" not in help_text
+
+    # `durus -s` took the client's cache size option too: scripts keep working.
+    result = CliRunner().invoke(
+        make_cli(), ["-s", "--cache-size", "500", "--stop", "--address", socket_path]
+    )
+    assert result.exit_code == 1  # no server there, but no usage error
+    assert "cannot connect" in result.output
 
 
 def test_serializer_is_a_client_option_and_the_server_says_so():

@@ -6,23 +6,24 @@ It registers no storage kind: a ClientStorage is opened by address (see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from dhruva.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     import click
 
+log = logging.getLogger(__name__)
+
 
 def make_server_command() -> click.Command:
     """Return the ``server`` click command; imports happen only when called."""
-    import logging
     import signal
 
     import click
     from dhruva.cli_options import (
         address_options,
-        cache_size_option,
         cli_plugins,
         describe_address,
         library_errors,
@@ -35,7 +36,14 @@ def make_server_command() -> click.Command:
     @click.command("server")
     @storage_options
     @address_options
-    @cache_size_option
+    @click.option(
+        "--cache-size",
+        type=click.IntRange(min=1),
+        hidden=True,
+        expose_value=False,
+        callback=_ignore_cache_size,
+        help="Accepted as Durus's server did, and ignored: no object cache.",
+    )
     @serializer_refused_option
     @click.option(
         "--gcbytes",
@@ -115,7 +123,6 @@ def make_server_command() -> click.Command:
         host: str,
         port: int,
         address: str | None,
-        cache_size: int,
         gcbytes: int,
         stop: bool,
         auth_file: str | None,
@@ -132,9 +139,7 @@ def make_server_command() -> click.Command:
         """Serve a storage to clients until stopped (``dhruva -s``).
 
         Without --file it serves a new temporary FileStorage. It stops on
-        SIGTERM, SIGINT (Ctrl-C) or `dhruva server --stop`. --cache-size is
-        accepted for symmetry with the other commands: the server keeps no
-        object cache.
+        SIGTERM, SIGINT (Ctrl-C) or `dhruva server --stop`.
 
         Under systemd socket activation (LISTEN_FDS) it serves the socket
         systemd passes instead of --host/--port/--address. On anything but
@@ -217,6 +222,15 @@ def make_server_command() -> click.Command:
             opened.close()
 
     return server_command
+
+
+def _ignore_cache_size(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Accept ``--cache-size`` (Durus's ``durus -s`` did) and say it does nothing."""
+    if value is not None:
+        log.info(
+            "--cache-size is ignored: the server keeps no object cache (it is "
+            "an option of the clients, `dhruva -c --cache-size N`)"
+        )
 
 
 @hookimpl
