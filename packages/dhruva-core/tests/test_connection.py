@@ -396,3 +396,51 @@ def test_a_damaged_record_names_its_oid():
     storage.records[oid] = pack_record(oid, data[:-5] + b"\xff" * 5, refs)
     with pytest.raises(SerializationError, match=f"oid {int.from_bytes(oid, 'big')}"):
         Connection(storage).get_root()["item"].name  # noqa: B018
+
+
+def test_a_read_in_a_later_transaction_still_conflicts() -> None:
+    # The item was loaded in an earlier transaction; reading it again in this
+    # one counts as a read, and not reading it does not.
+    first, second = two_clients()
+    item = second.get_root()["item"]
+    assert item.name == "start"
+    second.get_root()["other"] = Item("o")
+    second.commit()
+
+    assert item.name == "start"  # read in the new transaction
+    first.abort()
+    first.get_root()["item"].name = "changed"
+    first.commit()
+    second.get_root()["other"].name = "o2"
+    with pytest.raises(WriteConflictError):
+        second.commit()
+    second.abort()
+    assert item.name == "changed"
+
+    second.commit()  # a new transaction that does not read the item
+    first.abort()
+    first.get_root()["item"].name = "again"
+    first.commit()
+    second.get_root()["other"].name = "o3"
+    second.commit()
+    assert item.name == "again"
+
+
+def test_objects_read_before_a_commit_report_their_class() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = Item("a")
+    connection.commit()
+
+    fresh = Connection(storage)
+    item = fresh.get_root()["item"]
+    # Before its first access in a transaction an object may have its class's
+    # ghost class: it compares, hashes and prints as the class itself.
+    assert item.__class__ is Item and isinstance(item, Item)
+    assert type(item) == Item and hash(type(item)) == hash(Item)  # noqa: E721
+    assert type(item).__name__ == "Item" and item._p_is_ghost()
+    assert item.name == "a"
+    assert type(item) is Item
+    fresh.commit()
+    assert item.__class__ is Item and type(item) == Item  # noqa: E721
+    assert [type(obj).__name__ for obj in gen_every_instance(fresh, Item)] == ["Item"]

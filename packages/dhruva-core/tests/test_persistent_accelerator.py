@@ -81,12 +81,19 @@ def test_both_modules_offer_the_same_names() -> None:
         "UNSAVED",
         "ConnectionBase",
         "PersistentBase",
+        "GhostBase",
         "_getattribute",
         "_setattribute",
         "_delattribute",
+        "_ghost_class",
+        "_user_class",
+        "_untouch",
+        "_untouch_all",
+        "_retouch",
     ]
     for name in names:
         assert hasattr(c_module, name), name
+        assert hasattr(dhruva._persistent_py, name), name
     for name in ("GHOST", "SAVED", "UNSAVED"):
         assert getattr(c_module, name) == getattr(dhruva._persistent_py, name)
 
@@ -114,6 +121,10 @@ def make_classes(impl: ModuleType) -> tuple[Any, Any]:
         def note_change(self, obj: Any) -> None:
             self.log.changed.append(obj)
 
+        def end_transaction(self) -> None:
+            impl._untouch_all(self.log.accessed)
+            self.transaction_serial += 1
+
     class Thing(impl.PersistentBase):  # type: ignore[name-defined]
         def _p_load_state(self) -> None:
             connection = impl._getattribute(self, "_p_connection")
@@ -136,14 +147,17 @@ def make_classes(impl: ModuleType) -> tuple[Any, Any]:
 
 
 def attach(impl: ModuleType, obj: Any, connection: Any, status: int) -> None:
+    """Make ``obj`` a stored object of ``connection``, not touched yet."""
     impl._setattribute(obj, "_p_connection", connection)
     impl._setattribute(obj, "_p_oid", b"\0" * 7 + b"\1")
     impl._setattribute(obj, "_p_status", status)
+    impl._untouch(obj)
 
 
 def test_a_new_object_starts_unsaved_without_connection(impl: ModuleType) -> None:
     _, thing_class = make_classes(impl)
     thing = thing_class(1, two=2)
+    assert type(thing) is thing_class
     assert thing._p_status == impl.UNSAVED
     assert thing._p_serial == 0
     assert thing._p_connection is None
@@ -157,8 +171,10 @@ def test_first_read_loads_a_ghost_and_stamps_it(impl: ModuleType) -> None:
     connection = connection_class()
     thing = thing_class()
     attach(impl, thing, connection, impl.GHOST)
+    assert type(thing) is not thing_class
 
     assert thing.value == "loaded"
+    assert type(thing) is thing_class
     assert connection.log.loaded == [thing]
     assert connection.log.accessed == [thing]
     assert thing._p_serial == connection.transaction_serial
@@ -167,11 +183,34 @@ def test_first_read_loads_a_ghost_and_stamps_it(impl: ModuleType) -> None:
     assert thing.value == "loaded"
     assert connection.log.accessed == [thing]
 
-    # A new transaction stamps again on first read.
-    connection.transaction_serial += 1
+    # A new transaction notes the first read again, and loads nothing.
+    connection.end_transaction()
+    assert type(thing) is not thing_class
     assert thing.value == "loaded"
     assert connection.log.accessed == [thing, thing]
     assert connection.log.loaded == [thing]
+    assert type(thing) is thing_class
+
+
+def test_a_ghost_answers_its_class_and_compares_as_it(impl: ModuleType) -> None:
+    connection_class, thing_class = make_classes(impl)
+    thing = thing_class()
+    attach(impl, thing, connection_class(), impl.GHOST)
+
+    ghost_class = type(thing)
+    assert ghost_class is impl._ghost_class(thing_class)
+    assert impl._ghost_class(ghost_class) is ghost_class
+    assert impl._user_class(thing) is thing_class
+    assert thing.__class__ is thing_class
+    assert isinstance(thing, thing_class)
+    assert ghost_class == thing_class and thing_class == ghost_class  # noqa: E721
+    assert not (ghost_class != thing_class)  # noqa: SIM202 - __ne__ too
+    assert hash(ghost_class) == hash(thing_class)
+    assert ghost_class in {thing_class} and {ghost_class: 1}[thing_class] == 1
+    assert ghost_class.__name__ == thing_class.__name__
+    assert ghost_class.__qualname__ == thing_class.__qualname__
+    assert ghost_class.__module__ == thing_class.__module__
+    assert thing._p_status == impl.GHOST  # none of this loaded it
 
 
 def test_ghost_safe_names_and_p_names_do_not_load(impl: ModuleType) -> None:
@@ -197,6 +236,7 @@ def test_setting_and_deleting_note_the_change_once(impl: ModuleType) -> None:
 
     thing.value = 1
     assert thing._p_status == impl.UNSAVED
+    assert type(thing) is thing_class
     assert connection.log.changed == [thing]
     thing.value = 2
     del thing.value
@@ -218,6 +258,19 @@ def test_setting_on_a_ghost_loads_it_first(impl: ModuleType) -> None:
     assert connection.log.loaded == [thing]
     assert thing.__dict__ == {"value": "loaded", "other": 1}
     assert thing._p_status == impl.UNSAVED
+    assert type(thing) is thing_class
+    assert connection.log.changed == [thing]
+
+
+def test_an_explicit_note_change_touches_a_ghost(impl: ModuleType) -> None:
+    connection_class, thing_class = make_classes(impl)
+    connection = connection_class()
+    thing = thing_class()
+    attach(impl, thing, connection, impl.GHOST)
+    thing._p_note_change()
+    assert connection.log.loaded == [thing]
+    assert connection.log.changed == [thing]
+    assert type(thing) is thing_class and thing._p_status == impl.UNSAVED
 
 
 def test_an_overridden_note_change_is_always_called(impl: ModuleType) -> None:
@@ -268,8 +321,40 @@ def test_errors_in_hooks_propagate(impl: ModuleType) -> None:
     attach(impl, thing, connection_class(), impl.GHOST)
     with pytest.raises(OSError, match="disk gone"):
         _ = thing.value
+    assert type(thing) is not Failing  # still a ghost: the next access retries
+    with pytest.raises(OSError, match="disk gone"):
+        _ = thing.value
     with pytest.raises(AttributeError):
         _ = thing_class().missing
+
+
+def test_untouching_keeps_attributes_of_every_layout(impl: ModuleType) -> None:
+    connection_class, thing_class = make_classes(impl)
+
+    class Slotted(thing_class):  # type: ignore[misc,valid-type]
+        __slots__ = ("x",)
+
+    connection = connection_class()
+    for cls in (thing_class, Slotted):
+        for count in (1, 3, 40):  # inline values, and more than fit inline
+            obj = cls()
+            expected = {f"a{i}": i for i in range(count)}
+            for name, value in expected.items():
+                setattr(obj, name, value)
+            if cls is Slotted:
+                obj.x = "slot"
+            attach(impl, obj, connection, impl.SAVED)
+            for _ in range(3):
+                assert type(obj) is not cls
+                assert {name: getattr(obj, name) for name in expected} == expected
+                assert type(obj) is cls
+                if cls is Slotted:
+                    assert obj.x == "slot"
+                obj.extra = 1
+                del obj.extra
+                impl._untouch(obj)
+            impl._retouch(obj)
+            assert type(obj) is cls and vars(obj) == expected
 
 
 def test_slotted_subclass_weakrefs_and_gc(impl: ModuleType) -> None:
@@ -283,14 +368,16 @@ def test_slotted_subclass_weakrefs_and_gc(impl: ModuleType) -> None:
     slotted.y = 2  # the base class gives a __dict__ too
     assert (slotted.x, slotted.y) == (1, 2)
 
-    # An object and its connection in a cycle are collected.
-    connection = connection_class()
-    attach(impl, slotted, connection, impl.SAVED)
-    connection.held = slotted
-    reference = weakref.ref(slotted)
-    del slotted, connection
-    gc.collect()
-    assert reference() is None
+    # An object and its connection in a cycle are collected, ghost or not.
+    for status in (impl.SAVED, impl.GHOST):
+        obj = Slotted()
+        connection = connection_class()
+        attach(impl, obj, connection, status)
+        connection.held = obj
+        reference = weakref.ref(obj)
+        del obj, connection
+        gc.collect()
+        assert reference() is None
 
 
 def test_no_reference_leaks_in_the_hooks(impl: ModuleType) -> None:
@@ -302,9 +389,11 @@ def test_no_reference_leaks_in_the_hooks(impl: ModuleType) -> None:
     attach(impl, thing, connection, impl.SAVED)
     impl._setattribute(thing, "_p_oid", oid)
     connection.log = Recorder()
+    ghost_class = type(thing)
 
     before = (sys.getrefcount(connection), sys.getrefcount(oid))
     before_value = sys.getrefcount(value)
+    before_classes = (sys.getrefcount(thing_class), sys.getrefcount(ghost_class))
     sink = []
     for serial in range(2, 2000):
         connection.transaction_serial = serial
@@ -315,9 +404,13 @@ def test_no_reference_leaks_in_the_hooks(impl: ModuleType) -> None:
         del thing.attr
         impl._setattribute(thing, "_p_status", impl.SAVED)
         connection.log = Recorder()
+        impl._untouch_all([thing])
         sink.clear()
     assert (sys.getrefcount(connection), sys.getrefcount(oid)) == before
     assert sys.getrefcount(value) == before_value
+    assert (sys.getrefcount(thing_class), sys.getrefcount(ghost_class)) == (
+        before_classes
+    )
 
     # Creating and dropping objects frees them.
     references = []
@@ -339,6 +432,13 @@ def test_private_setters_reject_a_wrong_type_or_accept_any(impl: ModuleType) -> 
     impl._delattribute(thing, "_p_oid")
     with pytest.raises(AttributeError):
         _ = thing._p_oid
+
+
+def test_only_persistent_classes_have_ghost_classes(impl: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        impl._ghost_class(int)
+    with pytest.raises(TypeError):
+        impl._untouch(object())
 
 
 class Item(Persistent):
@@ -367,6 +467,15 @@ def test_persistent_objects_pickle_and_copy_as_unsaved_copies() -> None:
     assert point_copy.x == 1 and point_copy._p_oid is None
     assert weakref.ref(item)() is item
 
+    # Ghosts copy and pickle as their own class.
+    fresh = Connection(connection.storage).get_root()
+    for name, cls in (("item", Item), ("point", Point)):
+        ghost = fresh[name]
+        assert type(ghost) is not cls and ghost._p_is_ghost()
+        assert type(copy.copy(ghost)) is cls
+        assert type(pickle.loads(pickle.dumps(ghost))) is cls
+    assert fresh["item"].name == "a" and fresh["point"].x == 1
+
 
 def test_properties_getattr_and_getattribute_in_subclasses(impl: ModuleType) -> None:
     connection_class, thing_class = make_classes(impl)
@@ -387,9 +496,17 @@ def test_properties_getattr_and_getattribute_in_subclasses(impl: ModuleType) -> 
     connection = connection_class()
     rich = Rich()
     attach(impl, rich, connection, impl.GHOST)
+    # The ghost's hook runs before the class's own __getattribute__.
     assert rich.shout == "HEY"
-    assert connection.log.loaded == []
+    assert connection.log.loaded == [rich]
     assert rich.doubled == "loadedloaded"
     assert connection.log.loaded == [rich]
     assert rich.nothing == "missing nothing"
     assert connection.log.accessed == [rich]
+    assert type(rich) is Rich
+
+    # A ghost of a class with __getattr__ still loads on first access.
+    connection.end_transaction()
+    impl._setattribute(rich, "_p_status", impl.GHOST)
+    assert rich.nothing == "missing nothing"
+    assert connection.log.loaded == [rich, rich]

@@ -1,19 +1,21 @@
 /* The C accelerator of dhruva.persistent: a drop-in for dhruva._persistent_py.
  *
- * It provides the same names (PersistentBase, ConnectionBase, the state
- * constants GHOST/SAVED/UNSAVED and _getattribute/_setattribute/_delattribute)
- * with the same behaviour, faster.
+ * It provides the same names (PersistentBase, ConnectionBase, GhostBase, the
+ * state constants GHOST/SAVED/UNSAVED, _getattribute/_setattribute/
+ * _delattribute and the ghost class functions) with the same behaviour,
+ * faster.
  *
- * Design: the common case of an attribute read is an object that is loaded and
- * was already stamped in the current transaction.  Each object keeps a pointer,
- * serial_source, to the transaction serial it must match: the serial field of
- * its ConnectionBase, or its own _p_serial when it has no connection (so it
- * always matches).  A read then costs one status test and one comparison
- * before the generic attribute lookup; the attribute name is only examined on
- * the slow path (a ghost, a first access in a transaction, or a connection
- * that is not a ConnectionBase).  A write checks the name prefix, and skips the
- * call to _p_note_change() when the object is already unsaved and its class
- * keeps the _p_note_change() defined here.
+ * Design (see dhruva._persistent_py for the whole of it): PersistentBase keeps
+ * the generic attribute lookup, so the interpreter specializes reads of a
+ * loaded object as it does for a plain one.  Ghosts, and loaded objects not yet
+ * read in the current transaction, have their class's *ghost class*, a
+ * subclass with the same layout whose only change is the attribute hook of
+ * GhostBase: the first access loads the state if needed, tells the connection
+ * (note_access) and puts the object's own class back.  The connection hands
+ * the objects read in a transaction to _untouch_all() when it ends.  A write
+ * checks the name prefix, and skips the call to _p_note_change() when the
+ * object is already unsaved and its class keeps the _p_note_change() defined
+ * here.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -41,6 +43,11 @@ static PyObject *str_transaction_serial;
 static PyObject *str_class;
 static PyObject *str_repr;
 static PyObject *str_setstate;
+static PyObject *str_ghost_class_key;
+static PyObject *str_make_ghost_class;
+
+/* dhruva._persistent_py.make_ghost_class, imported on first use. */
+static PyObject *make_ghost_class_function;
 
 /* The _p_note_change method descriptor of PersistentBase, compared against
  * what a class resolves the name to. */
@@ -98,27 +105,10 @@ typedef struct {
     long long serial;
     PyObject *connection;
     PyObject *oid;
-    /* The serial to match: the connection's, our own when the connection is
-     * None, NULL when it must be looked up (not a ConnectionBase, or unset). */
-    long long *serial_source;
 } PersistentBaseObject;
 
-static void
-set_serial_source(PersistentBaseObject *self)
-{
-    PyObject *connection = self->connection;
-    if (connection == Py_None) {
-        self->serial_source = &self->serial;
-    }
-    else if (connection != NULL &&
-             PyObject_TypeCheck(connection, &ConnectionBase_Type)) {
-        self->serial_source =
-            &((ConnectionBaseObject *)connection)->transaction_serial;
-    }
-    else {
-        self->serial_source = NULL;
-    }
-}
+static PyTypeObject PersistentBase_Type;
+static PyTypeObject GhostBase_Type;
 
 static PyObject *
 persistent_base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -134,7 +124,6 @@ persistent_base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->serial = 0;
     self->connection = Py_NewRef(Py_None);
     self->oid = Py_NewRef(Py_None);
-    self->serial_source = &self->serial;
     return (PyObject *)self;
 }
 
@@ -149,7 +138,6 @@ persistent_base_traverse(PersistentBaseObject *self, visitproc visit, void *arg)
 static int
 persistent_base_clear(PersistentBaseObject *self)
 {
-    self->serial_source = NULL;
     Py_CLEAR(self->connection);
     Py_CLEAR(self->oid);
     return 0;
@@ -177,104 +165,187 @@ is_p_name(PyObject *name)
             PyUnicode_READ(kind, data, 2) == '_');
 }
 
-/* True when reading this name must load a ghost and stamp the access. */
-static int
-is_hooked_name(PyObject *name)
+static inline int
+same_name(PyObject *name, PyObject *interned)
 {
-    if (!PyUnicode_Check(name) || is_p_name(name)) {
-        return 0;
-    }
-    if (name == str_class || name == str_repr || name == str_setstate) {
-        return 0;
-    }
-    return !(PyUnicode_Compare(name, str_class) == 0 ||
-             PyUnicode_Compare(name, str_repr) == 0 ||
-             PyUnicode_Compare(name, str_setstate) == 0);
+    return name == interned || PyUnicode_Compare(name, interned) == 0;
 }
 
-/* Call connection.note_access(self) when _p_serial differs from the
- * connection's transaction serial.  Returns -1 with an exception set. */
-static int
-stamp_access(PersistentBaseObject *self)
+static inline int
+is_ghost_type(PyTypeObject *type)
 {
-    PyObject *connection = self->connection;
-    if (connection == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "_p_connection");
-        return -1;
-    }
-    if (connection == Py_None) {
-        return 0;
-    }
-    int differs;
-    if (self->serial_source != NULL) {
-        differs = *self->serial_source != self->serial;
-    }
-    else {
-        PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
-        if (current == NULL) {
-            return -1;
+    return type != &GhostBase_Type && PyType_IsSubtype(type, &GhostBase_Type);
+}
+
+/* --- class switching ----------------------------------------------------- */
+
+/* Give self the class `to` (its class's ghost class, or back its own class):
+ * the two have the same layout. */
+static int
+set_class(PyObject *self, PyTypeObject *to)
+{
+#if PY_VERSION_HEX < 0x030D0000
+    PyTypeObject *from = Py_TYPE(self);
+    if (from->tp_flags & Py_TPFLAGS_MANAGED_DICT) {
+        /* Inline attribute values are laid out by the class's shared keys:
+         * move them into a dict first (as assigning __class__ does), and make
+         * that dict a plain one, which the interpreter's specialized reads
+         * handle (a dict sharing the class's keys keeps them on the slow
+         * path). */
+        PyObject **dictptr = _PyObject_GetDictPtr(self);
+        if (dictptr == NULL) {
+            return PyErr_Occurred() ? -1 : (PyErr_NoMemory(), -1);
         }
-        PyObject *serial = PyLong_FromLongLong(self->serial);
-        if (serial == NULL) {
-            Py_DECREF(current);
-            return -1;
-        }
-        differs = PyObject_RichCompareBool(serial, current, Py_NE);
-        Py_DECREF(serial);
-        Py_DECREF(current);
-        if (differs < 0) {
-            return -1;
+        PyObject *dict = *dictptr;
+        if (dict != NULL && PyDict_CheckExact(dict) &&
+            ((PyDictObject *)dict)->ma_values != NULL) {
+            PyObject *plain = PyDict_New();
+            if (plain == NULL || PyDict_Update(plain, dict) < 0) {
+                Py_XDECREF(plain);
+                return -1;
+            }
+            Py_SETREF(*dictptr, plain);
         }
     }
-    if (differs) {
-        Py_INCREF(connection);
+    Py_INCREF(to);
+    Py_SET_TYPE(self, to);
+    Py_DECREF(from);
+    return 0;
+#else
+    return PyObject_GenericSetAttr(self, str_class, (PyObject *)to);
+#endif
+}
+
+/* The ghost class of the persistent class `type` (borrowed reference). */
+static PyTypeObject *
+ghost_class_of(PyTypeObject *type)
+{
+    if (is_ghost_type(type)) {
+        return type;
+    }
+    PyObject *ghost = NULL;
+    if (type->tp_dict != NULL) {
+        ghost = PyDict_GetItemWithError(type->tp_dict, str_ghost_class_key);
+        if (ghost == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (ghost != NULL && PyType_Check(ghost)) {
+        return (PyTypeObject *)ghost;
+    }
+    if (!PyType_IsSubtype(type, &PersistentBase_Type)) {
+        PyErr_Format(PyExc_TypeError, "%s is not a persistent class",
+                     type->tp_name);
+        return NULL;
+    }
+    if (make_ghost_class_function == NULL) {
+        PyObject *module = PyImport_ImportModule("dhruva._persistent_py");
+        if (module == NULL) {
+            return NULL;
+        }
+        make_ghost_class_function = PyObject_GetAttr(module, str_make_ghost_class);
+        Py_DECREF(module);
+        if (make_ghost_class_function == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *made = PyObject_CallFunctionObjArgs(
+        make_ghost_class_function, (PyObject *)type, (PyObject *)&GhostBase_Type,
+        NULL);
+    if (made == NULL) {
+        return NULL;
+    }
+    /* The class keeps it in its __dict__. */
+    Py_DECREF(made);
+    if (!PyType_Check(made) || !is_ghost_type((PyTypeObject *)made)) {
+        PyErr_SetString(PyExc_TypeError, "make_ghost_class() made no ghost class");
+        return NULL;
+    }
+    return (PyTypeObject *)made;
+}
+
+/* Load a ghost, note the access, and give the object its own class back. */
+static int
+touch(PersistentBaseObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    if (self->status == STATUS_GHOST) {
         PyObject *result =
-            PyObject_CallMethodOneArg(connection, str_note_access, (PyObject *)self);
-        Py_DECREF(connection);
+            PyObject_CallMethodNoArgs((PyObject *)self, str_p_load_state);
         if (result == NULL) {
             return -1;
         }
         Py_DECREF(result);
     }
+    PyObject *connection = self->connection;
+    if (connection == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, str_p_connection);
+        return -1;
+    }
+    if (connection != Py_None) {
+        int differs;
+        Py_INCREF(connection);
+        if (PyObject_TypeCheck(connection, &ConnectionBase_Type)) {
+            differs =
+                ((ConnectionBaseObject *)connection)->transaction_serial != self->serial;
+        }
+        else {
+            PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
+            PyObject *serial = PyLong_FromLongLong(self->serial);
+            differs = (current == NULL || serial == NULL)
+                          ? -1
+                          : PyObject_RichCompareBool(serial, current, Py_NE);
+            Py_XDECREF(current);
+            Py_XDECREF(serial);
+        }
+        if (differs > 0) {
+            PyObject *result = PyObject_CallMethodOneArg(connection, str_note_access,
+                                                         (PyObject *)self);
+            differs = result == NULL ? -1 : 0;
+            Py_XDECREF(result);
+        }
+        Py_DECREF(connection);
+        if (differs < 0) {
+            return -1;
+        }
+    }
+    if (Py_TYPE(self) == type && is_ghost_type(type)) {
+        return set_class((PyObject *)self, type->tp_base);
+    }
     return 0;
 }
 
-static PyObject *
-persistent_base_getattro_slow(PersistentBaseObject *self, PyObject *name)
-{
-    if (is_hooked_name(name)) {
-        if (self->status == STATUS_GHOST) {
-            PyObject *result =
-                PyObject_CallMethodNoArgs((PyObject *)self, str_p_load_state);
-            if (result == NULL) {
-                return NULL;
-            }
-            Py_DECREF(result);
-        }
-        if (stamp_access(self) < 0) {
-            return NULL;
-        }
-    }
-    return PyObject_GenericGetAttr((PyObject *)self, name);
-}
+/* --- GhostBase: the hook of ghost classes -------------------------------- */
 
 static PyObject *
-persistent_base_getattro(PersistentBaseObject *self, PyObject *name)
+ghost_getattro(PyObject *self, PyObject *name)
 {
-    long long *source = self->serial_source;
-    if (self->status != STATUS_GHOST && source != NULL &&
-        *source == self->serial) {
-        return PyObject_GenericGetAttr((PyObject *)self, name);
+    if (!PyUnicode_Check(name) || is_p_name(name) || same_name(name, str_repr) ||
+        same_name(name, str_setstate)) {
+        return PyObject_GenericGetAttr(self, name);
     }
-    return persistent_base_getattro_slow(self, name);
+    PyTypeObject *type = Py_TYPE(self);
+    if (same_name(name, str_class) && is_ghost_type(type)) {
+        return Py_NewRef((PyObject *)type->tp_base);
+    }
+    if (touch((PersistentBaseObject *)self) < 0) {
+        return NULL;
+    }
+    if (Py_TYPE(self) == type) {
+        /* Not a ghost class after all (GhostBase itself). */
+        return PyObject_GenericGetAttr(self, name);
+    }
+    return PyObject_GetAttr(self, name);
 }
+
+/* --- PersistentBase attribute hooks ------------------------------------- */
 
 /* Handles both setting (value != NULL) and deleting (value == NULL). */
 static int
 persistent_base_setattro(PersistentBaseObject *self, PyObject *name,
                          PyObject *value)
 {
-    if (!is_p_name(name) && PyUnicode_Check(name)) {
+    if (PyUnicode_Check(name) && !is_p_name(name)) {
         /* The default _p_note_change() does nothing on an unsaved object. */
         if (self->status != STATUS_UNSAVED ||
             _PyType_Lookup(Py_TYPE(self), str_p_note_change) !=
@@ -293,6 +364,9 @@ persistent_base_setattro(PersistentBaseObject *self, PyObject *name,
 static PyObject *
 persistent_base_note_change(PersistentBaseObject *self, PyObject *unused)
 {
+    if (is_ghost_type(Py_TYPE(self)) && touch(self) < 0) {
+        return NULL;
+    }
     if (self->status != STATUS_UNSAVED) {
         PyObject *result =
             PyObject_CallMethodNoArgs((PyObject *)self, str_p_set_status_unsaved);
@@ -338,7 +412,6 @@ persistent_base_set_connection(PersistentBaseObject *self, PyObject *value,
         return -1;
     }
     Py_XSETREF(self->connection, Py_XNewRef(value));
-    set_serial_source(self);
     return 0;
 }
 
@@ -352,7 +425,7 @@ static PyMemberDef persistent_base_members[] = {
     {"_p_status", Py_T_INT, offsetof(PersistentBaseObject, status), 0,
      "GHOST, SAVED or UNSAVED."},
     {"_p_serial", Py_T_LONGLONG, offsetof(PersistentBaseObject, serial), 0,
-     "The connection's transaction serial at the last access."},
+     "The connection's transaction serial at the last first access."},
     {"_p_oid", Py_T_OBJECT_EX, offsetof(PersistentBaseObject, oid), 0,
      "The object id, or None before the first commit."},
     {NULL},
@@ -370,16 +443,29 @@ static PyTypeObject PersistentBase_Type = {
     .tp_name = "dhruva._persistent.PersistentBase",
     .tp_basicsize = sizeof(PersistentBaseObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Slots and attribute hooks shared by every persistent object.",
+    .tp_doc = "Slots and the change-tracking hook shared by every persistent "
+              "object.",
     .tp_new = persistent_base_new,
     .tp_dealloc = (destructor)persistent_base_dealloc,
     .tp_traverse = (traverseproc)persistent_base_traverse,
     .tp_clear = (inquiry)persistent_base_clear,
-    .tp_getattro = (getattrofunc)persistent_base_getattro,
+    .tp_getattro = PyObject_GenericGetAttr,
     .tp_setattro = (setattrofunc)persistent_base_setattro,
     .tp_methods = persistent_base_methods,
     .tp_members = persistent_base_members,
     .tp_getset = persistent_base_getset,
+};
+
+static PyTypeObject GhostBase_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dhruva._persistent.GhostBase",
+    .tp_basicsize = sizeof(PersistentBaseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The hook every ghost class adds: the first access touches the "
+              "object.",
+    .tp_getattro = ghost_getattro,
+    .tp_traverse = (traverseproc)persistent_base_traverse,
+    .tp_clear = (inquiry)persistent_base_clear,
 };
 
 /* --- module functions ---------------------------------------------------- */
@@ -423,6 +509,82 @@ module_delattribute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+module_ghost_class(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_Format(PyExc_TypeError, "_ghost_class() takes a class, not %R", cls);
+        return NULL;
+    }
+    PyTypeObject *ghost = ghost_class_of((PyTypeObject *)cls);
+    return ghost == NULL ? NULL : Py_NewRef((PyObject *)ghost);
+}
+
+static PyObject *
+module_user_class(PyObject *module, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (is_ghost_type(type)) {
+        type = type->tp_base;
+    }
+    return Py_NewRef((PyObject *)type);
+}
+
+static int
+untouch(PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (!PyObject_TypeCheck(obj, &PersistentBase_Type)) {
+        PyErr_Format(PyExc_TypeError, "%R is not a persistent object", obj);
+        return -1;
+    }
+    if (is_ghost_type(type)) {
+        return 0;
+    }
+    PyTypeObject *ghost = ghost_class_of(type);
+    if (ghost == NULL) {
+        return -1;
+    }
+    return set_class(obj, ghost);
+}
+
+static PyObject *
+module_untouch(PyObject *module, PyObject *obj)
+{
+    if (untouch(obj) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+module_untouch_all(PyObject *module, PyObject *objects)
+{
+    PyObject *sequence = PySequence_Fast(objects, "_untouch_all() takes an iterable");
+    if (sequence == NULL) {
+        return NULL;
+    }
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(sequence);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (untouch(PySequence_Fast_GET_ITEM(sequence, i)) < 0) {
+            Py_DECREF(sequence);
+            return NULL;
+        }
+    }
+    Py_DECREF(sequence);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+module_retouch(PyObject *module, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (is_ghost_type(type) && set_class(obj, type->tp_base) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"_getattribute", (PyCFunction)(void (*)(void))module_getattribute,
      METH_FASTCALL, "Read an attribute without the persistent hooks."},
@@ -430,6 +592,15 @@ static PyMethodDef module_methods[] = {
      METH_FASTCALL, "Set an attribute without the persistent hooks."},
     {"_delattribute", (PyCFunction)(void (*)(void))module_delattribute,
      METH_FASTCALL, "Delete an attribute without the persistent hooks."},
+    {"_ghost_class", module_ghost_class, METH_O,
+     "Return the ghost class of a persistent class (made once)."},
+    {"_user_class", module_user_class, METH_O,
+     "Return the persistent class of an object, touched or not."},
+    {"_untouch", module_untouch, METH_O,
+     "Give an object its ghost class: its next access is noted again."},
+    {"_untouch_all", module_untouch_all, METH_O, "_untouch() each object."},
+    {"_retouch", module_retouch, METH_O,
+     "Give an object its own class back without loading or noting anything."},
     {NULL},
 };
 
@@ -458,6 +629,8 @@ intern_strings(void)
     INTERN(str_class, "__class__");
     INTERN(str_repr, "__repr__");
     INTERN(str_setstate, "__setstate__");
+    INTERN(str_ghost_class_key, "__dhruva_ghost_class__");
+    INTERN(str_make_ghost_class, "make_ghost_class");
 #undef INTERN
     return 0;
 }
@@ -471,8 +644,10 @@ PyInit__persistent(void)
     if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
         return NULL;
     }
+    GhostBase_Type.tp_base = &PersistentBase_Type;
     if (PyType_Ready(&ConnectionBase_Type) < 0 ||
-        PyType_Ready(&PersistentBase_Type) < 0) {
+        PyType_Ready(&PersistentBase_Type) < 0 ||
+        PyType_Ready(&GhostBase_Type) < 0) {
         return NULL;
     }
     default_note_change = _PyType_Lookup(&PersistentBase_Type, str_p_note_change);
@@ -492,7 +667,9 @@ PyInit__persistent(void)
         PyModule_AddObjectRef(module, "ConnectionBase",
                               (PyObject *)&ConnectionBase_Type) < 0 ||
         PyModule_AddObjectRef(module, "PersistentBase",
-                              (PyObject *)&PersistentBase_Type) < 0) {
+                              (PyObject *)&PersistentBase_Type) < 0 ||
+        PyModule_AddObjectRef(module, "GhostBase", (PyObject *)&GhostBase_Type) <
+            0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -145,7 +145,7 @@ def find_class(module: str, name: str) -> type[Any]:
 
 def is_broken(obj: object) -> bool:
     """Return True when ``obj`` is a placeholder for a missing class."""
-    return type(obj) in BROKEN_TYPES
+    return obj.__class__ in BROKEN_TYPES
 
 
 def broken_record(obj: Any) -> tuple[bytes, bytes]:

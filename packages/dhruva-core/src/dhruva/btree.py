@@ -51,7 +51,12 @@ from operator import itemgetter
 from typing import Any
 
 from dhruva.error import DhruvaError
-from dhruva.persistent import PersistentObject, _getattribute, _setattribute
+from dhruva.persistent import (
+    GHOST_CLASS_MARK,
+    PersistentObject,
+    _getattribute,
+    _setattribute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -832,7 +837,7 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
         """
         if not (isinstance(bnode_class, type) and issubclass(bnode_class, BNode)):
             raise TypeError(f"{bnode_class!r} is not a BNode subclass")
-        if type(self.root) is bnode_class:
+        if self.root.__class__ is bnode_class:
             return False
         rebuilt = BTree(bnode_class)
         for key, value in self.iteritems():
@@ -855,7 +860,11 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
 def _node_classes() -> list[type[BNode]]:
     found: list[type[BNode]] = [BNode]
     for bnode_class in found:
-        found.extend(bnode_class.__subclasses__())
+        found.extend(
+            sub
+            for sub in bnode_class.__subclasses__()
+            if GHOST_CLASS_MARK not in sub.__dict__  # not a ghost class
+        )
     return found
 
 

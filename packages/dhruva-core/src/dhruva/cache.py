@@ -14,7 +14,14 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from dhruva.persistent import GHOST, SAVED, _getattribute, _setattribute
+from dhruva.persistent import (
+    GHOST,
+    SAVED,
+    _getattribute,
+    _ghost_class,
+    _setattribute,
+    _user_class,
+)
 
 if TYPE_CHECKING:
     from dhruva.connection import Connection
@@ -59,8 +66,9 @@ class Cache:
         Called for every reference while unpickling, so it stays short.
         """
         obj = self.objects.get(oid)
-        if obj is None or type(obj) is not cls:
-            obj = cls.__new__(cls)
+        if obj is None or _user_class(obj) is not cls:
+            ghost_class: Any = _ghost_class(cls)
+            obj = ghost_class.__new__(ghost_class)
             _setattribute(obj, "_p_oid", oid)
             _setattribute(obj, "_p_connection", connection)
             _setattribute(obj, "_p_status", GHOST)

@@ -41,7 +41,10 @@ from dhruva.persistent import (
     ConnectionBase,
     PersistentBase,
     _getattribute,
+    _retouch,
     _setattribute,
+    _untouch_all,
+    _user_class,
 )
 from dhruva.persistent_dict import PersistentDict
 from dhruva.record import ROOT_OID, pack_record, unpack_record
@@ -130,6 +133,9 @@ class Connection(ConnectionBase):
         self.changed: dict[bytes, Any] = {}
         #: Oids known to be stale; cleared by abort().
         self.invalid_oids: set[bytes] = set()
+        #: Objects first accessed in this transaction; their next access, in
+        #: the next transaction, is noted again (see dhruva._persistent_py).
+        self.touched: list[Any] = []
         self.new_oid = storage.new_oid
         self.root = self._open_root(root_class)
 
@@ -251,10 +257,10 @@ class Connection(ConnectionBase):
                 f"the record of oid {oid} ({type(obj).__name__}) cannot be read, "
                 f"it is damaged: {error}. `dhruva verify` lists damaged records"
             ) from error
-        if isinstance(state, BrokenState) and type(obj) not in BROKEN_TYPES:
+        if isinstance(state, BrokenState) and _user_class(obj) not in BROKEN_TYPES:
             # The reference found the class, but the record names a missing one.
             oid = int.from_bytes(_getattribute(obj, "_p_oid"), "big")
-            cls = type(obj)
+            cls = _user_class(obj)
             raise SerializationError(
                 f"the record of oid {oid} names the class "
                 f"{_class_name_of_data(data)}, which cannot be found, while the "
@@ -301,13 +307,23 @@ class Connection(ConnectionBase):
     # --- change tracking (called by persistent objects) -----------------------
 
     def note_access(self, obj: Any) -> None:
+        """Note the first access to ``obj`` in this transaction."""
         _setattribute(obj, "_p_serial", self.transaction_serial)
         self.cache.note_access(obj)
+        self.touched.append(obj)
 
     def note_change(self, obj: Any) -> None:
         self.changed[_getattribute(obj, "_p_oid")] = obj
 
     # --- transactions ---------------------------------------------------------
+
+    def _end_transaction(self) -> None:
+        # The objects read in this transaction get their ghost class back, so
+        # that the next transaction notes its reads of them again.
+        _untouch_all(self.touched)
+        self.touched.clear()
+        self.transaction_serial += 1
+        self.shrink_cache()
 
     def shrink_cache(self) -> None:
         """Ghost least recently used objects beyond the cache size target."""
@@ -337,8 +353,7 @@ class Connection(ConnectionBase):
                 obj._p_set_status_ghost()
         self.changed.clear()
         self._sync()
-        self.transaction_serial += 1
-        self.shrink_cache()
+        self._end_transaction()
 
     def commit(self) -> None:
         """Store every changed object, and the new objects they reach.
@@ -353,8 +368,7 @@ class Connection(ConnectionBase):
             self._commit_changes()
         else:
             self._sync()
-        self.transaction_serial += 1
-        self.shrink_cache()
+        self._end_transaction()
 
     def _commit_changes(self) -> None:
         writer = self.serializer.new_writer(self)
@@ -393,6 +407,10 @@ class Connection(ConnectionBase):
             if self.cache.get(oid) is not obj:
                 self.cache[oid] = obj
             _setattribute(obj, "_p_status", 0)
+            if _getattribute(obj, "_p_serial") != self.transaction_serial:
+                # Stored objects count as used by this transaction (for the
+                # cache), and get their ghost class at its end.
+                self.note_access(obj)
         self.changed.clear()
         log.debug("committed %d objects", len(records))
 
@@ -455,6 +473,7 @@ class Connection(ConnectionBase):
                 _setattribute(obj, "_p_oid", None)
                 _setattribute(obj, "_p_connection", None)
                 _setattribute(obj, "_p_status", UNSAVED)
+                _retouch(obj)
             except ReadConflictError:
                 pass  # changed by another client: it exists
 

@@ -4,6 +4,26 @@ A persistent object tracks its own changes: setting or deleting an attribute
 tells its connection that it must be stored at the next commit. Changes made
 inside a plain container held by an attribute are invisible to it; call
 ``obj._p_note_change()`` after such a change.
+
+Reading an attribute of a loaded object costs about what it costs on a plain
+object: a persistent class keeps Python's own attribute lookup. Ghosts, and
+objects not yet used in the current transaction, have instead their class's
+*ghost class* (see :mod:`dhruva._persistent_py`), which loads and notes the
+object on its first access and then gives it back its own class.
+
+Limitations:
+
+- Until its first access in a transaction, ``type(obj)`` is the ghost class,
+  not the class itself: it has the same name, module and qualified name,
+  compares and hashes equal to the class (``type(obj) == Cls``, and lookups in
+  sets and dicts of classes, work), and ``isinstance`` is unchanged, but
+  ``type(obj) is Cls`` is False. ``obj.__class__`` always answers the class
+  itself, without loading anything; use it (or ``isinstance``) rather than
+  ``type(obj) is Cls``.
+- Making a ghost class calls the class's ``__init_subclass__``, and the ghost
+  class shows among ``Cls.__subclasses__()``; it is told apart by the key
+  :data:`GHOST_CLASS_MARK` in its own ``__dict__``.
+- A class's own ``__getattribute__`` runs after a ghost has been loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +44,12 @@ if os.environ.get("DHRUVA_PURE_PYTHON"):
         PersistentBase,
         _delattribute,
         _getattribute,
+        _ghost_class,
+        _retouch,
         _setattribute,
+        _untouch,
+        _untouch_all,
+        _user_class,
     )
 else:
     try:
@@ -36,7 +61,12 @@ else:
             PersistentBase,
             _delattribute,
             _getattribute,
+            _ghost_class,
+            _retouch,
             _setattribute,
+            _untouch,
+            _untouch_all,
+            _user_class,
         )
     except ImportError:
         from dhruva._persistent_py import (
@@ -47,8 +77,16 @@ else:
             PersistentBase,
             _delattribute,
             _getattribute,
+            _ghost_class,
+            _retouch,
             _setattribute,
+            _untouch,
+            _untouch_all,
+            _user_class,
         )
+
+#: A key only the ``__dict__`` of a ghost class has (see dhruva._persistent_py).
+GHOST_CLASS_MARK = "__dhruva_user_class__"
 
 __all__ = [
     "GHOST",
@@ -60,6 +98,12 @@ __all__ = [
     "PersistentBase",
     "PersistentObject",
     "call_if_persistent",
+    # Used by the connection, its cache and the serializers:
+    "_ghost_class",
+    "_retouch",
+    "_untouch",
+    "_untouch_all",
+    "_user_class",
 ]
 
 
@@ -132,7 +176,7 @@ class PersistentObject(PersistentBase):
         # copy.copy and plain pickle get an unsaved copy of the state.
         if _getattribute(self, "_p_status") == GHOST:
             self._p_load_state()
-        return (_reconstruct, (type(self),), self.__getstate__())
+        return (_reconstruct, (_user_class(self),), self.__getstate__())
 
     def _p_load_state(self) -> None:
         """Load the stored state of a ghost."""
@@ -153,6 +197,7 @@ class PersistentObject(PersistentBase):
         """Drop the loaded state; the next access loads it again."""
         self.__setstate__({})
         _setattribute(self, "_p_status", GHOST)
+        _untouch(self)
 
     def _p_set_status_saved(self) -> None:
         _setattribute(self, "_p_status", SAVED)

@@ -44,7 +44,13 @@ from dhruva.broken import (
 )
 from dhruva.broken import find_class as broken_find_class
 from dhruva.error import InvalidObjectReference, StorageError
-from dhruva.persistent import GHOST, PersistentBase, _setattribute
+from dhruva.persistent import (
+    GHOST,
+    PersistentBase,
+    _ghost_class,
+    _setattribute,
+    _user_class,
+)
 from dhruva.record import pack_record, unpack_record
 from dhruva.registry import PluginError
 from dhruva.serializer import (
@@ -238,7 +244,7 @@ class BaseWriter:
         # The oid of a referenced object, given one (and collected) when new.
         oid = obj._p_oid
         if oid is None:
-            if type(obj) in BROKEN_TYPES:
+            if _user_class(obj) in BROKEN_TYPES:
                 broken_record(obj)  # raises: a placeholder inside a state
             oid = self.connection.new_oid()
             _setattribute(obj, "_p_oid", oid)
@@ -280,11 +286,12 @@ class ObjectWriter(BaseWriter):
             oid = self._reference(obj)
         else:
             self._refs.add(oid)
-        return oid, type(obj)
+        return oid, _user_class(obj)
 
     def get_state(self, obj: PersistentBase) -> tuple[bytes, bytes]:
         """Return ``(data, refs)`` for ``obj``'s record."""
-        if type(obj) in BROKEN_TYPES:
+        cls = _user_class(obj)
+        if cls in BROKEN_TYPES:
             return broken_record(obj)
         if self._written > 1 << 20:
             self._setup_pickler()  # a large memo makes clear_memo slow
@@ -293,11 +300,11 @@ class ObjectWriter(BaseWriter):
             self._buffer.truncate()
             self._pickler.clear_memo()
         self._refs.clear()
-        header = _class_header(type(obj))
+        header = _class_header(cls)
         class_end = 0
         try:
             if header is None:
-                self._pickler.dump(type(obj))
+                self._pickler.dump(cls)
                 class_end = self._buffer.tell()
             self._pickler.dump(obj.__getstate__())
         except (pickle.PicklingError, TypeError, AttributeError) as error:
@@ -436,7 +443,7 @@ class ObjectReader:
 
     def get_ghost(self, data: bytes) -> Any:
         """Return a new ghost of the class named by ``data``."""
-        cls: Any = self.get_class(data)
+        cls: Any = _ghost_class(self.get_class(data))
         instance = cls.__new__(cls)
         _setattribute(instance, "_p_status", GHOST)
         return instance

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dhruva.broken import BROKEN_TYPES
 from dhruva.error import StorageError
-from dhruva.persistent import PersistentBase
+from dhruva.persistent import GHOST_CLASS_MARK, PersistentBase
 
 if TYPE_CHECKING:
     from dhruva.connection import Connection
@@ -230,6 +230,8 @@ def _scan_persistent_classes() -> None:
         cls = pending.pop()
         sub: type
         for sub in type.__subclasses__(cls):
+            if GHOST_CLASS_MARK in sub.__dict__:
+                continue  # the ghost class of a persistent class
             _loaded[(sub.__module__, sub.__qualname__)] = sub
             pending.append(sub)
 
