@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from dhruva.cli import make_cli
 from dhruva.connection import Connection
 from dhruva.error import StorageError
-from dhruva.file_history import list_transactions, open_file, restore
+from dhruva.file_history import list_transactions, open_file, read_history, restore
 from dhruva.file_storage import FileLockedError, FileStorage
 from dhruva.file_storage2 import FileStorage2
 from dhruva.plugins import open_storage
+from dhruva.shelf import MidFileDamageError, TornTailError
 
 #: "file" makes new files in dhruva's DHRUVA1 format, "shelf" in Durus's SHELF-1.
 KINDS = {"file": FileStorage, "file2": FileStorage2, "shelf": FileStorage}
@@ -304,6 +305,64 @@ def test_cli_restore_and_its_refusals(counted, kind, tmp_path):
     result = runner.invoke(cli, [*args[:3], str(sizes[1] + 3), *args[4:], "--force"])
     assert result.exit_code == 1
     assert f"byte offset {sizes[1] + 3}" in result.output
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeros"])
+def test_cli_history_says_the_file_ends_in_an_incomplete_transaction(
+    counted, kind, damage
+):
+    path, sizes = counted
+    last = sizes[-2]  # where the last commit starts
+    if damage == "cut":
+        with open(path, "r+b") as f:
+            f.truncate(sizes[-1] - 3)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(last + (sizes[-1] - last) // 2)
+            f.write(bytes(sizes[-1] - f.tell()))
+
+    history = read_history(path)
+    assert [span.end for span in history.spans[1:]] == sizes[:-1]
+    assert isinstance(history.damage, TornTailError)
+    assert history.damage.offset == last
+
+    result = CliRunner().invoke(make_cli(), ["history", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (
+        f"{path} ends in an incomplete transaction at byte offset {last}"
+        in result.output
+    )
+    assert "--repair" in result.output
+    assert f"{path}.torn-{last}" in result.output
+
+    # Repaired as it says, the file lists the same commits and ends cleanly.
+    with kind(path, repair=True):
+        pass
+    result = CliRunner().invoke(make_cli(), ["history", str(path)])
+    assert "incomplete" not in result.output
+    assert read_history(path).damage is None
+
+
+def test_cli_history_says_where_damage_stops_the_list(tmp_path):
+    # A damaged commit with good ones after it (DHRUVA1's checksums tell).
+    path = tmp_path / "db"
+    connection = Connection(FileStorage(path))
+    root = connection.get_root()
+    sizes = []
+    for n in range(3):
+        root["n"] = n
+        connection.commit()
+        sizes.append(path.stat().st_size)
+    connection.close()
+    data = bytearray(path.read_bytes())
+    data[sizes[0] + 30] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    result = CliRunner().invoke(make_cli(), ["history", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{path} is damaged at byte offset {sizes[0]}" in result.output
+    assert "restore" in result.output
+    assert isinstance(read_history(path).damage, MidFileDamageError)
 
 
 def test_dhruva_plugins_shows_the_commands_under_the_file_plugin():

@@ -142,13 +142,16 @@ def make_history_commands() -> list[click.Command]:
         restore --at`), and the number of objects written there. The first
         line, the base, is what the last pack (or the file's creation) kept;
         the commits before it are gone. Files in dhruva's own format show when
-        each commit was made (UTC); Durus's formats record no times.
+        each commit was made (UTC); Durus's formats record no times. A file
+        that ends in an incomplete transaction (a crash during a commit) says
+        so after the list, with its byte offset and how to repair it.
         """
-        from dhruva.file_history import list_transactions, storage_class
+        from dhruva.file_history import describe_damage, read_history
 
         with library_errors(f"reading the history of {file}"):
-            kind = storage_class(file).__name__
-            spans = list_transactions(file)
+            history = read_history(file)
+        spans = history.spans
+        kind = history.kind.__name__
         click.echo(f"{file}: {kind}, {len(spans) - 1} commits since the base")
         if all(span.time is None for span in spans):
             click.echo("(this format records no commit times)")
@@ -160,6 +163,8 @@ def make_history_commands() -> list[click.Command]:
                 moment = datetime.datetime.fromtimestamp(span.time, datetime.UTC)
                 when = moment.isoformat(sep=" ", timespec="microseconds")
             click.echo(f"{label:>6}  {span.end:>12}  {span.records:>8}  {when}")
+        if history.damage is not None:
+            click.echo(describe_damage(file, history.damage))
 
     @click.command("restore")
     @click.argument("file", type=click.Path(dir_okay=False))

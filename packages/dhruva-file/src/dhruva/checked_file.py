@@ -435,6 +435,7 @@ class CheckedFileStorage(FileStorage):
         "_base_count",
         "_written_ns",
         "_index_damage",
+        "damage",
     )
 
     # --- opening -------------------------------------------------------------------
@@ -525,6 +526,7 @@ class CheckedFileStorage(FileStorage):
             error = MidFileDamageError(self.path, scan.damaged_at, size, where)
             log.error("%s", error)
             raise error
+        self.damage = MidFileDamageError(self.path, scan.damaged_at, size, where)
         if self._damage_reported != scan.damaged_at:
             self._damage_reported = scan.damaged_at
             log.error(

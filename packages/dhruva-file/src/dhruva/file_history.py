@@ -6,7 +6,9 @@ them. Each commit therefore leaves a point the database can be seen at again: th
 file's size right after it, called its *position*. The commits made before
 the last pack are gone; what the pack kept is the *base*, the first point.
 
-- :func:`list_transactions` lists the points (``dhruva history FILE``);
+- :func:`list_transactions` lists the points; :func:`read_history` also says
+  whether the file ends in an incomplete transaction (``dhruva history FILE``
+  prints both);
 - ``FileStorage(path, readonly=True, at=position)`` (or :func:`open_file`
   with ``at``) is a read-only view of the database as of one of them: a
   :class:`~dhruva.connection.Connection` on it sees the database as it was;
@@ -34,6 +36,7 @@ import fcntl
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from dhruva.checked_file import MAGIC as CHECKED_MAGIC
@@ -41,7 +44,7 @@ from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
 from dhruva.file_storage import FileLockedError, FileStorage, _fsync_directory
 from dhruva.file_storage2 import MAGIC, FileStorage2
-from dhruva.shelf import PREFIX, TransactionSpan
+from dhruva.shelf import PREFIX, MidFileDamageError, TornTailError, TransactionSpan
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,54 @@ def list_transactions(path: str | os.PathLike[str]) -> list[TransactionSpan]:
     Each :class:`~dhruva.shelf.TransactionSpan` gives the ``end`` to pass as
     ``at``, and the number of records written there.
     """
-    with open_file(path) as storage:
-        return storage.transactions()
+    return read_history(path).spans
+
+
+@dataclass(frozen=True)
+class History:
+    """What :func:`read_history` found in a file."""
+
+    #: The storage class that reads the file (its format).
+    kind: type[FileStorage]
+    #: The points in time, oldest (the base) first.
+    spans: list[TransactionSpan]
+    #: What follows the last listed commit when it is not the end of the
+    #: file: an incomplete last transaction
+    #: (:class:`~dhruva.shelf.TornTailError`) or damage with more data after
+    #: it (:class:`~dhruva.shelf.MidFileDamageError`); None otherwise.
+    damage: StorageError | None
+
+
+def read_history(path: str | os.PathLike[str]) -> History:
+    """List a file's points in time, and what ends it if not a commit."""
+    kind = storage_class(path)
+    with kind(path, readonly=True) as storage:
+        return History(kind, storage.transactions(), storage.damage)
+
+
+def describe_damage(path: str | os.PathLike[str], damage: StorageError) -> str:
+    """Say, for ``dhruva history``, what ``damage`` means and how to deal
+    with it."""
+    name = os.fspath(path)
+    if isinstance(damage, TornTailError):
+        return (
+            f"{name} ends in an incomplete transaction at byte offset "
+            f"{damage.offset} ({damage.size - damage.offset} bytes: "
+            f"{damage.reason}), left by a crash during a commit (or a commit "
+            "in progress); it is not listed. Opening the file for writing "
+            "refuses it until it is opened once with --repair (for example "
+            f"`dhruva client --file {name} --repair`), which cuts it off and "
+            f"saves the bytes as {name}.torn-{damage.offset}"
+        )
+    if isinstance(damage, MidFileDamageError):
+        return (
+            f"{name} is damaged at byte offset {damage.offset} "
+            f"({damage.reason}), and {damage.size - damage.offset} bytes follow "
+            "it: the commits after it are not listed, and --repair can not fix "
+            "it. Restore the file from a backup, or copy the listed commits "
+            f"with `dhruva restore {name} --at POSITION --output NEW`"
+        )
+    return f"{name}: {damage}"
 
 
 def restore(

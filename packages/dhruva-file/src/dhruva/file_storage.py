@@ -192,6 +192,13 @@ class FileStorage(Storage):
     #: Records the packer copies between the points where it yields.
     pack_step = _PACK_STEP
 
+    #: On a read-only storage, what it found after the complete transactions
+    #: when it was opened and read up to: a
+    #: :class:`~dhruva.shelf.TornTailError` (an incomplete last commit) or a
+    #: :class:`~dhruva.shelf.MidFileDamageError`; None when the file ends
+    #: cleanly. A writable open raises these instead.
+    damage: StorageError | None = None
+
     #: The attributes that hold what was read of the file's layout; a
     #: read-only storage swaps them all when it follows a pack.
     _LAYOUT_STATE: tuple[str, ...] = (
@@ -201,6 +208,7 @@ class FileStorage(Storage):
         "_base_end",
         "_next_oid",
         "_map",
+        "damage",
     )
 
     def __new__(
@@ -384,6 +392,7 @@ class FileStorage(Storage):
         if self.at is not None:
             raise self._not_a_position(f"it falls inside a transaction: {scan.reason}")
         if self.readonly:
+            self.damage = error
             if os.path.exists(self.path + ".lock"):
                 # A writer is open on the file: most likely mid-commit.
                 log.debug("%s; a commit may be in progress: reading up to it", error)

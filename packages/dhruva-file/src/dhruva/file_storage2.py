@@ -282,7 +282,15 @@ class FileStorage2(FileStorage):
     packable = True
     iterable = True
 
-    _LAYOUT_STATE = ("_file", "_index", "_end", "_base_end", "_next_oid", "_base_count")
+    _LAYOUT_STATE = (
+        "_file",
+        "_index",
+        "_end",
+        "_base_end",
+        "_next_oid",
+        "_base_count",
+        "damage",
+    )
 
     # --- opening -------------------------------------------------------------------
 
