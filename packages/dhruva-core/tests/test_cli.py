@@ -600,10 +600,10 @@ def test_keyword_arguments_become_options(message: str, expected: str) -> None:
     assert expected in as_cli_message(message)
 
 
-def test_client_security_options_reach_client_storage_through_the_environment(
+def test_client_security_options_reach_open_client_storage_as_arguments(
     tmp_path, monkeypatch
 ):
-    from dhruva.cli_options import client_security_options
+    from dhruva.cli_options import client_security, client_security_options
 
     key = tmp_path / "key"
     key.write_text("secret")
@@ -611,21 +611,18 @@ def test_client_security_options_reach_client_storage_through_the_environment(
 
     @click.command()
     @client_security_options
-    def show():
-        seen["auth"] = os.environ.get("DHRUVA_AUTH_FILE")
+    @click.pass_context
+    def show(ctx):
+        seen.update(client_security(ctx))
+        seen["environment"] = os.environ.get("DHRUVA_AUTH_FILE")
 
-    # The option writes os.environ: set a value first, so monkeypatch puts the
-    # environment back as it was (it cannot undo deleting an absent name).
-    monkeypatch.setenv("DHRUVA_AUTH_FILE", "")
-    monkeypatch.delenv("DHRUVA_AUTH_FILE")
-    try:
-        result = CliRunner().invoke(show, ["--auth-file", str(key)])
-        assert result.exit_code == 0, result.output
-        assert seen["auth"] == str(key)
-        missing = CliRunner().invoke(show, ["--auth-file", str(tmp_path / "nope")])
-        assert missing.exit_code == 2
-    finally:
-        os.environ.pop("DHRUVA_AUTH_FILE", None)
+    monkeypatch.delenv("DHRUVA_AUTH_FILE", raising=False)
+    result = CliRunner().invoke(show, ["--auth-file", str(key)])
+    assert result.exit_code == 0, result.output
+    # Passed on as ClientStorage keywords; the environment is left alone.
+    assert seen == {"auth_file": str(key), "environment": None}
+    missing = CliRunner().invoke(show, ["--auth-file", str(tmp_path / "nope")])
+    assert missing.exit_code == 2
 
 
 def test_force_keyword_is_shown_as_the_option():

@@ -349,6 +349,35 @@ def test_systemd_socket_activation(run_server, socket_path):
         listener.close()
 
 
+def test_client_commands_take_the_key_and_ca_as_options(
+    run_server, certificates, tmp_path
+):
+    (tmp_path / "key").write_bytes(KEY)
+    c = certificates
+    server = run_server(
+        "--storage", "memory", "--port", "0", "--auth-file", str(tmp_path / "key"),
+        "--tls-cert", str(c / "server.pem"), "--tls-key", str(c / "server.key"),
+    )  # fmt: skip
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("DHRUVA_AUTH", "DHRUVA_TLS"))
+    }
+    command = [sys.executable, "-m", "dhruva.cli", "-c", "--port"]
+    command += [str(server.address[1]), "--auth-file", str(tmp_path / "key")]
+    command += ["--tls-ca", str(c / "ca.pem")]
+    done = subprocess.run(
+        command,
+        input='root["via"] = "options"\nconnection.commit()\nprint(root["via"])\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "options\n"
+
+
 def test_client_commands_take_the_key_and_ca_from_the_environment(
     run_server, certificates, tmp_path
 ):

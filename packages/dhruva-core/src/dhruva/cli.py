@@ -32,6 +32,7 @@ from dhruva.cli_convert import convert_command
 from dhruva.cli_options import (
     address_options,
     cli_plugins,
+    client_security,
     client_security_options,
     describe_address,
     file_option,
@@ -228,7 +229,7 @@ def pack_command(
                 ctx=ctx,
             )
         where = make_address(host, port, address)
-        opened = open_client_storage(where)
+        opened = open_client_storage(where, **client_security(ctx))
         description = f"the server at {describe_address(where)}"
     else:
         refuse_server_address(ctx, f"--file {file}")

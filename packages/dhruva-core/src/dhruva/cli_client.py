@@ -35,6 +35,7 @@ from dhruva.cli_options import (
     as_cli_message,
     cache_size_option,
     cli_plugins,
+    client_security,
     client_security_options,
     describe_address,
     library_errors,
@@ -244,7 +245,7 @@ def client_command(
                 ctx=ctx,
             )
         where: Address = make_address(host, port, address)
-        opened = open_client_storage(where)
+        opened = open_client_storage(where, **client_security(ctx))
         description = f"the server at {describe_address(where)}"
 
     from dhruva.connection import Connection

@@ -221,7 +221,7 @@ def address_options(func: F) -> F:
 
 
 #: Client options for a secured server, and the environment variables
-#: dhruva-net's ClientStorage reads them from.
+#: dhruva-net's ClientStorage reads when they are not given.
 _CLIENT_SECURITY = {
     "--auth-file": ("DHRUVA_AUTH_FILE", "File holding the server's shared secret."),
     "--tls-ca": ("DHRUVA_TLS_CA", "CA certificate (PEM) to check a TLS server with."),
@@ -230,18 +230,29 @@ _CLIENT_SECURITY = {
 }
 
 
-def _export_to_environment(
+#: Where the client security options of a command keep what was given.
+_CLIENT_SECURITY_META = "dhruva.client_security"
+
+
+def _remember_client_security(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> None:
-    # ClientStorage reads these from the environment when they are not passed.
-    if value is not None and param.opts:
-        os.environ[_CLIENT_SECURITY[param.opts[0]][0]] = value
+    if value is not None and param.name:
+        ctx.meta.setdefault(_CLIENT_SECURITY_META, {})[param.name] = value
+
+
+def client_security(ctx: click.Context) -> dict[str, str]:
+    """The ``--auth-file``/``--tls-*`` values given, as ClientStorage keywords
+    (``auth_file``, ``tls_ca``, ``tls_cert``, ``tls_key``) for
+    :func:`open_client_storage`."""
+    return dict(ctx.meta.get(_CLIENT_SECURITY_META, {}))
 
 
 def client_security_options(func: F) -> F:
     """Add ``--auth-file`` and ``--tls-ca/--tls-cert/--tls-key`` for clients.
 
-    Each defaults to its ``DHRUVA_*`` environment variable.
+    Each defaults to its ``DHRUVA_*`` environment variable (which
+    ClientStorage reads); :func:`client_security` returns those given.
     """
     for option, (envvar, help_text) in reversed(_CLIENT_SECURITY.items()):
         func = click.option(
@@ -250,7 +261,7 @@ def client_security_options(func: F) -> F:
             metavar="PATH",
             default=None,
             expose_value=False,
-            callback=_export_to_environment,
+            callback=_remember_client_security,
             help=f"{help_text} [env: {envvar}]",
         )(func)
     return func
@@ -487,8 +498,11 @@ def open_file_storage(
         return plugins.open_storage(file, storage, readonly=readonly, repair=repair)
 
 
-def open_client_storage(address: Address) -> Storage:
+def open_client_storage(address: Address, **security: str) -> Storage:
     """Connect to a dhruva server through dhruva-net's ClientStorage.
+
+    :param security: ``auth_file``, ``tls_ca``, ``tls_cert``, ``tls_key``, as
+        :func:`client_security` returns them.
 
     :raises click.ClickException: when dhruva-net is not installed, or no server
         answers at ``address``.
@@ -507,7 +521,7 @@ def open_client_storage(address: Address) -> Storage:
 
     where = describe_address(address)
     try:
-        client: Storage = client_storage.ClientStorage(address=address)
+        client: Storage = client_storage.ClientStorage(address=address, **security)
     except DhruvaError as error:
         # dhruva-net's message names the address and how to start a server.
         raise click.ClickException(str(error)) from error

@@ -30,6 +30,7 @@ from dhruva.cli_options import (
     _check_storage_name,
     address_options,
     cli_plugins,
+    client_security,
     client_security_options,
     describe_address,
     library_errors,
@@ -222,7 +223,8 @@ def _open_source(
     """Open a file read-only, or connect to the server; return it and its name."""
     if file is None:
         where = make_address(host, port, address)
-        return open_client_storage(where), f"the server at {describe_address(where)}"
+        source = open_client_storage(where, **client_security(ctx))
+        return source, f"the server at {describe_address(where)}"
     if not os.path.exists(file):
         raise click.ClickException(f"no database file {file}; check the path")
     return open_file_storage(file, storage, readonly=True, ctx=ctx), file
@@ -455,7 +457,7 @@ def backup_command(
         if len(paths) == 1:
             where = make_address(host, port, address)
             name = f"the server at {describe_address(where)}"
-            source = open_client_storage(where)
+            source = open_client_storage(where, **client_security(ctx))
             try:
                 with library_errors(f"backing up {name} to {dest}", dest):
                     result = backup.backup_server(

@@ -189,6 +189,8 @@ class ClientStorage(Storage):
     :param auth_key: the server's shared secret; by default the
         ``DHRUVA_AUTH_KEY`` environment variable, or the contents of the file
         ``DHRUVA_AUTH_FILE`` names, if set.
+    :param auth_file: a file holding the shared secret (``--auth-file``), read
+        when ``auth_key`` is not given; it comes before the variables.
     :param tls_ca: PEM file of the CA that signed the server's certificate;
         giving it (or ``tls=True``) turns TLS on. By default
         ``DHRUVA_TLS_CA``, if set.
@@ -213,6 +215,7 @@ class ClientStorage(Storage):
         *,
         timeout: float | None = None,
         auth_key: bytes | str | None = None,
+        auth_file: str | None = None,
         tls: bool = False,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
@@ -223,7 +226,9 @@ class ClientStorage(Storage):
         self.address: Address = resolve_address(host, port, address)
         self.timeout = timeout
         env = os.environ
-        if auth_key is None and env.get(AUTH_KEY_ENV):
+        if auth_key is None and auth_file is not None:
+            auth_key = read_auth_file(auth_file)
+        elif auth_key is None and env.get(AUTH_KEY_ENV):
             auth_key = env[AUTH_KEY_ENV]
         elif auth_key is None and env.get(AUTH_FILE_ENV):
             auth_key = read_auth_file(env[AUTH_FILE_ENV])
