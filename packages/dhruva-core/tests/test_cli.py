@@ -607,7 +607,7 @@ def test_client_security_options_reach_open_client_storage_as_arguments(
 
     key = tmp_path / "key"
     key.write_text("secret")
-    seen = {}
+    seen: dict[str, str | None] = {}
 
     @click.command()
     @client_security_options
