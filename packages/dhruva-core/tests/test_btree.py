@@ -323,7 +323,7 @@ def test_mapping_api() -> None:
     tree["x"] = 2
     assert tree["x"] == 2 and len(tree) == 3
     tree.clear()
-    assert len(tree) == 0 and list(tree) == [] and type(tree.root) is BNode16
+    assert len(tree) == 0 and list(tree) == [] and type(tree.root) is BNode64
     with pytest.raises(TypeError, match="at most 1"):
         tree.update({}, {})
 
@@ -530,7 +530,7 @@ def test_a_big_tree_survives_commit_and_reopen() -> None:
 
     fresh = Connection(storage)
     loaded = fresh.get_root()["tree"]
-    assert loaded.__class__ is BTree and loaded.root.__class__ is BNode16
+    assert loaded.__class__ is BTree and loaded.root.__class__ is BNode64
     assert len(loaded) == 10_000
     assert loaded[1234] == "value 1234" and 10_000 not in loaded
     assert loaded.get_min_item() == (0, "value 0")

@@ -468,6 +468,79 @@ static PyTypeObject GhostBase_Type = {
     .tp_clear = (inquiry)persistent_base_clear,
 };
 
+/* --- the persistent-id filter ------------------------------------------- */
+
+/* Calls func(obj) for persistent objects and answers None for the others
+ * without a Python call: a pickler asks its persistent_id for every object. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *func;
+    vectorcallfunc vectorcall;
+} IdFilterObject;
+
+static PyObject *
+id_filter_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                     PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a persistent-id filter takes one object");
+        return NULL;
+    }
+    PyObject *obj = args[0];
+    if (!PyObject_TypeCheck(obj, &PersistentBase_Type)) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallOneArg(((IdFilterObject *)self)->func, obj);
+}
+
+static int
+id_filter_traverse(IdFilterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->func);
+    return 0;
+}
+
+static int
+id_filter_clear(IdFilterObject *self)
+{
+    Py_CLEAR(self->func);
+    return 0;
+}
+
+static void
+id_filter_dealloc(IdFilterObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    id_filter_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject IdFilter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dhruva._persistent.PersistentIdFilter",
+    .tp_basicsize = sizeof(IdFilterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "func(obj) for persistent objects, None for the others.",
+    .tp_vectorcall_offset = offsetof(IdFilterObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)id_filter_dealloc,
+    .tp_traverse = (traverseproc)id_filter_traverse,
+    .tp_clear = (inquiry)id_filter_clear,
+};
+
+static PyObject *
+module_persistent_id_filter(PyObject *module, PyObject *func)
+{
+    IdFilterObject *filter = PyObject_GC_New(IdFilterObject, &IdFilter_Type);
+    if (filter == NULL) {
+        return NULL;
+    }
+    filter->func = Py_NewRef(func);
+    filter->vectorcall = id_filter_vectorcall;
+    PyObject_GC_Track(filter);
+    return (PyObject *)filter;
+}
+
 /* --- module functions ---------------------------------------------------- */
 
 static PyObject *
@@ -599,6 +672,8 @@ static PyMethodDef module_methods[] = {
     {"_untouch", module_untouch, METH_O,
      "Give an object its ghost class: its next access is noted again."},
     {"_untouch_all", module_untouch_all, METH_O, "_untouch() each object."},
+    {"_persistent_id_filter", module_persistent_id_filter, METH_O,
+     "Return a callable that calls func(obj) only for persistent objects."},
     {"_retouch", module_retouch, METH_O,
      "Give an object its own class back without loading or noting anything."},
     {NULL},
@@ -647,7 +722,7 @@ PyInit__persistent(void)
     GhostBase_Type.tp_base = &PersistentBase_Type;
     if (PyType_Ready(&ConnectionBase_Type) < 0 ||
         PyType_Ready(&PersistentBase_Type) < 0 ||
-        PyType_Ready(&GhostBase_Type) < 0) {
+        PyType_Ready(&GhostBase_Type) < 0 || PyType_Ready(&IdFilter_Type) < 0) {
         return NULL;
     }
     default_note_change = _PyType_Lookup(&PersistentBase_Type, str_p_note_change);

@@ -229,3 +229,11 @@ def _retouch(obj: Any, /) -> None:
     user = cls.__dict__.get(USER_CLASS_KEY)
     if user is not None:
         _setattribute(obj, "__class__", user)
+
+
+def _persistent_id_filter(func: Any, /) -> Any:
+    """Return a callable that calls ``func(obj)`` only for persistent objects.
+
+    (The C version saves a Python call per object; here ``func`` checks.)
+    """
+    return func

@@ -136,6 +136,9 @@ class Connection(ConnectionBase):
         #: Objects first accessed in this transaction; their next access, in
         #: the next transaction, is noted again (see dhruva._persistent_py).
         self.touched: list[Any] = []
+        # The serializer's writer, kept between commits when it allows it.
+        self._writer: Any = None
+        self._writer_serializer: Any = None
         self.new_oid = storage.new_oid
         self.root = self._open_root(root_class)
 
@@ -371,7 +374,12 @@ class Connection(ConnectionBase):
         self._end_transaction()
 
     def _commit_changes(self) -> None:
-        writer = self.serializer.new_writer(self)
+        writer = self._writer
+        if writer is None or self._writer_serializer is not self.serializer:
+            writer = self.serializer.new_writer(self)
+            if getattr(writer, "reusable", False):
+                self._writer = writer
+                self._writer_serializer = self.serializer
         records: list[tuple[bytes, bytes]] = []
         stored: list[Any] = []
         pending: list[Any] = []

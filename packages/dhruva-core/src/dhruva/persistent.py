@@ -45,6 +45,7 @@ if os.environ.get("DHRUVA_PURE_PYTHON"):
         _delattribute,
         _getattribute,
         _ghost_class,
+        _persistent_id_filter,
         _retouch,
         _setattribute,
         _untouch,
@@ -62,6 +63,7 @@ else:
             _delattribute,
             _getattribute,
             _ghost_class,
+            _persistent_id_filter,
             _retouch,
             _setattribute,
             _untouch,
@@ -78,6 +80,7 @@ else:
             _delattribute,
             _getattribute,
             _ghost_class,
+            _persistent_id_filter,
             _retouch,
             _setattribute,
             _untouch,
@@ -100,6 +103,7 @@ __all__ = [
     "call_if_persistent",
     # Used by the connection, its cache and the serializers:
     "_ghost_class",
+    "_persistent_id_filter",
     "_retouch",
     "_untouch",
     "_untouch_all",
@@ -133,19 +137,9 @@ class PersistentObject(PersistentBase):
 
     def _p_gen_data_slots(self) -> Iterator[str]:
         """Yield the names of the data slots that hold a value."""
-        for cls in type(self).__mro__:
-            if cls is PersistentBase or cls is object:
-                continue
-            slots = cls.__dict__.get("__slots__", ())
-            if isinstance(slots, str):
-                slots = (slots,)
-            for name in slots:
-                if name in ("__weakref__", "__dict__"):
-                    continue
-                if name.startswith("__") and not name.endswith("__"):
-                    name = f"_{cls.__name__.lstrip('_')}{name}"
-                if _has_attribute(self, name):
-                    yield name
+        for name in _data_slots(_user_class(self)):
+            if _has_attribute(self, name):
+                yield name
 
     def __getstate__(self) -> Any:
         if _getattribute(self, "_p_status") == GHOST:
@@ -153,15 +147,23 @@ class PersistentObject(PersistentBase):
         state: dict[str, Any] = {}
         if _has_attribute(self, "__dict__"):
             state.update(_getattribute(self, "__dict__"))
-        for name in self._p_gen_data_slots():
-            state[name] = _getattribute(self, name)
+        for name in _data_slots(_user_class(self)):
+            try:  # noqa: SIM105 - contextlib.suppress costs more per load
+                state[name] = _getattribute(self, name)
+            except AttributeError:
+                pass  # an empty slot
         return state
 
     def __setstate__(self, state: Any) -> None:
         if _has_attribute(self, "__dict__"):
             _getattribute(self, "__dict__").clear()
-        for name in list(self._p_gen_data_slots()):
-            _delattribute(self, name)
+        status = _getattribute(self, "_p_status")
+        if status != GHOST:  # a ghost's slots are empty already
+            for name in _data_slots(_user_class(self)):
+                try:  # noqa: SIM105
+                    _delattribute(self, name)
+                except AttributeError:
+                    pass
         if state:
             for key, value in state.items():
                 _setattribute(self, key, value)
@@ -215,6 +217,31 @@ class PersistentObject(PersistentBase):
 
     def _p_is_saved(self) -> bool:
         return bool(_getattribute(self, "_p_status") == SAVED)
+
+
+# The data slot names of each persistent class, computed once.
+_slot_names: dict[type, tuple[str, ...]] = {}
+
+
+def _data_slots(cls: type) -> tuple[str, ...]:
+    """Return the names of the data slots of instances of ``cls``."""
+    names = _slot_names.get(cls)
+    if names is None:
+        found = []
+        for klass in cls.__mro__:
+            if klass is PersistentBase or klass is object:
+                continue
+            slots = klass.__dict__.get("__slots__", ())
+            if isinstance(slots, str):
+                slots = (slots,)
+            for name in slots:
+                if name in ("__weakref__", "__dict__"):
+                    continue
+                if name.startswith("__") and not name.endswith("__"):
+                    name = f"_{klass.__name__.lstrip('_')}{name}"
+                found.append(name)
+        names = _slot_names[cls] = tuple(found)
+    return names
 
 
 def _reconstruct(cls: Any) -> Any:

@@ -48,6 +48,7 @@ from dhruva.persistent import (
     GHOST,
     PersistentBase,
     _ghost_class,
+    _persistent_id_filter,
     _setattribute,
     _user_class,
 )
@@ -199,11 +200,8 @@ class _ModuleRef:
 class _DurusNamingPickler(pickle.Pickler):
     """Writes dhruva's classes under their Durus names (see the module doc)."""
 
-    #: The ObjectWriter whose persistent ids this pickler writes.
-    writer: ObjectWriter
-
-    def persistent_id(self, obj: Any) -> Any:
-        return self.writer._persistent_id(obj)
+    # ObjectWriter sets ``persistent_id`` to its own bound method: the pickler
+    # calls it for every object it meets, so no extra call in between.
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type):
@@ -264,7 +262,14 @@ class BaseWriter:
 
 
 class ObjectWriter(BaseWriter):
-    """Writes the objects of one commit as Durus-layout pickle records."""
+    """Writes the objects of one commit as Durus-layout pickle records.
+
+    A connection keeps its writer from one commit to the next (see
+    :attr:`reusable`): :meth:`close` only forgets what the commit wrote.
+    """
+
+    #: The connection may use this writer again after :meth:`close`.
+    reusable = True
 
     def __init__(self, connection: Connection) -> None:
         super().__init__(connection)
@@ -273,7 +278,9 @@ class ObjectWriter(BaseWriter):
     def _setup_pickler(self) -> None:
         self._buffer = io.BytesIO()
         self._pickler = _DurusNamingPickler(self._buffer, PICKLE_PROTOCOL)
-        self._pickler.writer = self
+        self._pickler.persistent_id = _persistent_id_filter(  # type: ignore[method-assign]
+            self._persistent_id
+        )
         self._written = 0
 
     def _persistent_id(self, obj: Any) -> tuple[bytes, type] | None:
@@ -294,11 +301,11 @@ class ObjectWriter(BaseWriter):
         if cls in BROKEN_TYPES:
             return broken_record(obj)
         if self._written > 1 << 20:
-            self._setup_pickler()  # a large memo makes clear_memo slow
+            self._setup_pickler()  # let a large buffer go
         else:
             self._buffer.seek(0)
             self._buffer.truncate()
-            self._pickler.clear_memo()
+            self._pickler.memo = {}  # clear_memo() costs the largest memo size
         self._refs.clear()
         header = _class_header(cls)
         class_end = 0
@@ -314,7 +321,7 @@ class ObjectWriter(BaseWriter):
             header = written[:class_end]
         state = written[class_end:]
         if len(state) >= COMPRESS_THRESHOLD:
-            compressed = zlib.compress(state)
+            compressed = zlib.compress(state, 1)
             if len(compressed) < len(state):
                 state = compressed
         data = header + state
@@ -328,8 +335,14 @@ class ObjectWriter(BaseWriter):
         return pack_record(obj._p_oid, data, refs)
 
     def close(self) -> None:
-        """Drop the pickler (it holds references to what it wrote)."""
-        self._pickler = None  # type: ignore[assignment]
+        """Forget what was written (the pickler's memo holds the objects)."""
+        if self._written > 1 << 20:
+            self._setup_pickler()  # let a large buffer and memo go
+        else:
+            self._pickler.memo = {}  # clear_memo() costs the largest memo size
+            self._buffer.seek(0)
+            self._buffer.truncate()
+        self._refs.clear()
         self.new_objects = []
 
 
