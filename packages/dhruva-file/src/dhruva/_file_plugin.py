@@ -31,6 +31,12 @@ DFS20_PREFIX = b"DFS20"
 DHRUVA1_PREFIX = b"DHRUVA1\n"
 
 
+def _no_options(kind: str, options: dict[str, Any]) -> None:
+    if options:
+        names = ", ".join(sorted(options))
+        raise TypeError(f"the {kind} storage takes no options {names}")
+
+
 def _open_file(
     path: str | os.PathLike[str] | None,
     *,
@@ -42,9 +48,7 @@ def _open_file(
 ) -> Storage:
     from dhruva.file_storage import FileStorage
 
-    if options:
-        names = ", ".join(sorted(options))
-        raise TypeError(f"the file storage takes no options {names}")
+    _no_options("file", options)
     return FileStorage(path, readonly=readonly, repair=repair, at=at, format=format)
 
 
@@ -56,12 +60,8 @@ def _open_shelf(
     at: int | None = None,
     **options: Any,
 ) -> Storage:
-    from dhruva.file_storage import FileStorage
-
-    if options:
-        names = ", ".join(sorted(options))
-        raise TypeError(f"the shelf storage takes no options {names}")
-    return FileStorage(path, readonly=readonly, repair=repair, at=at, format="durus")
+    _no_options("shelf", options)
+    return _open_file(path, readonly=readonly, repair=repair, at=at, format="durus")
 
 
 def _open_file2(
@@ -74,9 +74,7 @@ def _open_file2(
 ) -> Storage:
     from dhruva.file_storage2 import FileStorage2
 
-    if options:
-        names = ", ".join(sorted(options))
-        raise TypeError(f"the file2 storage takes no options {names}")
+    _no_options("file2", options)
     return FileStorage2(path, readonly=readonly, repair=repair, at=at)
 
 

@@ -84,15 +84,14 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Mapping, MutableSequence
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dhruva.error import DhruvaKeyError, StorageError
-from dhruva.file_storage import FileStorage, _fsync_directory
-from dhruva.record import ROOT_OID
+from dhruva.error import StorageError
+from dhruva.file_storage import FileStorage, PackWriter
+from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import MidFileDamageError, ScanResult, TransactionSpan
-from dhruva.storage import gen_reachable_records
 
 log = logging.getLogger(__name__)
 
@@ -389,12 +388,51 @@ def storage_class_for(
 # --- the storage -------------------------------------------------------------------
 
 
-class CheckedFileStorage(FileStorage):
+class _CheckedPackWriter(PackWriter):
+    """A packed DHRUVA1 file: the header, the reachable records as a
+    transaction per pack step, the carried ones as one more, then the index
+    block; the header, written last, points to it and keeps the oid counter."""
+
+    def __init__(self, file: BinaryIO, step: int) -> None:
+        super().__init__(file)
+        self.step = step
+        self.now = time.time_ns()
+        self.chunk: dict[bytes, bytes] = {}
+        file.write(bytes(HEADER_SIZE))
+        self.position = HEADER_SIZE
+
+    def _put(self, records: dict[bytes, bytes]) -> None:
+        data, where = encode_transaction(records, self.now)
+        self.file.write(data)
+        self.offsets.update((oid, self.position + at) for oid, at in where.items())
+        self.position += len(data)
+
+    def add(self, oid: bytes, record: bytes) -> None:
+        self.chunk[oid] = record
+        if len(self.chunk) == self.step:
+            self._put(self.chunk)
+            self.chunk = {}
+
+    def end_reachable(self, next_oid: int) -> None:
+        if self.chunk:
+            self._put(self.chunk)
+            self.chunk = {}
+
+    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
+        if carried:
+            self._put(carried)
+        self.file.write(encode_index(self.offsets))
+        self.file.seek(0)
+        self.file.write(encode_header(self.position, next_oid, self.now))
+
+
+class CheckedFileStorage(IndexedFileStorage):
     """A storage in one file of dhruva's checked format (``DHRUVA1``).
 
     ``FileStorage(path)`` returns one when ``path`` is missing, empty or in
     this format. It shares :class:`~dhruva.file_storage.FileStorage`'s
-    locking, repair, read-only, point-in-time and temporary-file handling;
+    locking, repair, read-only, point-in-time and temporary-file handling,
+    and :class:`~dhruva.indexed_file.IndexedFileStorage`'s index in memory;
     the layout and its checks are its own.
 
     :param path: the database file; created when missing (unless read-only).
@@ -420,6 +458,9 @@ class CheckedFileStorage(FileStorage):
     packable = True
     iterable = True
 
+    # Checksums find zeros in a transaction: no need to read its records.
+    _checksummed = True
+
     #: The offset of mid-file damage a read-only storage has logged already.
     _damage_reported: int | None = None
 
@@ -427,28 +468,16 @@ class CheckedFileStorage(FileStorage):
     _index_damage: tuple[int, str] | None = None
 
     _LAYOUT_STATE = (
-        "_file",
-        "_index",
-        "_end",
-        "_base_end",
-        "_next_oid",
-        "_base_count",
+        *IndexedFileStorage._LAYOUT_STATE,
         "_written_ns",
         "_index_damage",
-        "damage",
     )
 
     # --- opening -------------------------------------------------------------------
 
-    def _write_new_shelf(self) -> None:
-        """Write an empty file: the header and an empty index block."""
-        file = self._live_file()
-        file.seek(0)
-        file.write(encode_empty_file())
-        file.flush()
-        os.fsync(file.fileno())
-        _fsync_directory(self.path)
-        log.info("created %s", self.path)
+    def _empty_file(self) -> bytes:
+        """Return an empty file: the header and an empty index block."""
+        return encode_empty_file()
 
     def _damaged(self, offset: int, what: str) -> DamagedFileError:
         error = DamagedFileError(
@@ -486,26 +515,15 @@ class CheckedFileStorage(FileStorage):
         self._index_damage = None if not isinstance(read, str) else (index_at, read)
 
         # The transactions committed after it.
-        if visible < base_end:
-            raise self._not_a_position(
-                "the index block, written when the file was created or last "
-                f"packed, ends at byte offset {base_end}"
-            )
-        scan = self._scan(self._live_file(), base_end, visible)
-        self._check_tail(scan, visible, repair)
-        self._base_count = len(index)
         self._written_ns = written_ns
-        index.update(scan.index)
-        self._index = index
-        self._end = scan.end
-        self._base_end = base_end
-        highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
-        self._next_oid = max(next_oid, highest + 1)
-        log.debug(
-            "%s: %d records, %d transactions after the index block",
-            self.path,
-            len(index),
-            scan.transactions,
+        self._take_in(
+            self._live_file(),
+            index,
+            base_end,
+            visible=visible,
+            repair=repair,
+            recorded_next=next_oid,
+            index_name="index block",
         )
 
     def _scan(
@@ -608,16 +626,12 @@ class CheckedFileStorage(FileStorage):
 
     # --- reading -------------------------------------------------------------------
 
-    def _position(self, oid: bytes) -> int | None:
-        return self._index.get(oid)
+    def _read_record(self, file: BinaryIO, oid: bytes, offset: int) -> bytes:
+        """Return the record of ``oid`` at ``offset``, its checksum checked.
 
-    def _base_records(self) -> int:
-        return self._base_count
-
-    def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
-        yield from list(self._index.items())
-
-    def _read_record(self, fd: int, oid: bytes, offset: int) -> bytes:
+        :raises DamagedRecordError: when its bytes fail their checksum.
+        """
+        fd = file.fileno()
         head = os.pread(fd, RECORD_HEAD, offset)
         reason = "it is cut short"
         if len(head) == RECORD_HEAD:
@@ -636,50 +650,8 @@ class CheckedFileStorage(FileStorage):
         log.error("%s", error)
         raise error
 
-    def load(self, oid: bytes) -> bytes:
-        """Return the record of ``oid``, its checksum checked.
-
-        :raises DhruvaKeyError: when there is no record of ``oid``.
-        :raises DamagedRecordError: when its bytes fail their checksum.
-        """
-        file = self._live_file()
-        position = self._index.get(oid)
-        if position is None:
-            raise DhruvaKeyError(oid)
-        return self._read_record(file.fileno(), oid, position)
-
-    def gen_oid_record(
-        self, start_oid: bytes | None = None, batch_size: int = 100
-    ) -> Iterator[tuple[bytes, bytes]]:
-        """Yield ``(oid, record)``: every current record, or those reachable
-        from ``start_oid`` when it is given."""
-        if start_oid is not None:
-            yield from gen_reachable_records(self, start_oid, batch_size)
-            return
-        fd = self._live_file().fileno()
-        for oid, position in self._gen_positions():
-            yield oid, self._read_record(fd, oid, position)
-
-    def get_size(self) -> int:
-        """Return the number of current records."""
-        self._live_file()
-        return len(self._index)
-
-    def transactions(self) -> list[TransactionSpan]:
-        """List the points in time this storage can be viewed at, oldest first.
-
-        The first is the base (what the file's creation or last pack wrote,
-        with that time); each later one is a commit, with its time in
-        seconds since the epoch.
-        """
-        file = self._live_file()
-        spans = [
-            TransactionSpan(
-                0, self._base_end, self._base_count, time=self._written_ns / 1e9
-            )
-        ]
-        self._scan(file, self._base_end, self._end, spans)
-        return spans
+    def _base_time(self) -> float | None:
+        return self._written_ns / 1e9
 
     def check(self) -> list[DamagedFileError | DamagedRecordError]:
         """Read every byte this storage can see and check it against its
@@ -712,7 +684,7 @@ class CheckedFileStorage(FileStorage):
         # Every current record, whichever transaction holds it.
         for oid, position in self._gen_positions():
             try:
-                self._read_record(fd, oid, position)
+                self._read_record(self._live_file(), oid, position)
             except DamagedRecordError as e:
                 problems.append(e)
         return problems
@@ -727,63 +699,5 @@ class CheckedFileStorage(FileStorage):
 
     # --- packing -------------------------------------------------------------------
 
-    def _packer(self) -> Iterator[None]:
-        if ROOT_OID not in self._index:
-            log.info("%s has no root object; nothing to pack", self.path)
-            return
-        log.info("packing %s", self.path)
-        self._pack_extra = set()
-        new: BinaryIO | None = None
-        now = time.time_ns()
-        try:
-            new = self._create_pack_file()
-            old_oids = set(self._index)
-            new.write(bytes(HEADER_SIZE))
-            position = HEADER_SIZE
-            offsets: dict[bytes, int] = {}
-
-            def put(records: dict[bytes, bytes]) -> None:
-                nonlocal position
-                assert new is not None
-                data, where = encode_transaction(records, now)
-                new.write(data)
-                offsets.update((oid, position + at) for oid, at in where.items())
-                position += len(data)
-
-            # The reachable records, a transaction per step.
-            chunk: dict[bytes, bytes] = {}
-            for oid, record in gen_reachable_records(self):
-                chunk[oid] = record
-                if len(chunk) == self.pack_step:
-                    put(chunk)
-                    chunk = {}
-                    yield None
-            if chunk:
-                put(chunk)
-            yield None
-
-            # Records committed while packing, and what they reach anew.
-            carried = self._carry_over(set(offsets) - self._pack_extra)
-            if carried:
-                put(carried)
-
-            # The index, then the header that points to it and keeps the oid
-            # counter, so that the oids of dropped records are not reused.
-            new.write(encode_index(offsets))
-            new.seek(0)
-            new.write(encode_header(position, self._next_oid, now))
-            packed, new = new, None
-            self._replace_with(packed)
-        except OSError as e:
-            raise self._pack_error(e) from e
-        finally:
-            self._pack_extra = None
-            if new is not None:
-                self._discard_pack_file(new)
-        self._invalid.update(old_oids - set(offsets))
-        log.info(
-            "packed %s: %d records kept, %d removed",
-            self.path,
-            len(offsets),
-            len(old_oids - set(offsets)),
-        )
+    def _pack_writer(self, file: BinaryIO) -> PackWriter:
+        return _CheckedPackWriter(file, self.pack_step)

@@ -162,6 +162,71 @@ def _lock_holder(path: str, file: BinaryIO) -> str:
     return "holder unknown: perhaps a Durus process, which leaves no note"
 
 
+class PackWriter:
+    """Writes a packed copy of a database in one layout, driven by a pack.
+
+    The pack calls :meth:`add` for every reachable record, then
+    :meth:`end_reachable`, then :meth:`finish` with the records committed
+    while it ran (and those they reach anew).
+
+    :param file: the new file, empty, opened for writing.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        #: The offset of each reachable record written, by oid.
+        self.offsets: dict[bytes, int] = {}
+
+    def add(self, oid: bytes, record: bytes) -> None:
+        """Write one reachable record."""
+        raise NotImplementedError
+
+    def end_reachable(self, next_oid: int) -> None:
+        """Close the part that holds the reachable records.
+
+        :param next_oid: the storage's oid counter now.
+        """
+
+    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
+        """Write the records committed while packing, and whatever the
+        layout keeps after them (an index, the oid counter).
+
+        :param next_oid: the oid counter, kept so that the oids of the
+            records the pack dropped are never handed out again.
+        """
+        raise NotImplementedError
+
+
+class _ShelfPackWriter(PackWriter):
+    """A packed SHELF-1 file: the reachable records as its first transaction,
+    the offset map, and the carried records as a transaction after it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        file.write(PREFIX + bytes(8))
+        self.position = len(PREFIX) + 8
+
+    def add(self, oid: bytes, record: bytes) -> None:
+        self.file.write((8 + len(record)).to_bytes(8, "big") + oid + record)
+        self.offsets[oid] = self.position
+        self.position += 16 + len(record)
+
+    def end_reachable(self, next_oid: int) -> None:
+        map_start = self.position
+        self.file.seek(len(PREFIX))
+        self.file.write((map_start - len(PREFIX) - 8).to_bytes(8, "big"))
+
+        # The map covers every oid ever handed out, so none is reused.
+        numbers = {int.from_bytes(oid, "big"): at for oid, at in self.offsets.items()}
+        self.file.seek(map_start)
+        count = max(max(numbers) + 2, next_oid)
+        self.file.write(encode_map(map_start, count, numbers))
+
+    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
+        if carried:
+            self.file.write(encode_transaction(iter(carried.items()))[0])
+
+
 class FileStorage(Storage):
     """A storage in one SHELF-1 file; the format of Durus's FileStorage.
 
@@ -191,6 +256,11 @@ class FileStorage(Storage):
 
     #: Records the packer copies between the points where it yields.
     pack_step = _PACK_STEP
+
+    #: True for a layout whose transactions carry checksums; the others have
+    #: the records of their last transaction read at open (see
+    #: :meth:`_check_last_transaction`).
+    _checksummed = False
 
     #: On a read-only storage, what it found after the complete transactions
     #: when it was opened and read up to: a
@@ -319,7 +389,7 @@ class FileStorage(Storage):
                     f"{self.path} is empty; it is not a database yet (open it "
                     "without readonly=True to create one)"
                 )
-            self._write_new_shelf()
+            self._write_new_file()
         self._load_layout(repair)
 
     def _open_locked(self, path: str) -> BinaryIO:
@@ -357,12 +427,16 @@ class FileStorage(Storage):
         except OSError as e:
             log.debug("could not write %s.lock: %s", self.path, e)
 
-    def _write_new_shelf(self) -> None:
-        assert self._file is not None
-        self._file.seek(0)
-        self._file.write(encode_empty_shelf())
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def _empty_file(self) -> bytes:
+        """Return the bytes of a new, empty file in this layout."""
+        return encode_empty_shelf()
+
+    def _write_new_file(self) -> None:
+        file = self._live_file()
+        file.seek(0)
+        file.write(self._empty_file())
+        file.flush()
+        os.fsync(file.fileno())
         _fsync_directory(self.path)
         log.info("created %s", self.path)
 
@@ -506,7 +580,9 @@ class FileStorage(Storage):
         :return: ``scan``, or a scan that ends before the last transaction.
         """
         last = scan.last
-        if last is None or self.at is not None or scan.damaged_inside:
+        if self._checksummed or last is None or self.at is not None:
+            return scan
+        if scan.damaged_inside:
             return scan
         problem = self._zeroed_record(file, last)
         if (
@@ -630,12 +706,16 @@ class FileStorage(Storage):
             position = self._map.get(int.from_bytes(oid, "big"))
         return position
 
+    def _read_record(self, file: BinaryIO, oid: bytes, offset: int) -> bytes:
+        """Return the record of ``oid`` at ``offset``, or raise naming both."""
+        return read_record(file, self.path, oid, offset)
+
     def load(self, oid: bytes) -> bytes:
         file = self._live_file()
         position = self._position(oid)
         if position is None:
             raise DhruvaKeyError(oid)
-        return read_record(file, self.path, oid, position)
+        return self._read_record(file, oid, position)
 
     def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
         index = dict(self._index)
@@ -655,7 +735,7 @@ class FileStorage(Storage):
             return
         file = self._live_file()
         for oid, position in list(self._gen_positions()):
-            yield oid, read_record(file, self.path, oid, position)
+            yield oid, self._read_record(file, oid, position)
 
     def get_size(self) -> int:
         """Return the number of current records."""
@@ -884,14 +964,22 @@ class FileStorage(Storage):
         The first is the base: the records written when the file was created
         or last packed. Each later one is a commit. A span's ``end`` is the
         position to give as ``at`` (the file's size right after that commit);
-        everything before the base was lost to a pack.
+        everything before the base was lost to a pack. Its ``time`` is when
+        it was committed (seconds since the epoch) where the layout records
+        it (DHRUVA1), else None.
         """
         file = self._live_file()
         spans: list[TransactionSpan] = [
-            TransactionSpan(0, self._base_end, self._base_records())
+            TransactionSpan(
+                0, self._base_end, self._base_records(), time=self._base_time()
+            )
         ]
         self._scan(file, self._base_end, self._end, spans)
         return spans
+
+    def _base_time(self) -> float | None:
+        """Return when the base was written, where the layout records it."""
+        return None
 
     # --- packing -----------------------------------------------------------------
 
@@ -929,6 +1017,10 @@ class FileStorage(Storage):
         except DhruvaKeyError as e:
             raise self._dangling_error(e) from e
 
+    def _pack_writer(self, file: BinaryIO) -> PackWriter:
+        """Return what writes a packed file in this layout to ``file``."""
+        return _ShelfPackWriter(file)
+
     def _packer(self) -> Iterator[None]:
         if self._position(ROOT_OID) is None:
             log.info("%s has no root object; nothing to pack", self.path)
@@ -939,32 +1031,20 @@ class FileStorage(Storage):
         try:
             new = self._create_pack_file()
             old_oids = {oid for oid, _position in self._gen_positions()}
+            writer = self._pack_writer(new)
 
-            # The reachable records, as the first transaction.
-            new.write(PREFIX + bytes(8))
-            offsets: dict[int, int] = {}
-            position = len(PREFIX) + 8
+            # The reachable records, a step at a time.
             for i, (oid, record) in enumerate(gen_reachable_records(self)):
-                new.write((8 + len(record)).to_bytes(8, "big") + oid + record)
-                offsets[int.from_bytes(oid, "big")] = position
-                position += 16 + len(record)
+                writer.add(oid, record)
                 if i % self.pack_step == self.pack_step - 1:
                     yield None
-            map_start = position
-            new.seek(len(PREFIX))
-            new.write((map_start - len(PREFIX) - 8).to_bytes(8, "big"))
-
-            # The map covers every oid ever handed out, so none is reused.
-            new.seek(map_start)
-            count = max(max(offsets) + 2, self._next_oid)
-            new.write(encode_map(map_start, count, offsets))
+            writer.end_reachable(self._next_oid)
             yield None
 
             # Records committed while packing, and what they reach anew.
-            copied = {n.to_bytes(8, "big") for n in offsets} - self._pack_extra
-            carried = self._carry_over(copied)
-            if carried:
-                new.write(encode_transaction(iter(carried.items()))[0])
+            carried = self._carry_over(set(writer.offsets) - self._pack_extra)
+            kept = set(writer.offsets) | set(carried)
+            writer.finish(carried, self._next_oid)
             packed, new = new, None
             self._replace_with(packed)
         except OSError as e:
@@ -973,7 +1053,6 @@ class FileStorage(Storage):
             self._pack_extra = None
             if new is not None:
                 self._discard_pack_file(new)
-        kept = copied | set(carried)
         self._invalid.update(old_oids - kept)
         log.info(
             "packed %s: %d records kept, %d removed",
@@ -982,7 +1061,7 @@ class FileStorage(Storage):
             len(old_oids - kept),
         )
 
-    # Steps of a pack, shared with FileStorage2.
+    # Steps of a pack, shared by the layouts.
 
     def _pack_path(self) -> str:
         return self.path + ".pack"

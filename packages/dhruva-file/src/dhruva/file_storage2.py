@@ -63,11 +63,10 @@ import zlib
 from collections.abc import Iterator, Mapping, MutableSequence
 from typing import Any, BinaryIO
 
-from dhruva.error import DhruvaKeyError, StorageError
-from dhruva.file_storage import FileStorage, _fsync_directory
-from dhruva.record import ROOT_OID
+from dhruva.error import StorageError
+from dhruva.file_storage import PackWriter
+from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import ScanResult, TransactionSpan
-from dhruva.storage import gen_reachable_records
 
 log = logging.getLogger(__name__)
 
@@ -259,11 +258,46 @@ def _zeros_to_end(file: BinaryIO, position: int) -> bool:
     return True
 
 
-class FileStorage2(FileStorage):
+class _DFS20PackWriter(PackWriter):
+    """A packed DFS20 file: the reachable records as one transaction, the
+    carried ones as another, then the index of both (with the oid counter)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        file.write(MAGIC + bytes(8))
+        self.position = HEADER_SIZE
+
+    def add(self, oid: bytes, record: bytes) -> None:
+        self.file.write(_int4.pack(len(record)) + record)
+        self.offsets[oid] = self.position
+        self.position += 4 + len(record)
+
+    def end_reachable(self, next_oid: int) -> None:
+        self.file.write(_int4.pack(0))
+        self.position += 4
+
+    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
+        if carried:
+            for oid, record in carried.items():
+                self.offsets[oid] = self.position
+                self.position += 4 + len(record)
+            self.file.write(encode_transaction(carried))
+            self.position += 4
+
+        # The index of everything above; it records the next oid, so that
+        # the oids of dropped records are not handed out again.
+        self.file.write(encode_index(self.offsets, next_oid))
+        self.file.seek(len(MAGIC))
+        self.file.write(_int8.pack(self.position))
+
+
+class FileStorage2(IndexedFileStorage):
     """A storage in one DFS20 file; the format of Durus's FileStorage2.
 
     It shares :class:`~dhruva.file_storage.FileStorage`'s locking, repair,
-    read-only and temporary-file handling; only the layout differs.
+    read-only and temporary-file handling, and
+    :class:`~dhruva.indexed_file.IndexedFileStorage`'s index in memory; only
+    the layout differs.
 
     :param path: the database file; created when missing (unless read-only).
         None makes a temporary file that is removed on :meth:`close`.
@@ -282,27 +316,11 @@ class FileStorage2(FileStorage):
     packable = True
     iterable = True
 
-    _LAYOUT_STATE = (
-        "_file",
-        "_index",
-        "_end",
-        "_base_end",
-        "_next_oid",
-        "_base_count",
-        "damage",
-    )
-
     # --- opening -------------------------------------------------------------------
 
-    def _write_new_shelf(self) -> None:
-        """Write an empty DFS20 file: the header and an empty index record."""
-        file = self._live_file()
-        file.seek(0)
-        file.write(encode_empty_file())
-        file.flush()
-        os.fsync(file.fileno())
-        _fsync_directory(self.path)
-        log.info("created %s", self.path)
+    def _empty_file(self) -> bytes:
+        """Return an empty DFS20 file: the header and an empty index record."""
+        return encode_empty_file()
 
     def _damaged(self, what: str) -> StorageError:
         message = f"{self.path}: {what}; the file is damaged: restore it from a backup"
@@ -353,35 +371,17 @@ class FileStorage2(FileStorage):
             )
 
         # The transactions committed after it.
-        base_end = index_at + 8 + length
-        if visible < base_end:
-            raise self._not_a_position(
-                "the index record, written when the file was created or last "
-                f"packed, ends at byte offset {base_end}"
-            )
-        scan = self._scan(file, base_end, visible)
-        scan = self._check_last_transaction(
-            file, scan, base_end, base=index, size=visible
-        )
-        self._check_tail(scan, visible, repair)
-        self._base_count = len(index)
-        index.update(scan.index)
-        self._index = index
-        self._end = scan.end
-        self._base_end = base_end
-        highest = max((int.from_bytes(oid, "big") for oid in index), default=-1)
-        self._next_oid = max(recorded_next, highest + 1)
-        log.debug(
-            "%s: %d records, %d transactions after the index record",
-            self.path,
-            len(index),
-            scan.transactions,
+        self._take_in(
+            file,
+            index,
+            index_at + 8 + length,
+            visible=visible,
+            repair=repair,
+            recorded_next=recorded_next,
+            index_name="index record",
         )
 
     # --- reading -------------------------------------------------------------------
-
-    def _position(self, oid: bytes) -> int | None:
-        return self._index.get(oid)
 
     def _scan(
         self,
@@ -397,12 +397,6 @@ class FileStorage2(FileStorage):
     ) -> Iterator[tuple[int, int]]:
         return record_spans(file, span)
 
-    def _base_records(self) -> int:
-        return self._base_count
-
-    def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
-        yield from list(self._index.items())
-
     def _read_record(self, file: BinaryIO, oid: bytes, offset: int) -> bytes:
         file.seek(offset)
         head = file.read(4)
@@ -415,25 +409,6 @@ class FileStorage2(FileStorage):
             f"the record of oid {int.from_bytes(oid, 'big')} at byte offset "
             f"{offset} is not there"
         )
-
-    def load(self, oid: bytes) -> bytes:
-        file = self._live_file()
-        position = self._index.get(oid)
-        if position is None:
-            raise DhruvaKeyError(oid)
-        return self._read_record(file, oid, position)
-
-    def gen_oid_record(
-        self, start_oid: bytes | None = None, batch_size: int = 100
-    ) -> Iterator[tuple[bytes, bytes]]:
-        """Yield ``(oid, record)``: every current record, or those reachable
-        from ``start_oid`` when it is given."""
-        if start_oid is not None:
-            yield from gen_reachable_records(self, start_oid, batch_size)
-            return
-        file = self._live_file()
-        for oid, position in self._gen_positions():
-            yield oid, self._read_record(file, oid, position)
 
     # --- writing -------------------------------------------------------------------
 
@@ -450,56 +425,5 @@ class FileStorage2(FileStorage):
 
     # --- packing -------------------------------------------------------------------
 
-    def _packer(self) -> Iterator[None]:
-        if ROOT_OID not in self._index:
-            log.info("%s has no root object; nothing to pack", self.path)
-            return
-        log.info("packing %s", self.path)
-        self._pack_extra = set()
-        new: BinaryIO | None = None
-        try:
-            new = self._create_pack_file()
-            old_oids = set(self._index)
-
-            # The reachable records, as one transaction.
-            new.write(MAGIC + bytes(8))
-            offsets: dict[bytes, int] = {}
-            position = HEADER_SIZE
-            for i, (oid, record) in enumerate(gen_reachable_records(self)):
-                new.write(_int4.pack(len(record)) + record)
-                offsets[oid] = position
-                position += 4 + len(record)
-                if i % self.pack_step == self.pack_step - 1:
-                    yield None
-            new.write(_int4.pack(0))
-            position += 4
-
-            # Records committed while packing, and what they reach anew.
-            carried = self._carry_over(set(offsets) - self._pack_extra)
-            if carried:
-                for oid, record in carried.items():
-                    offsets[oid] = position
-                    position += 4 + len(record)
-                new.write(encode_transaction(carried))
-                position += 4
-
-            # The index of everything above; it records the next oid, so that
-            # the oids of dropped records are not handed out again.
-            new.write(encode_index(offsets, self._next_oid))
-            new.seek(len(MAGIC))
-            new.write(_int8.pack(position))
-            packed, new = new, None
-            self._replace_with(packed)
-        except OSError as e:
-            raise self._pack_error(e) from e
-        finally:
-            self._pack_extra = None
-            if new is not None:
-                self._discard_pack_file(new)
-        self._invalid.update(old_oids - set(offsets))
-        log.info(
-            "packed %s: %d records kept, %d removed",
-            self.path,
-            len(offsets),
-            len(old_oids - set(offsets)),
-        )
+    def _pack_writer(self, file: BinaryIO) -> PackWriter:
+        return _DFS20PackWriter(file)
