@@ -3,9 +3,13 @@ steps, packs killed with SIGKILL in a real process, and packs that fail."""
 
 from __future__ import annotations
 
+import random
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -218,3 +222,78 @@ def test_a_pack_gives_space_back_while_a_reader_is_open(tmp_path: Path) -> None:
     assert path.stat().st_size < 1_000_000
     with SqliteStorage(path) as reopened:
         assert reopened.load(late).endswith(b"after the pack")
+
+
+VACUUMING_PACKER = """
+import sys
+from dhruva.sqlite_storage import SqliteStorage
+
+reclaim = SqliteStorage._reclaim_space
+
+def noisy_reclaim(self):
+    print("vacuum", flush=True)
+    reclaim(self)
+    print("vacuumed", flush=True)
+
+SqliteStorage._reclaim_space = noisy_reclaim
+storage = SqliteStorage(sys.argv[1])
+print("ready", flush=True)
+storage.pack()
+print("packed", flush=True)
+"""
+
+
+def start_packer(path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", VACUUMING_PACKER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+def test_a_pack_killed_while_it_gives_space_back_loses_nothing(tmp_path: Path):
+    template = tmp_path / "template.sqlite"
+    with SqliteStorage(template) as storage:
+        expected = build(storage, reachable=2000)
+        add_garbage(storage, 5000)
+
+    # How long the whole pack, and its VACUUM, take here.
+    shutil.copyfile(template, tmp_path / "timed.sqlite")
+    started = time.monotonic()
+    child = start_packer(tmp_path / "timed.sqlite")
+    assert child.stdout is not None
+    assert child.stdout.readline() == "vacuum\n"
+    vacuum_started = time.monotonic()
+    assert child.stdout.readline() == "vacuumed\n"
+    vacuum_seconds = time.monotonic() - vacuum_started
+    pack_seconds = time.monotonic() - started
+    child.communicate(timeout=60)
+
+    # Kills at any moment of the pack, then kills inside the VACUUM.
+    rng = random.Random(7)
+    during_vacuum = []
+    for round_ in range(10):
+        path = tmp_path / f"db{round_}.sqlite"
+        shutil.copyfile(template, path)
+        child = start_packer(path)
+        assert child.stdout is not None
+        if round_ < 4:
+            time.sleep(rng.uniform(0, pack_seconds))
+        else:
+            assert child.stdout.readline() == "vacuum\n"
+            time.sleep(rng.uniform(0, vacuum_seconds))
+        child.send_signal(signal.SIGKILL)
+        output, _ = child.communicate(timeout=60)
+        if round_ >= 4:
+            during_vacuum.append("vacuumed" not in output)
+
+        with SqliteStorage(path) as reopened:
+            assert dict(gen_reachable_records(reopened)) == expected, round_
+            reopened.pack()
+            assert reopened.get_size() == len(expected)
+        assert path.stat().st_size < template.stat().st_size // 3
+
+    assert any(during_vacuum), "no kill landed inside the VACUUM"
