@@ -410,6 +410,9 @@ class ObjectReader:
         self.load_count = 0
         self.policy: LoadPolicy = getattr(connection, "load_policy", DEFAULT_POLICY)
         self._tagged: dict[bytes, RecordReader] = {}
+        # Unpicklers that read only a class pickle, by its bytes: their memo
+        # starts the reading of a state (see _class_pickle_end).
+        self._classes: dict[bytes, pickle.Unpickler] = {}
         self._load_class = _load_class
         if not self.policy.is_default:
             from dhruva.restricted import policy_class_loader, policy_unpickler
@@ -466,9 +469,25 @@ class ObjectReader:
     ) -> tuple[io.BytesIO, Any]:
         stream = io.BytesIO(data)
         if unpickler_class is None:
+            # The class pickle of most records is one GLOBAL opcode: its class
+            # is looked up once per connection.
+            end = _class_pickle_end(data)
+            known = self._classes.get(data[:end]) if end else None
             unpickler = self._unpickler(stream)
-            if unpickler.load() in BROKEN_TYPES:  # the class
-                raise _Broken
+            if known is not None:
+                # The state may refer to the class through the pickle memo.
+                stream.seek(end)
+                unpickler.memo = known.memo
+            else:
+                cls = unpickler.load()
+                if cls in BROKEN_TYPES:
+                    raise _Broken
+                if end and stream.tell() == end and isinstance(cls, type):
+                    # A copy of the memo holding the class alone, to start from
+                    # (setting a dict as the memo loses it on Python 3.11).
+                    known = self._unpickler(io.BytesIO(data[:end]))
+                    known.load()
+                    self._classes[data[:end]] = known
         else:
             unpickler = unpickler_class(stream, self.connection)
             unpickler.load()
@@ -519,6 +538,26 @@ class ObjectReader:
 
     def get_load_count(self) -> int:
         return self.load_count
+
+
+def _class_pickle_end(data: bytes) -> int:
+    """Return where the class pickle that starts ``data`` ends, or 0.
+
+    Only the usual form is recognized: PROTO 2, GLOBAL ``module\\nname\\n``,
+    an optional BINPUT, STOP.
+    """
+    if data[:3] != b"\x80\x02c":
+        return 0
+    first = data.find(b"\n", 3)
+    second = data.find(b"\n", first + 1) if first > 0 else -1
+    if second < 0:
+        return 0
+    end = second + 1
+    if data[end : end + 1] == b"q":
+        end += 2
+    if data[end : end + 1] != b".":
+        return 0
+    return end + 1
 
 
 class _Broken(Exception):
