@@ -1,6 +1,7 @@
-"""Tests of CheckedFileStorage: the storage contract, the DHRUVA1 layout, and
-the crash matrix (cuts at every byte, zero-filled and garbage tails, byte and
-bit flips everywhere, SIGKILLed committing processes)."""
+"""Tests of CheckedFileStorage: the DHRUVA1 layout, and the crash matrix
+(cuts at every byte, zero-filled and garbage tails, byte and bit flips
+everywhere, SIGKILLed committing processes). The storage contract and what
+every file layout does alike are in ``test_file_formats.py``."""
 
 from __future__ import annotations
 
@@ -34,12 +35,6 @@ from dhruva.plugins import get_plugins, open_storage
 from dhruva.record import ROOT_OID
 from dhruva.shelf import MidFileDamageError, TornTailError
 from dhruva.storage_testing import (
-    BasicStorageContract,
-    DurableStorageContract,
-    IncrementalPackStorageContract,
-    IterableStorageContract,
-    PackableStorageContract,
-    ReadOnlyStorageContract,
     commit,
     make_record,
 )
@@ -47,53 +42,6 @@ from dhruva.storage_testing import (
 
 def oid(n: int) -> bytes:
     return n.to_bytes(8, "big")
-
-
-class TestCheckedFileContract(
-    BasicStorageContract,
-    IterableStorageContract,
-    DurableStorageContract,
-    PackableStorageContract,
-    ReadOnlyStorageContract,
-):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        s = CheckedFileStorage(tmp_path / "db.dhruva")
-        yield s
-        s.close()
-
-    @pytest.fixture
-    def reopen(self, tmp_path):
-        def reopen(s):
-            s.close()
-            return CheckedFileStorage(tmp_path / "db.dhruva")
-
-        return reopen
-
-    @pytest.fixture
-    def open_readonly(self, tmp_path):
-        def open_readonly(s):
-            s.close()
-            return CheckedFileStorage(tmp_path / "db.dhruva", readonly=True)
-
-        return open_readonly
-
-
-class TestCheckedFileIncrementalPack(IncrementalPackStorageContract):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        s = CheckedFileStorage(tmp_path / "db.dhruva")
-        yield s
-        s.close()
-
-
-def test_a_temporary_storage_is_removed_on_close():
-    s = CheckedFileStorage()
-    path = s.path
-    commit(s, make_record(ROOT_OID))
-    assert Path(path).read_bytes().startswith(MAGIC)
-    s.close()
-    assert not os.path.exists(path)
 
 
 # --- a small history to break in every way --------------------------------------
@@ -162,22 +110,15 @@ def test_each_commit_appends_one_transaction_with_its_time(tmp_path):
     assert all(data[span.start : span.start + 4] == TXN_MARK for span in spans[1:])
 
 
-def test_a_commit_is_one_write_and_one_fsync(tmp_path, monkeypatch):
+def test_a_commit_is_one_write_and_one_fsync(tmp_path, fsyncs):
     with CheckedFileStorage(tmp_path / "db") as s:
         commit(s, make_record(ROOT_OID, b"root"))
-        synced: list[int] = []
-        real_fsync = os.fsync
-
-        def fsync(fd: int) -> None:
-            synced.append(fd)
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        fsyncs.clear()
         records = [make_record(oid(n), b"x" * n) for n in range(1, 200)]
         commit(s, *records)
-        assert synced == [s._live_file().fileno()]
+        assert fsyncs == [s._live_file().fileno()]
         commit(s)  # nothing to write, nothing to sync
-        assert len(synced) == 1
+        assert len(fsyncs) == 1
 
 
 def test_each_point_in_time_opens_as_it_was(tmp_path):

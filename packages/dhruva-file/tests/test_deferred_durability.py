@@ -42,20 +42,6 @@ def commit_one(storage: Storage, n: int, text: str, *, durable: bool) -> None:
     storage.end(durable=durable)  # type: ignore[call-arg]
 
 
-@pytest.fixture
-def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the file descriptors os.fsync is called on."""
-    calls: list[int] = []
-    real = os.fsync
-
-    def counting(fd: int) -> None:
-        calls.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
-    return calls
-
-
 def test_the_file_storages_announce_it(tmp_path: Path, opener: Opener) -> None:
     with opener(tmp_path / "db") as storage:
         assert storage.deferred_durability is True

@@ -1,6 +1,7 @@
-"""Packing FileStorage, FileStorage2 and CheckedFileStorage: the incremental
-packer with commits between its steps, packs that fail, and the leftovers of
-interrupted packs (packs killed in a real process: tests/test_pack_crash.py)."""
+"""Packing every file layout (DHRUVA1, SHELF-1, DFS20; the ``fmt`` fixture of
+``conftest.py``): the incremental packer with commits between its steps, packs
+that fail, and the leftovers of interrupted packs (packs killed in a real
+process: tests/test_pack_crash.py)."""
 
 from __future__ import annotations
 
@@ -14,32 +15,11 @@ import subprocess
 import sys
 
 import pytest
-from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
-from dhruva.file_storage import FileLockedError, FileStorage
-from dhruva.file_storage2 import FileStorage2
+from dhruva.file_storage import FileLockedError
 from dhruva.record import ROOT_OID, pack_record
 from dhruva.storage import Storage, gen_reachable_records
 from dhruva.storage_testing import IncrementalPackStorageContract, commit, new_oids
-
-KINDS = {"file": FileStorage, "file2": FileStorage2, "checked": CheckedFileStorage}
-
-
-class TestFileStorageIncrementalPack(IncrementalPackStorageContract):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        s = FileStorage(tmp_path / "db.durus")
-        yield s
-        s.close()
-
-
-class TestFileStorage2IncrementalPack(IncrementalPackStorageContract):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        s = FileStorage2(tmp_path / "db.dfs20")
-        yield s
-        s.close()
-
 
 # --- a database to pack ------------------------------------------------------------
 
@@ -64,19 +44,14 @@ def assert_holds(storage: Storage, expected: dict[bytes, bytes]) -> None:
     assert dict(gen_reachable_records(storage)) == expected
 
 
-@pytest.fixture(params=sorted(KINDS))
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 # --- packs that fail ---------------------------------------------------------------
 
 
 def test_disk_full_while_packing_leaves_the_database_unchanged_and_writable(
-    tmp_path, kind, monkeypatch
+    tmp_path, fmt, monkeypatch
 ):
     path = tmp_path / "db"
-    storage = KINDS[kind](path)
+    storage = fmt.open(path)
     expected = build(storage)
     before = path.read_bytes()
 
@@ -103,7 +78,7 @@ def test_disk_full_while_packing_leaves_the_database_unchanged_and_writable(
     (late,) = new_oids(storage, 1)
     commit(storage, pack_record(late, b"after the failed pack", b""))
     storage.close()
-    with KINDS[kind](path) as reopened:
+    with fmt.open(path) as reopened:
         assert_holds(reopened, expected)
         assert reopened.load(late)[8:].endswith(b"after the failed pack")
         reopened.pack()  # and it packs once there is room
@@ -111,10 +86,10 @@ def test_disk_full_while_packing_leaves_the_database_unchanged_and_writable(
 
 
 def test_a_failed_incremental_pack_keeps_commits_made_during_it(
-    tmp_path, kind, monkeypatch
+    tmp_path, fmt, monkeypatch
 ):
     path = tmp_path / "db"
-    storage = KINDS[kind](path)
+    storage = fmt.open(path)
     monkeypatch.setattr(storage, "pack_step", 100)
     expected = build(storage)
     packer = storage.get_packer()
@@ -133,47 +108,52 @@ def test_a_failed_incremental_pack_keeps_commits_made_during_it(
     assert not (tmp_path / "db.pack").exists()
     assert storage.load(late)[8:].endswith(b"during")
     storage.close()
-    with KINDS[kind](path) as reopened:
+    with fmt.open(path) as reopened:
         assert_holds(reopened, expected)
         assert reopened.load(late)[8:].endswith(b"during")
 
 
-#: Packs the database given, in a process that may not write to its folder.
-PACK_IN_READONLY_FOLDER = """
-import sys
+#: Packs the database a child process opens (with ``{source}``, naming the
+#: storage ``s``) where ``{limit}`` stands, printing the result, then commits.
+PACK_THEN_COMMIT = """
+import resource, sys
 from dhruva.error import StorageError
-from dhruva.checked_file import CheckedFileStorage
-from dhruva.file_storage import FileStorage
-from dhruva.file_storage2 import FileStorage2
 from dhruva.record import pack_record
-
-kinds = {"file": FileStorage, "file2": FileStorage2, "checked": CheckedFileStorage}
-storage = kinds[sys.argv[1]](sys.argv[2])
+{source}
+{limit}
 try:
-    storage.pack()
+    s.pack()
+    print("packed")
 except StorageError as e:
     print("refused:", e)
-oid = storage.new_oid()
-storage.begin()
-storage.store(oid, pack_record(oid, b"committed after", b""))
-storage.end()
-storage.close()
+{unlimit}
+oid = s.new_oid()
+s.begin()
+s.store(oid, pack_record(oid, b"committed after", b""))
+s.end()
+s.close()
 print("committed", oid.hex())
 """
 
+#: Packs the database given, in a process that may not write to its folder.
+PACK_IN_READONLY_FOLDER = PACK_THEN_COMMIT.replace("{limit}", "").replace(
+    "{unlimit}", ""
+)
+
 
 def test_a_pack_in_a_readonly_folder_is_refused_and_the_database_stays_writable(
-    tmp_path, kind
+    tmp_path, fmt
 ):
     folder = tmp_path / "folder"
     folder.mkdir()
     path = folder / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         expected = build(storage)
     before = path.read_bytes()
 
     # Root writes anywhere; a root test process drops that privilege.
-    command = [sys.executable, "-c", PACK_IN_READONLY_FOLDER, kind, str(path)]
+    script = PACK_IN_READONLY_FOLDER.format(source=fmt.source)
+    command = [sys.executable, "-c", script, str(path)]
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -196,54 +176,38 @@ def test_a_pack_in_a_readonly_folder_is_refused_and_the_database_stays_writable(
     assert path.read_bytes().startswith(before)
     assert not (folder / "db.pack").exists()
     late = bytes.fromhex(committed.split()[1])
-    with KINDS[kind](path) as reopened:
+    with fmt.open(path) as reopened:
         assert_holds(reopened, expected)
         assert reopened.load(late)[8:].endswith(b"committed after")
 
 
 #: Packs the database given with file writes limited to a size (as when the
 #: disk fills up), then lifts the limit and commits.
-PACK_WITH_SIZE_LIMIT = """
-import resource, sys
-from dhruva.checked_file import CheckedFileStorage
-from dhruva.error import StorageError
-from dhruva.file_storage import FileStorage
-from dhruva.file_storage2 import FileStorage2
-from dhruva.record import pack_record
-from dhruva.sqlite_storage import SqliteStorage
-
-kinds = {"file": FileStorage, "file2": FileStorage2, "sqlite": SqliteStorage}
-kinds["checked"] = CheckedFileStorage
-storage = kinds[sys.argv[1]](sys.argv[2])
-soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), hard))
-try:
-    storage.pack()
-    print("packed")
-except StorageError as e:
-    print("refused:", e)
-resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-oid = storage.new_oid()
-storage.begin()
-storage.store(oid, pack_record(oid, b"committed after", b""))
-storage.end()
-storage.close()
-print("committed", oid.hex())
-"""
+PACK_WITH_SIZE_LIMIT = PACK_THEN_COMMIT.replace(
+    "{limit}",
+    "soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), hard))",
+).replace("{unlimit}", "resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))")
 
 
 def test_a_pack_stopped_by_a_file_size_limit_leaves_the_database_as_it_was(
-    tmp_path, kind
+    tmp_path, fmt
 ):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         expected = build(storage)
     before = path.read_bytes()
 
     # The packed copy needs about half the file; the limit lets through a tenth.
     limit = str(len(before) // 10)
     result = subprocess.run(
-        [sys.executable, "-c", PACK_WITH_SIZE_LIMIT, kind, str(path), limit],
+        [
+            sys.executable,
+            "-c",
+            PACK_WITH_SIZE_LIMIT.format(source=fmt.source),
+            str(path),
+            limit,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -260,7 +224,7 @@ def test_a_pack_stopped_by_a_file_size_limit_leaves_the_database_as_it_was(
     assert path.read_bytes().startswith(before)
     assert not (tmp_path / "db.pack").exists()
     late = bytes.fromhex(committed.split()[1])
-    with KINDS[kind](path) as reopened:
+    with fmt.open(path) as reopened:
         assert_holds(reopened, expected)
         assert reopened.load(late)[8:].endswith(b"committed after")
 
@@ -268,57 +232,48 @@ def test_a_pack_stopped_by_a_file_size_limit_leaves_the_database_as_it_was(
 # --- leftovers and files ------------------------------------------------------------
 
 
-def test_the_leftover_of_an_interrupted_pack_is_removed_at_open(tmp_path, kind, caplog):
+def test_the_leftover_of_an_interrupted_pack_is_removed_at_open(tmp_path, fmt, caplog):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         expected = build(storage, 10)
     (tmp_path / "db.pack").write_bytes(b"half a packed file")
-    with KINDS[kind](path, readonly=True) as reader:
+    with fmt.open(path, readonly=True) as reader:
         assert (tmp_path / "db.pack").exists()  # a reader never removes files
         assert_holds(reader, expected)
-    with caplog.at_level(logging.WARNING), KINDS[kind](path) as storage:
+    with caplog.at_level(logging.WARNING), fmt.open(path) as storage:
         assert not (tmp_path / "db.pack").exists()
         assert_holds(storage, expected)
     assert f"removed {path}.pack, the unfinished new file of a pack" in caplog.text
 
 
-def test_the_packed_file_keeps_the_database_files_mode(tmp_path, kind):
+def test_the_packed_file_keeps_the_database_files_mode(tmp_path, fmt):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         build(storage, 10)
         path.chmod(0o600)
         storage.pack()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_pack_and_reopen_hand_out_no_removed_oid(tmp_path, kind):
+def test_pack_and_reopen_hand_out_no_removed_oid(tmp_path, fmt):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         build(storage, 10)
         removed = {oid for oid, _r in storage.gen_oid_record()}
         storage.pack()
         removed -= {oid for oid, _r in storage.gen_oid_record()}
         assert len(removed) == 10
         assert not set(new_oids(storage, 50)) & removed
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         assert not set(new_oids(storage, 100)) & removed
 
 
-class TestFileStorageIncrementalPackInSmallSteps(IncrementalPackStorageContract):
+class TestFileIncrementalPackInSmallSteps(IncrementalPackStorageContract):
     """Many more steps, so that commits fall between most of the walk."""
 
     @pytest.fixture
-    def storage(self, tmp_path):
-        s = FileStorage(tmp_path / "db.durus")
-        s.pack_step = 29
-        yield s
-        s.close()
-
-
-class TestFileStorage2IncrementalPackInSmallSteps(IncrementalPackStorageContract):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        s = FileStorage2(tmp_path / "db.dfs20")
+    def storage(self, tmp_path, fmt):
+        s = fmt.open(tmp_path / "db")
         s.pack_step = 29
         yield s
         s.close()
@@ -328,11 +283,11 @@ class TestFileStorage2IncrementalPackInSmallSteps(IncrementalPackStorageContract
 
 
 @pytest.fixture
-def moved_aside(tmp_path, kind):
+def moved_aside(tmp_path, fmt):
     """A database that a Durus pack moved to <file>.prepack before it crashed,
     next to the complete packed file it did not get to rename."""
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         expected = build(storage, 10)
         packed = tmp_path / "packed"
         shutil.copy(path, packed)
@@ -342,19 +297,19 @@ def moved_aside(tmp_path, kind):
 
 
 def test_a_file_moved_aside_by_an_interrupted_durus_pack_is_put_back(
-    moved_aside, kind, caplog
+    moved_aside, fmt, caplog
 ):
     path, expected = moved_aside
-    with caplog.at_level(logging.WARNING), KINDS[kind](path) as storage:
+    with caplog.at_level(logging.WARNING), fmt.open(path) as storage:
         assert_holds(storage, expected)
     assert "interrupted Durus pack" in caplog.text
     assert sorted(p.name for p in path.parent.iterdir()) == ["db"]
 
 
-def test_a_readonly_open_of_a_file_moved_aside_says_what_happened(moved_aside, kind):
+def test_a_readonly_open_of_a_file_moved_aside_says_what_happened(moved_aside, fmt):
     path, _expected = moved_aside
     with pytest.raises(StorageError) as refused:
-        KINDS[kind](path, readonly=True)
+        fmt.open(path, readonly=True)
     assert str(refused.value) == (
         f"no database file {path}, but {path}.prepack is there: a Durus pack "
         "was interrupted after moving the database aside. Open it once without "
@@ -363,18 +318,18 @@ def test_a_readonly_open_of_a_file_moved_aside_says_what_happened(moved_aside, k
     assert not path.exists()
 
 
-def test_a_file_moved_aside_by_a_running_pack_is_left_alone(moved_aside, kind):
+def test_a_file_moved_aside_by_a_running_pack_is_left_alone(moved_aside, fmt):
     path, _expected = moved_aside
     with open(f"{path}.prepack", "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(FileLockedError, match="a process packing it"):
-            KINDS[kind](path)
+            fmt.open(path)
     assert not path.exists()
 
 
-def test_a_dangling_reference_stops_the_pack_and_removes_nothing(tmp_path, kind):
+def test_a_dangling_reference_stops_the_pack_and_removes_nothing(tmp_path, fmt):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         (garbage,) = new_oids(storage, 1)
         missing = (999).to_bytes(8, "big")
         commit(
@@ -394,9 +349,9 @@ def test_a_dangling_reference_stops_the_pack_and_removes_nothing(tmp_path, kind)
         assert storage.load(garbage)[8:].endswith(b"garbage")
 
 
-def test_a_second_packer_is_refused_while_one_runs(tmp_path, kind):
+def test_a_second_packer_is_refused_while_one_runs(tmp_path, fmt):
     path = tmp_path / "db"
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         storage.pack_step = 100
         expected = build(storage)
         first = storage.get_packer()
@@ -410,5 +365,5 @@ def test_a_second_packer_is_refused_while_one_runs(tmp_path, kind):
             pass
         assert_holds(storage, expected)
         assert storage.get_size() == len(expected)
-    with KINDS[kind](path) as storage:
+    with fmt.open(path) as storage:
         assert_holds(storage, expected)

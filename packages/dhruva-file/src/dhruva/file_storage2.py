@@ -66,7 +66,7 @@ from typing import Any, BinaryIO
 from dhruva.error import StorageError
 from dhruva.file_storage import PackWriter
 from dhruva.indexed_file import IndexedFileStorage
-from dhruva.shelf import ScanResult, TransactionSpan
+from dhruva.shelf import ScanResult, TransactionSpan, zeros_to_end
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def _check_transaction(
 
         # The end marker; zeros running on to the end are what a crash leaves.
         if length == 0:
-            if at == position and file_size - at > 4 and _zeros_to_end(file, at):
+            if at == position and file_size - at > 4 and zeros_to_end(file, at):
                 return f"{file_size - at} zero bytes run to the end of the file"
             return found, at + 4
 
@@ -248,14 +248,6 @@ def _check_transaction(
             return f"the record at byte offset {at} is zero-filled"
         found[oid] = at
         at += 4 + length
-
-
-def _zeros_to_end(file: BinaryIO, position: int) -> bool:
-    file.seek(position)
-    while chunk := file.read(1 << 16):
-        if chunk.count(0) != len(chunk):
-            return False
-    return True
 
 
 class _DFS20PackWriter(PackWriter):

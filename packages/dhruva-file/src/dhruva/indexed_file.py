@@ -28,14 +28,9 @@ class IndexedFileStorage(FileStorage):
     """A file storage whose layout keeps an index of its base, read whole at
     open (see the module docstring); a base class, not opened itself."""
 
-    _LAYOUT_STATE: tuple[str, ...] = (
-        "_file",
-        "_index",
-        "_end",
-        "_base_end",
-        "_next_oid",
+    _LAYOUT_STATE = (
+        *(name for name in FileStorage._LAYOUT_STATE if name != "_map"),
         "_base_count",
-        "damage",
     )
 
     #: Byte offsets of the current record of each oid.

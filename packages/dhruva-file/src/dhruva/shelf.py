@@ -55,11 +55,12 @@ _MIN_RECORD = 8 + 8 + 4
 _CHUNK_WORDS = 65536
 
 
-class TornTailError(StorageError):
-    """The file ends in an incomplete transaction, as a crash leaves it.
+class BadTransactionError(StorageError):
+    """A transaction of a file fails its checks: the base of
+    :class:`TornTailError` and :class:`MidFileDamageError`.
 
     :param path: the database file.
-    :param offset: the byte offset where the incomplete transaction starts.
+    :param offset: the byte offset where the bad transaction starts.
     :param size: the file's size in bytes.
     :param reason: what is wrong at ``offset``.
     """
@@ -70,6 +71,10 @@ class TornTailError(StorageError):
         self.offset = offset
         self.size = size
         self.reason = reason
+
+
+class TornTailError(BadTransactionError):
+    """The file ends in an incomplete transaction, as a crash leaves it."""
 
     def __str__(self) -> str:
         return (
@@ -81,25 +86,13 @@ class TornTailError(StorageError):
         )
 
 
-class MidFileDamageError(StorageError):
+class MidFileDamageError(BadTransactionError):
     """A transaction that is not the file's last one is damaged.
 
     A crash only ever leaves the last transaction incomplete; damage followed
     by more data comes from elsewhere (a disk error, a stray write), and
     cutting the file there would throw away later commits, so repair refuses.
-
-    :param path: the database file.
-    :param offset: the byte offset of the damaged transaction.
-    :param size: the file's size in bytes.
-    :param reason: what is wrong at ``offset``.
     """
-
-    def __init__(self, path: str, offset: int, size: int, reason: str) -> None:
-        super().__init__(path, offset, size, reason)
-        self.path = path
-        self.offset = offset
-        self.size = size
-        self.reason = reason
 
     def __str__(self) -> str:
         return (
@@ -310,7 +303,7 @@ def scan_transactions(
                 file.seek(position)
                 claimed_end = position + 8 + _int8.unpack(file.read(8))[0]
                 result.damaged_inside = claimed_end < file_size and not (
-                    _zeros_to_end(file, claimed_end)
+                    zeros_to_end(file, claimed_end)
                 )
             break
         file.seek(position)
@@ -344,7 +337,7 @@ def _check_transaction(
     # Durus writes no empty transactions after the map in practice; zeros
     # running to the end of the file are what a crash leaves, except for a
     # single empty transaction that ends the file exactly.
-    if length == 0 and file_size - position > 8 and _zeros_to_end(file, position):
+    if length == 0 and file_size - position > 8 and zeros_to_end(file, position):
         return f"{file_size - position} zero bytes run to the end of the file"
 
     found: dict[bytes, int] = {}
@@ -383,14 +376,13 @@ def record_spans(file: BinaryIO, span: TransactionSpan) -> Iterator[tuple[int, i
         at += 8 + size
 
 
-def _zeros_to_end(file: BinaryIO, position: int) -> bool:
+def zeros_to_end(file: BinaryIO, position: int) -> bool:
+    """Return whether every byte from ``position`` to the end is zero."""
     file.seek(position)
-    while True:
-        chunk = file.read(1 << 16)
-        if not chunk:
-            return True
+    while chunk := file.read(1 << 16):
         if chunk.count(0) != len(chunk):
             return False
+    return True
 
 
 # --- zeros where record data belongs -------------------------------------------------
