@@ -541,6 +541,285 @@ module_persistent_id_filter(PyObject *module, PyObject *func)
     return (PyObject *)filter;
 }
 
+/* --- BTree insertion ----------------------------------------------------- */
+
+static PyObject *str_items;
+static PyObject *str_nodes;
+static PyObject *str_count;
+static PyObject *str_minimum_degree;
+static PyObject *long_one;
+
+/* 2 * type(node).minimum_degree - 1, the most items a node may hold. */
+static Py_ssize_t
+node_limit(PyObject *node)
+{
+    PyObject *degree = PyObject_GetAttr((PyObject *)Py_TYPE(node), str_minimum_degree);
+    if (degree == NULL) {
+        return -1;
+    }
+    Py_ssize_t value = PyLong_AsSsize_t(degree);
+    Py_DECREF(degree);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return 2 * value - 1;
+}
+
+/* item[0] of a node item (a tuple, as stored; any sequence is accepted). */
+static PyObject *
+item_key(PyObject *item)
+{
+    if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) > 0) {
+        return Py_NewRef(PyTuple_GET_ITEM(item, 0));
+    }
+    return PySequence_GetItem(item, 0);
+}
+
+static PyObject *
+get_items(PyObject *node)
+{
+    PyObject *items = PyObject_GetAttr(node, str_items);
+    if (items != NULL && !PyList_Check(items)) {
+        PyErr_Format(PyExc_TypeError, "the items of %R are not a list", node);
+        Py_CLEAR(items);
+    }
+    return items;
+}
+
+static int
+note_node_change(PyObject *node)
+{
+    PyObject *result;
+    if (PyObject_TypeCheck(node, &PersistentBase_Type)) {
+        result = persistent_base_note_change((PersistentBaseObject *)node, NULL);
+    }
+    else {
+        result = PyObject_CallMethodNoArgs(node, str_p_note_change);
+    }
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+/* The first position in items whose key is not below key, or -1. */
+static Py_ssize_t
+bisect_items(PyObject *items, PyObject *key)
+{
+    Py_ssize_t low = 0, high = PyList_GET_SIZE(items);
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        PyObject *item = PyList_GET_ITEM(items, middle);
+        Py_INCREF(item);
+        PyObject *middle_key = item_key(item);
+        Py_DECREF(item);
+        if (middle_key == NULL) {
+            return -1;
+        }
+        int below = PyObject_RichCompareBool(middle_key, key, Py_LT);
+        Py_DECREF(middle_key);
+        if (below < 0) {
+            return -1;
+        }
+        if (below) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+        if (high > PyList_GET_SIZE(items)) {
+            PyErr_SetString(PyExc_RuntimeError, "node items changed while comparing");
+            return -1;
+        }
+    }
+    return low;
+}
+
+/* 1 when items[position] has key (and replaces it with item), 0 when not. */
+static int
+replace_equal(PyObject *items, Py_ssize_t position, PyObject *key, PyObject *item)
+{
+    if (position >= PyList_GET_SIZE(items)) {
+        return 0;
+    }
+    PyObject *found = item_key(PyList_GET_ITEM(items, position));
+    if (found == NULL) {
+        return -1;
+    }
+    int equal = PyObject_RichCompareBool(found, key, Py_EQ);
+    Py_DECREF(found);
+    if (equal > 0) {
+        if (PyList_SetItem(items, position, Py_NewRef(item)) < 0) {
+            return -1;
+        }
+    }
+    return equal;
+}
+
+/* _btree_add(root, key, item, split_child): the descent of BTree.add (see
+ * dhruva.btree) for a root that is not full. */
+static PyObject *
+module_btree_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "_btree_add() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *key = args[1], *item = args[2], *split_child = args[3];
+    PyObject *path = PyList_New(0);
+    PyObject *node = Py_NewRef(args[0]);
+    PyObject *items = NULL, *nodes = NULL, *child = NULL, *child_items = NULL;
+    PyTypeObject *limit_type = NULL;
+    Py_ssize_t limit = 0;
+    int done = 0;
+    if (path == NULL || (items = get_items(node)) == NULL) {
+        goto error;
+    }
+    while (1) {
+        Py_ssize_t position = bisect_items(items, key);
+        if (position < 0) {
+            goto error;
+        }
+        int equal = replace_equal(items, position, key, item);
+        if (equal < 0) {
+            goto error;
+        }
+        if (equal) {
+            if (note_node_change(node) < 0) {
+                goto error;
+            }
+            done = 1; /* replaced: no count changes */
+            break;
+        }
+        nodes = PyObject_GetAttr(node, str_nodes);
+        if (nodes == NULL) {
+            goto error;
+        }
+        if (nodes == Py_None) {
+            if (PyList_Insert(items, position, item) < 0 || note_node_change(node) < 0) {
+                goto error;
+            }
+            PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(items));
+            if (count == NULL) {
+                goto error;
+            }
+            int failed = PyObject_GenericSetAttr(node, str_count, count);
+            Py_DECREF(count);
+            if (failed < 0) {
+                goto error;
+            }
+            break;
+        }
+        if (!PyList_Check(nodes) || position >= PyList_GET_SIZE(nodes)) {
+            PyErr_Format(PyExc_TypeError, "the child nodes of %R do not match its items",
+                         node);
+            goto error;
+        }
+        child = Py_NewRef(PyList_GET_ITEM(nodes, position));
+        if ((child_items = get_items(child)) == NULL) {
+            goto error;
+        }
+        if (Py_TYPE(child) != limit_type) {
+            if ((limit = node_limit(child)) < 0) {
+                goto error;
+            }
+            limit_type = Py_TYPE(child);
+        }
+        if (PyList_GET_SIZE(child_items) >= limit) {
+            PyObject *position_object = PyLong_FromSsize_t(position);
+            if (position_object == NULL) {
+                goto error;
+            }
+            PyObject *result = PyObject_CallFunctionObjArgs(split_child, node,
+                                                            position_object, child, NULL);
+            Py_DECREF(position_object);
+            if (result == NULL) {
+                goto error;
+            }
+            Py_DECREF(result);
+            /* The middle item went up into items[position]. */
+            equal = replace_equal(items, position, key, item);
+            if (equal < 0) {
+                goto error;
+            }
+            if (equal) {
+                done = 1;
+                break;
+            }
+            PyObject *middle = item_key(PyList_GET_ITEM(items, position));
+            if (middle == NULL) {
+                goto error;
+            }
+            int below = PyObject_RichCompareBool(middle, key, Py_LT);
+            Py_DECREF(middle);
+            if (below < 0) {
+                goto error;
+            }
+            if (below) {
+                position += 1;
+            }
+            if (position >= PyList_GET_SIZE(nodes)) {
+                PyErr_SetString(PyExc_RuntimeError, "a split left no child to descend into");
+                goto error;
+            }
+            Py_SETREF(child, Py_NewRef(PyList_GET_ITEM(nodes, position)));
+            Py_SETREF(child_items, get_items(child));
+            if (child_items == NULL) {
+                goto error;
+            }
+        }
+        if (PyList_Append(path, node) < 0) {
+            goto error;
+        }
+        Py_CLEAR(nodes);
+        Py_SETREF(node, child);
+        child = NULL;
+        Py_SETREF(items, child_items);
+        child_items = NULL;
+    }
+
+    /* A new key: every node on the way down holds one item more. */
+    if (!done) {
+        Py_ssize_t size = PyList_GET_SIZE(path);
+        for (Py_ssize_t i = 0; i < size; i++) {
+            PyObject *above = PyList_GET_ITEM(path, i);
+            if (note_node_change(above) < 0) {
+                goto error;
+            }
+            PyObject *count = PyObject_GetAttr(above, str_count);
+            if (count == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    goto error;
+                }
+                PyErr_Clear(); /* a node written by Durus 4.3 keeps no count */
+                continue;
+            }
+            PyObject *more = PyNumber_Add(count, long_one);
+            Py_DECREF(count);
+            if (more == NULL) {
+                goto error;
+            }
+            int failed = PyObject_GenericSetAttr(above, str_count, more);
+            Py_DECREF(more);
+            if (failed < 0) {
+                goto error;
+            }
+        }
+    }
+    Py_XDECREF(nodes);
+    Py_DECREF(items);
+    Py_DECREF(node);
+    Py_DECREF(path);
+    Py_RETURN_NONE;
+
+error:
+    Py_XDECREF(child_items);
+    Py_XDECREF(child);
+    Py_XDECREF(nodes);
+    Py_XDECREF(items);
+    Py_XDECREF(node);
+    Py_XDECREF(path);
+    return NULL;
+}
+
 /* --- module functions ---------------------------------------------------- */
 
 static PyObject *
@@ -674,6 +953,8 @@ static PyMethodDef module_methods[] = {
     {"_untouch_all", module_untouch_all, METH_O, "_untouch() each object."},
     {"_persistent_id_filter", module_persistent_id_filter, METH_O,
      "Return a callable that calls func(obj) only for persistent objects."},
+    {"_btree_add", (PyCFunction)(void (*)(void))module_btree_add, METH_FASTCALL,
+     "The descent of BTree.add for a root that is not full."},
     {"_retouch", module_retouch, METH_O,
      "Give an object its own class back without loading or noting anything."},
     {NULL},
@@ -706,6 +987,10 @@ intern_strings(void)
     INTERN(str_setstate, "__setstate__");
     INTERN(str_ghost_class_key, "__dhruva_ghost_class__");
     INTERN(str_make_ghost_class, "make_ghost_class");
+    INTERN(str_items, "items");
+    INTERN(str_nodes, "nodes");
+    INTERN(str_count, "_count");
+    INTERN(str_minimum_degree, "minimum_degree");
 #undef INTERN
     return 0;
 }
@@ -717,6 +1002,9 @@ PyInit__persistent(void)
         return NULL;
     }
     if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
+        return NULL;
+    }
+    if (long_one == NULL && (long_one = PyLong_FromLong(1)) == NULL) {
         return NULL;
     }
     GhostBase_Type.tp_base = &PersistentBase_Type;

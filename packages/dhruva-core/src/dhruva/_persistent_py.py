@@ -28,7 +28,7 @@ Writes keep a ``__setattr__`` hook on every persistent class (change tracking).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 UNSAVED = 1
@@ -237,3 +237,7 @@ def _persistent_id_filter(func: Any, /) -> Any:
     (The C version saves a Python call per object; here ``func`` checks.)
     """
     return func
+
+
+#: The C accelerator's descent of ``BTree.add``; dhruva.btree's own is used here.
+_btree_add: Callable[[Any, Any, Any, Any], None] | None = None

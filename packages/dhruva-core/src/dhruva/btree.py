@@ -56,6 +56,7 @@ from dhruva.error import DhruvaError
 from dhruva.persistent import (
     GHOST_CLASS_MARK,
     PersistentObject,
+    _btree_add,
     _getattribute,
     _setattribute,
 )
@@ -673,9 +674,6 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
 
     # -- changes
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.add(key, value)
-
     def add(self, key: Any, value: Any = True) -> None:
         """Make ``self[key]`` equal ``value`` (True by default, for set-like use)."""
         item = (key, value)
@@ -690,6 +688,9 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
 
         # Descend, splitting full children first so that a split never has to
         # travel back up. Only a new key changes the counts on the path.
+        if _btree_add is not None:
+            _btree_add(root, key, item, _split_child)  # the same, in C
+            return
         # Every node of a tree has the root's class (see set_bnode_class).
         limit = 2 * root_class.minimum_degree - 1
         path: list[BNode] = []
@@ -730,6 +731,8 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
                 node._count += 1
             except AttributeError:
                 pass  # a node written by Durus 4.3: it keeps no count
+
+    __setitem__ = add
 
     def __delitem__(self, key: Any) -> None:
         root = self.root

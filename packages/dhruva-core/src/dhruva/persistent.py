@@ -42,6 +42,7 @@ if os.environ.get("DHRUVA_PURE_PYTHON"):
         UNSAVED,
         ConnectionBase,
         PersistentBase,
+        _btree_add,
         _delattribute,
         _getattribute,
         _ghost_class,
@@ -60,6 +61,7 @@ else:
             UNSAVED,
             ConnectionBase,
             PersistentBase,
+            _btree_add,
             _delattribute,
             _getattribute,
             _ghost_class,
@@ -77,6 +79,7 @@ else:
             UNSAVED,
             ConnectionBase,
             PersistentBase,
+            _btree_add,
             _delattribute,
             _getattribute,
             _ghost_class,
@@ -101,7 +104,8 @@ __all__ = [
     "PersistentBase",
     "PersistentObject",
     "call_if_persistent",
-    # Used by the connection, its cache and the serializers:
+    # Used by the connection, its cache, the serializers and the BTree:
+    "_btree_add",
     "_ghost_class",
     "_persistent_id_filter",
     "_retouch",
