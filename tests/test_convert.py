@@ -236,6 +236,29 @@ def test_a_missing_source_is_an_error_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_source_damaged_in_the_middle_is_refused(tmp_path):
+    from dhruva.file_history import list_transactions
+    from dhruva.file_storage import FileStorage
+
+    src, dst = tmp_path / "src.dhruva", tmp_path / "dst.sqlite"
+    connection = Connection(FileStorage(src, format="dhruva"))
+    root = connection.get_root()
+    for n in range(6):
+        root[n] = PersistentDict(n=n)
+        connection.commit()
+    connection.close()
+    spans = list_transactions(src)
+    data = bytearray(src.read_bytes())
+    data[(spans[2].start + spans[2].end) // 2] ^= 0x10  # commits follow it
+    src.write_bytes(bytes(data))
+
+    result = convert(str(src), str(dst))
+    assert result.exit_code == 1, result.output
+    assert f"{src} is damaged at byte offset {spans[2].start}" in result.output
+    assert "Restore" in result.output
+    assert not dst.exists()
+
+
 def test_a_failed_conversion_removes_what_it_wrote(made, tmp_path):
     # A source record that refers to an oid it does not hold fails the copy.
     broken = tmp_path / "broken.durus"

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import click
 from dhruva.cli_options import _check_storage_name, cli_plugins, library_errors
 from dhruva.plugins import DEFAULT_STORAGE, KNOWN_STORAGES, Plugins
+from dhruva.verify import refuse_damage_in_the_middle
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,13 @@ def convert_command(
     with library_errors(f"cannot open {src}"):
         source = plugins.open_storage(src, from_storage, readonly=True)
     try:
+        with library_errors(f"cannot convert {src}", src):
+            refuse_damage_in_the_middle(
+                source,
+                src,
+                "a conversion would copy only the database as it was before it, "
+                "so none is made",
+            )
         with library_errors(f"cannot create {dst}"):
             destination = plugins.open_storage(dst, kind)
         try:

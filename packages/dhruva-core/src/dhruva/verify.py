@@ -31,6 +31,7 @@ Limitations:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import pickle
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dhruva.error import DhruvaError, DhruvaKeyError
+from dhruva.error import DhruvaError, DhruvaKeyError, StorageError
 from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.serialize import check_pickle_data, extract_class_name
 from dhruva.serializer import TAG_START, split_tagged
@@ -168,6 +169,70 @@ class VerifyReport:
                 for d in self.dangling
             ],
         }
+
+
+# --- what a read-only open stopped at --------------------------------------------
+
+
+def damage_in_the_middle(storage: Storage) -> StorageError | None:
+    """Return the damage a read-only file storage stopped reading at, when
+    later commits follow it; None otherwise.
+
+    A read-only open of a file damaged in the middle reads the database as it
+    was just before the damage and keeps the error as ``storage.damage``
+    (dhruva-file's storages); an incomplete last transaction, which a crash
+    or a commit in progress leaves, is not damage in the middle.
+    """
+    damage = getattr(storage, "damage", None)
+    if not isinstance(damage, StorageError):
+        return None
+    try:
+        shelf = importlib.import_module("dhruva.shelf")
+    except ImportError:
+        return damage
+    return None if isinstance(damage, shelf.TornTailError) else damage
+
+
+def describe_damage_in_the_middle(
+    path: str, damage: StorageError, consequence: str
+) -> str:
+    """Say where a file is damaged in the middle, what that means for the
+    command, and what to do.
+
+    :param damage: what :func:`damage_in_the_middle` returned.
+    :param consequence: what the damage does to the command, e.g. ``"a backup
+        would hold only the commits before it, so none is taken"``.
+    """
+    offset = getattr(damage, "offset", None)
+    size = getattr(damage, "size", None)
+    reason = getattr(damage, "reason", None) or str(damage)
+    if not isinstance(offset, int):
+        return (
+            f"{path} is damaged: {damage}; {consequence}. Restore it from a "
+            f"backup (`dhruva verify {path}` lists what is damaged)"
+        )
+    later = (
+        f"{size - offset} bytes of later commits follow it"
+        if isinstance(size, int)
+        else "later commits follow it"
+    )
+    return (
+        f"{path} is damaged at byte offset {offset} ({reason}), and {later}: "
+        f"{consequence}. Restore {path} from a backup (check the backup with "
+        f"`dhruva verify`), or keep the commits before the damage with "
+        f"`dhruva restore {path} --at {offset} --output NEW`"
+    )
+
+
+def refuse_damage_in_the_middle(storage: Storage, path: str, consequence: str) -> None:
+    """Raise when ``storage`` (opened read-only) stopped at damage in the middle.
+
+    :param consequence: as for :func:`describe_damage_in_the_middle`.
+    :raises StorageError: saying where the damage is and what to do.
+    """
+    damage = damage_in_the_middle(storage)
+    if damage is not None:
+        raise StorageError(describe_damage_in_the_middle(path, damage, consequence))
 
 
 # --- reading the records -------------------------------------------------------
