@@ -320,7 +320,15 @@ def test_backup_is_full_then_incremental_then_full_after_a_pack(
     connection.commit()
     connection.pack()
     connection.close()
-    assert "full copy" in run("backup", str(path), str(copy)).output
+    # After a pack the file no longer starts with the backup's bytes: a
+    # backup of it replaces the earlier one only when asked to.
+    kept = copy.read_bytes()
+    result = run("backup", str(path), str(copy))
+    assert result.exit_code == 1
+    assert f"{copy} is not an earlier backup of {path}" in result.output
+    assert "packed" in result.output and "--full" in result.output
+    assert copy.read_bytes() == kept
+    assert "full copy" in run("backup", "--full", str(path), str(copy)).output
     assert copy.read_bytes() == path.read_bytes()
     assert run("verify", str(copy)).exit_code == 0
 
@@ -542,6 +550,134 @@ def test_a_backup_restores_by_opening_it(tmp_path: Path) -> None:
     assert storage.load(ROOT_OID)
     storage.close()
     assert read_values(path) == (2, list(range(30)))
+
+
+# --- damaged sources and destinations -------------------------------------------
+
+
+def damage_a_middle_commit(path: Path) -> int:
+    """Flip one bit inside a commit of a DHRUVA1 file that has commits after
+    it; return where that commit starts."""
+    positions = history_positions(path)
+    assert len(positions) >= 4
+    start, end = positions[1], positions[2]
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    return start
+
+
+def damage_a_base_record(path: Path) -> int:
+    """Pack a DHRUVA1 database and flip a bit in one of its records; return
+    the oid ``dhruva verify`` says is damaged."""
+    connection = Connection(FileStorage(path, format="dhruva"))
+    connection.pack()
+    connection.close()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = json.loads(run("verify", "--json", str(path)).stdout)
+    (oid,) = [d["oid"] for d in report["damaged"] if d["oid"] is not None]
+    return int(oid)
+
+
+def test_backup_refuses_a_source_damaged_in_the_middle(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "dhruva")
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    good = copy.read_bytes()
+    offset = damage_a_middle_commit(path)
+
+    result = run("backup", str(path), str(copy))
+    assert result.exit_code == 1, result.output
+    assert f"{path} is damaged at byte offset {offset}" in result.output
+    assert "Restore" in result.output and f"--at {offset}" in result.output
+    assert copy.read_bytes() == good  # the good backup is kept whole
+    assert run("backup", "--full", str(path), str(tmp_path / "new")).exit_code == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_backup_checks_the_checksum_of_every_record(tmp_path: Path) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, "dhruva")
+    oid = damage_a_base_record(path)
+
+    result = run("backup", str(path), str(copy))
+    assert result.exit_code == 1, result.output
+    assert f"{path} is damaged, so no backup of it is taken" in result.output
+    assert f"oid {oid}" in result.output and "byte offset" in result.output
+    assert not copy.exists()
+
+
+def test_info_refuses_a_file_damaged_in_the_middle(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    offset = damage_a_middle_commit(path)
+
+    result = run("info", str(path))
+    assert result.exit_code == 1
+    assert "format:   DHRUVA1" in result.output  # what is known comes first
+    assert f"size:     {path.stat().st_size} bytes" in result.output
+    assert f"{path} is damaged at byte offset {offset}" in result.output
+    assert "commits:" not in result.output
+
+
+@pytest.mark.parametrize("kind", ["file", "dhruva", "file2"])
+def test_backup_refuses_a_destination_newer_than_the_source(
+    tmp_path: Path, kind: str
+) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, kind)
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    connection = Connection(open_db(path, kind))
+    connection.get_root()["n"] = 99
+    connection.commit()
+    connection.close()
+    recent = path.read_bytes()
+
+    # The arguments the wrong way round: the live file is DEST.
+    result = run("backup", str(copy), str(path))
+    assert result.exit_code == 1
+    assert f"{path} holds" in result.output and "newer than" in result.output
+    assert path.read_bytes() == recent
+    assert read_values(path)[0] == 99
+
+    # Another database is no earlier backup either.
+    other = tmp_path / "other"
+    make_database(other, kind, objects=3)
+    result = run("backup", str(other), str(path))
+    assert result.exit_code == 1
+    assert f"{path} is not an earlier backup of {other}" in result.output
+    assert path.read_bytes() == recent
+
+    # --full (or --force) replaces it all the same.
+    assert run("backup", "--force", str(copy), str(path)).exit_code == 0
+    assert read_values(path)[0] == 2
+    assert "--full" in run("backup", "--help").output
+
+
+@pytest.mark.parametrize("kind", ["file", "dhruva", "file2"])
+def test_backup_does_not_append_to_a_damaged_backup(tmp_path: Path, kind: str) -> None:
+    path, copy = tmp_path / "db", tmp_path / "copy"
+    make_database(path, kind)
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    connection = Connection(open_db(path, kind))
+    connection.get_root()["n"] = 99
+    connection.commit()
+    connection.close()
+    data = bytearray(copy.read_bytes())
+    offset = len(data) // 2
+    data[offset] ^= 0x02
+    copy.write_bytes(bytes(data))
+
+    result = run("backup", str(path), str(copy))
+    assert result.exit_code == 1
+    assert f"damaged at byte offset {offset}" in result.output
+    assert copy.read_bytes() == data  # nothing appended
+
+    result = run("backup", "--full", str(path), str(copy))
+    assert "full copy" in result.output
+    assert copy.read_bytes() == path.read_bytes()
 
 
 # --- dhruva client --at: a past commit of a file storage ----------------------------

@@ -7,10 +7,13 @@ Three ways, by what the source is:
   transaction after another. A read-only open tells where the last complete
   transaction ends; the bytes up to there are copied from the very file that
   open read (so a pack renaming a new file over it does not matter) and
-  synced. When the destination is already an earlier backup of the same file
-  (it ends at one of the file's transaction boundaries, and its first and
-  last bytes match the file's) only the new bytes are appended. Otherwise,
-  after a pack for instance, the whole file is copied again.
+  synced. A file damaged in the middle (the read-only open stops there) is
+  refused, and so is one whose checksums (DHRUVA1) fail anywhere: no backup
+  of a damaged file replaces a good one. When the destination is already
+  an earlier backup of the same file (its bytes are the file's up to one of
+  its transaction boundaries) only the new bytes are appended. A destination
+  that is not (the file was packed since, the destination is newer, damaged,
+  or another database) is refused unless a full copy is asked for.
 - A SQLite file: SQLite's own online backup API, which copies a consistent
   state while writers go on.
 - A server: every record reachable from the root is read through the server
@@ -25,9 +28,12 @@ restore is opening the copy (check it with ``dhruva verify``).
 
 Limitations:
 
-- The incremental check compares the destination's size with the file's
-  transaction boundaries and its first and last 64 KiB with the file; it
-  does not read the whole destination.
+- Every backup of a file reads the whole source (its checksums) and the
+  whole existing destination (compared byte for byte with the source), not
+  only the new commits.
+- A destination that shares no bytes with the source's current file can not
+  be told apart from another database: after a pack, give ``full=True``
+  (``--full``).
 - A copy through a server needs a moment with no commit between two of its
   requests (a millisecond or so, once the first pass is done); on a server
   that commits without any pause it gives up after :data:`MAX_ROUNDS`
@@ -53,6 +59,7 @@ from urllib.parse import quote
 from dhruva.error import DhruvaError, DhruvaKeyError, ReadConflictError, StorageError
 from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.storage import Storage
+from dhruva.verify import damage_in_the_middle, describe_damage_in_the_middle
 
 if TYPE_CHECKING:
     from dhruva.plugins import Plugins
@@ -158,12 +165,45 @@ def check_destination(
 # --- append-only files ------------------------------------------------------------
 
 
+def _check_source(storage: Storage, src: str, dest: str) -> None:
+    """Refuse a source damaged in the middle, or whose checksums fail.
+
+    A read-only open stops at damage in the middle (the copy would end
+    there); a format with checksums (DHRUVA1) has every record and
+    transaction checked, so that no damaged record is copied silently.
+    """
+    damage = damage_in_the_middle(storage)
+    if damage is not None:
+        raise StorageError(
+            describe_damage_in_the_middle(
+                src,
+                damage,
+                "a backup would hold only the commits before it, so none is "
+                f"taken ({dest} is left as it is)",
+            )
+        )
+    check = getattr(storage, "check", None)
+    if not callable(check):
+        return
+    # Damaged records first: they name the oid.
+    problems = sorted(check(), key=lambda p: getattr(p, "oid", None) is None)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StorageError(
+            f"{src} is damaged, so no backup of it is taken and {dest} is left "
+            f"as it is: {problems[0]}{more}. `dhruva verify {src}` lists every "
+            "damaged part; keep your earlier backups, they may be the only sound "
+            "copy"
+        )
+
+
 def _open_consistent(
-    src: str, kind: str | None, plugins: Plugins
+    src: str, dest: str, kind: str | None, plugins: Plugins
 ) -> tuple[BinaryIO, list[int]]:
     """Open ``src`` and list its transaction boundaries, both of one file.
 
     :return: the open file, and the ends of its complete transactions.
+    :raises StorageError: when ``src`` is damaged (see :func:`_check_source`).
     """
     for _attempt in range(10):
         file = open(src, "rb")  # noqa: SIM115 (returned open)
@@ -178,6 +218,7 @@ def _open_consistent(
                         "be taken"
                     )
                 ends = [span.end for span in transactions()]
+                _check_source(storage, src, dest)
             finally:
                 storage.close()
             # Both must have read the same file: a pack may have renamed a new
@@ -209,19 +250,99 @@ def _copy_range(
         progress(len(chunk), end)
 
 
-def _is_earlier_copy(
-    source: BinaryIO, target: BinaryIO, size: int, boundaries: set[int]
-) -> bool:
-    """Whether ``target`` (``size`` bytes) looks like an earlier copy of ``source``."""
-    if size not in boundaries:
-        return False
-    for start in sorted({0, max(0, size - _COMPARE)}):
-        length = min(_COMPARE, size - start)
-        source.seek(start)
-        target.seek(start)
-        if source.read(length) != target.read(length):
-            return False
-    return True
+def _first_difference(
+    source: BinaryIO, target: BinaryIO, start: int, end: int
+) -> int | None:
+    """Return the first byte offset in ``start..end`` where the files differ."""
+    position = start
+    while position < end:
+        length = min(_CHUNK, end - position)
+        ours = os.pread(source.fileno(), length, position)
+        theirs = os.pread(target.fileno(), length, position)
+        if ours != theirs:
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+                if a != b:
+                    return position + i
+            return position + min(len(ours), len(theirs))
+        position += length
+    return None
+
+
+def _compare(
+    source: BinaryIO, target: BinaryIO, size: int, ends: list[int]
+) -> tuple[str, int | None]:
+    """Tell what an existing destination of ``size`` bytes is to ``source``.
+
+    Every byte the two share is compared.
+
+    :return: ``("same", None)``, ``("earlier", None)`` (an earlier copy ending
+        at a commit), ``("cut-short", None)`` (an earlier copy whose last
+        append did not finish), ``("newer", None)`` (the source's commits and
+        more), ``("damaged", offset)`` (an earlier copy with some bytes
+        changed), or ``("other", offset)`` (not a copy of this file as it is).
+    """
+    end = ends[-1]
+    common = min(size, end)
+    differs = _first_difference(source, target, 0, common)
+    if differs is None:
+        if size == end:
+            return "same", None
+        if size > end:
+            return "newer", None
+        return ("earlier" if size in set(ends) else "cut-short"), None
+
+    # Equal again after the difference: damage in a copy of this file.
+    again = max(differs + 1, common - _COMPARE)
+    if again < common and _first_difference(source, target, again, common) is None:
+        return "damaged", differs
+    return "other", differs
+
+
+def _complete_end(path: str, plugins: Plugins) -> int | None:
+    """Return where the last complete transaction of a file ends, if it can
+    be read."""
+    try:
+        storage = plugins.open_storage(path, None, readonly=True)
+    except Exception:  # a damaged or foreign file: no answer
+        log.debug("cannot open %s to list its transactions", path, exc_info=True)
+        return None
+    try:
+        transactions = getattr(storage, "transactions", None)
+        return transactions()[-1].end if transactions is not None else None
+    except Exception:
+        log.debug("cannot list the transactions of %s", path, exc_info=True)
+        return None
+    finally:
+        storage.close()
+
+
+def _refusal(
+    src: str, dest: str, found: str, offset: int | None, size: int, end: int
+) -> str:
+    """Say why ``dest`` is not replaced or appended to, and what to do."""
+    if found == "newer":
+        return (
+            f"{dest} holds {size - end} bytes of commits after the {end} bytes of "
+            f"{src}'s commits: it is newer than {src} (are SRC and DEST the "
+            "wrong way round?), and a backup would throw those commits away. "
+            f"Check the order of the arguments; give --full to replace {dest} "
+            "all the same"
+        )
+    if found == "damaged":
+        return (
+            f"{dest} is an earlier backup of {src} that is damaged at byte offset "
+            f"{offset} (its bytes there differ from {src}'s, and the later ones "
+            "match): new commits are not appended to a damaged backup. Give "
+            f"--full to replace it with a whole new copy of {src} "
+            f"(`dhruva verify {dest}` shows the damage)"
+        )
+    return (
+        f"{dest} is not an earlier backup of {src}: the two differ from byte "
+        f"offset {offset} on (a backup taken before {src} was last packed, or a "
+        "copy of another database). A backup appends only to an earlier backup "
+        f"of the same file: give --full to replace {dest} with a whole copy of "
+        f"{src}, or choose another destination"
+    )
 
 
 def backup_file(
@@ -235,30 +356,52 @@ def backup_file(
 ) -> BackupResult:
     """Copy an append-only database file up to its last complete transaction.
 
+    An existing ``dest`` must be an earlier backup of ``src``: its bytes the
+    start of ``src``'s (then only the new commits are appended), or of them
+    up to a commit and an append that did not finish (copied again). Any
+    other database file is replaced only when ``full`` is given.
+
     :param kind: the storage kind of ``src``; recognized when None.
-    :param full: copy the whole file even when ``dest`` is an earlier copy.
+    :param full: copy the whole file, replacing whatever ``dest`` holds.
     :param progress: called as bytes are copied.
+    :raises StorageError: when ``src`` is damaged, or ``dest`` is not an
+        earlier backup of it (newer, damaged, another database) and ``full``
+        is not given.
     """
     check_destination(src, dest, plugins)
-    source, ends = _open_consistent(src, kind, plugins)
+    source, ends = _open_consistent(src, dest, kind, plugins)
     with source:
         end = ends[-1]
 
         # An earlier backup of this file: append what is new.
-        if not full and os.path.exists(dest):
+        if os.path.exists(dest) and os.path.getsize(dest):
             with open(dest, "r+b") as target:
                 _lock_destination(target, dest)
                 size = os.fstat(target.fileno()).st_size
-                if _is_earlier_copy(source, target, size, set(ends)):
-                    if size == end:
-                        return BackupResult("unchanged", 0, size)
+                found, offset = _compare(source, target, size, ends)
+                if found == "newer" and _complete_end(dest, plugins) == end:
+                    found = "cut-short"  # an incomplete append after ``end``
+                if found == "same" and not full:
+                    return BackupResult("unchanged", 0, size)
+                if found == "earlier" and not full:
                     target.seek(size)
                     _copy_range(source, target, size, end, progress)
                     target.flush()
                     os.fsync(target.fileno())
                     log.info("appended %d bytes of %s to %s", end - size, src, dest)
                     return BackupResult("incremental", end - size, end)
-                log.info("%s is not an earlier copy of %s: copying it all", dest, src)
+                if found in ("newer", "damaged", "other"):
+                    message = _refusal(src, dest, found, offset, size, end)
+                    if not full:
+                        raise StorageError(message)
+                    log.info("%s; with --full: copying it all", message)
+                elif found == "cut-short":
+                    log.info(
+                        "%s is an earlier backup of %s whose last append did not "
+                        "finish: copying it all",
+                        dest,
+                        src,
+                    )
 
         # A full copy, renamed over the destination once it is on disk.
         partial = dest + PARTIAL_SUFFIX

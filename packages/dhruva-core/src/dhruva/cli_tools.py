@@ -358,6 +358,65 @@ def _header_text(path: str) -> str:
     return text.decode("ascii", "replace") if text.isascii() else head.hex()
 
 
+#: File formats by how their header starts, and the name ``dhruva info`` shows.
+_FORMATS = (
+    ("DHRUVA1", "DHRUVA1"),
+    ("SHELF-1", "SHELF-1"),
+    ("DFS20", "DFS20"),
+    ("SQLite format 3", "SQLite"),
+)
+
+
+def _format_name(header: str) -> str:
+    """Return the name of the file format a header starts, or the header."""
+    for prefix, name in _FORMATS:
+        if header.startswith(prefix):
+            return name
+    return header or "?"
+
+
+def _count_records(storage: Storage) -> tuple[dict[str, int], int, int | None]:
+    """Read every record once: the census by class, the number of records and
+    the number reachable from the root (None when there is no root)."""
+    from dhruva.record import ROOT_OID, split_oids, unpack_record
+    from dhruva.serialize import extract_class_name
+
+    census: dict[str, int] = {}
+    refs_of: dict[bytes, list[bytes]] = {}
+    for oid, record in storage.gen_oid_record():
+        name = extract_class_name(record)
+        census[name] = census.get(name, 0) + 1
+        refs_of[oid] = split_oids(unpack_record(record)[2])
+    if ROOT_OID not in refs_of:
+        return census, len(refs_of), None
+    seen = {ROOT_OID}
+    todo = [ROOT_OID]
+    while todo:
+        for ref in refs_of[todo.pop()]:
+            if ref not in seen and ref in refs_of:
+                seen.add(ref)
+                todo.append(ref)
+    return census, len(refs_of), len(seen)
+
+
+def _print_info_head(data: dict[str, Any], description: str) -> None:
+    click.echo(f"{data['file']}")
+    click.echo(f"  storage:  {data['storage']} ({description})")
+    click.echo(f"  format:   {data['format']}; header {data['header']!r}")
+    click.echo(f"  size:     {data['size']} bytes")
+
+
+def _info_failed(
+    data: dict[str, Any], description: str, as_json: bool, message: str
+) -> click.ClickException:
+    """Show what is known of the file, and return the error to raise."""
+    if as_json:
+        click.echo(json.dumps({**data, "error": message}, indent=2))
+    else:
+        _print_info_head(data, description)
+    return click.ClickException(message)
+
+
 @click.command("info")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @_storage_option("Storage kind of FILE; by default it is recognized from the file.")
@@ -366,45 +425,87 @@ def _header_text(path: str) -> str:
 def info_command(
     ctx: click.Context, file: str, storage: str | None, as_json: bool
 ) -> None:
-    """Describe FILE: format, size, commits, objects and a census by class."""
-    from dhruva.storage import get_census
+    """Describe FILE: format, size, commits, records and a census by class.
+
+    A file damaged in the middle is refused (exit status 1) after its format
+    and size: run `dhruva verify FILE` for what is damaged.
+    """
+    from dhruva.verify import damage_in_the_middle, describe_damage_in_the_middle
 
     plugins = cli_plugins(ctx)
     with library_errors(f"reading {file}", file):
-        kind_name = storage or plugins.recognize(file) or "?"
-        kind = plugins.get_storage_kind(kind_name)
-        header = _header_text(file)
         size = os.path.getsize(file)
-    opened = open_file_storage(file, kind_name, readonly=True, ctx=ctx)
+        if size == 0 and storage is None:
+            raise click.ClickException(
+                f"{file} is empty (0 bytes): it holds no database. A program (or "
+                f"`dhruva client --file {file}`) that opens it for writing starts "
+                "a new database in it; if it held one, restore it from a backup"
+            )
+        header = _header_text(file)
+        kind_name = storage or plugins.recognize(file)
+        if kind_name is None:
+            raise click.ClickException(
+                f"{file} is no database file an installed storage recognizes (it "
+                f"begins {header!r}); `dhruva plugins` lists the storages: give "
+                "--storage NAME, or install the plugin that writes it"
+            )
+        kind = plugins.get_storage_kind(kind_name)
+    data: dict[str, Any] = {
+        "file": file,
+        "storage": kind_name,
+        "format": _format_name(header),
+        "header": header,
+        "size": size,
+    }
+
+    # What can not be read is reported after what is known of the file.
     try:
-        with library_errors(f"reading {file}", file):
-            transactions = getattr(opened, "transactions", None)
-            commits = len(transactions()) - 1 if transactions is not None else None
-            objects = opened.get_size()
-            census = get_census(opened)
+        opened = open_file_storage(file, kind_name, readonly=True, ctx=ctx)
+    except click.ClickException as error:
+        raise _info_failed(data, kind.description, as_json, error.message) from error
+    try:
+        damage = damage_in_the_middle(opened)
+        if damage is not None:
+            message = describe_damage_in_the_middle(
+                file,
+                damage,
+                "what follows it can not be read, so the file is not described",
+            )
+            raise _info_failed(data, kind.description, as_json, message)
+        try:
+            with library_errors(f"reading {file}", file):
+                transactions = getattr(opened, "transactions", None)
+                commits = len(transactions()) - 1 if transactions is not None else None
+                census, records, reachable = _count_records(opened)
+        except click.ClickException as error:
+            message = (
+                f"{error.message}; reading the records stopped there, so they are "
+                "not counted"
+            )
+            raise _info_failed(data, kind.description, as_json, message) from error
     finally:
         opened.close()
 
     ordered = dict(sorted(census.items(), key=lambda item: (-item[1], item[0])))
     if as_json:
-        data = {
-            "file": file,
-            "storage": kind_name,
-            "format": kind.description,
-            "header": header,
-            "size": size,
-            "commits_since_pack": commits,
-            "objects": objects if objects is not None else sum(census.values()),
-            "census": ordered,
-        }
+        data.update(
+            commits_since_pack=commits,
+            objects=records,
+            reachable=reachable,
+            census=ordered,
+        )
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"{file}")
-    click.echo(f"  storage:  {kind_name} ({kind.description}); header {header!r}")
-    click.echo(f"  size:     {size} bytes")
+    _print_info_head(data, kind.description)
     if commits is not None:
         click.echo(f"  commits:  {commits} since the last pack (or creation)")
-    click.echo(f"  objects:  {sum(census.values())}")
+    reach = (
+        "no root object, so none is reachable"
+        if reachable is None
+        else f"{reachable} reachable from the root; {records - reachable} "
+        "unreachable, which a pack removes"
+    )
+    click.echo(f"  records:  {records} ({reach}); by class:")
     width = max((len(name) for name in ordered), default=0)
     for name, count in ordered.items():
         click.echo(f"    {name:<{width}}  {count:>8}")
@@ -421,9 +522,13 @@ def info_command(
 )
 @click.option(
     "--full",
+    "--force",
+    "full",
     is_flag=True,
     default=False,
-    help="Copy the whole file even when DEST is an earlier backup of it.",
+    help="Copy the whole file, replacing whatever database DEST holds (needed "
+    "when DEST is not an earlier backup of SRC: SRC was packed since, DEST is "
+    "newer, damaged or another database).",
 )
 @address_options
 @client_security_options
@@ -443,9 +548,13 @@ def backup_command(
     to its last complete commit (and only the new commits when DEST is an
     earlier backup of it); a SQLite file with SQLite's backup API. Without
     SRC, the database of the server at --host/--port or --address is copied
-    into a new file. DEST, if it exists, must be an earlier backup; it is
-    replaced only once the new copy is on disk. Restore by opening the copy;
-    check it with `dhruva verify DEST`.
+    into a new file. DEST, if it exists, must be an earlier backup of SRC
+    (for a file storage: its bytes are the start of SRC's commits); any other
+    database in DEST (newer than SRC, damaged, a copy of SRC from before a
+    pack, another database) is refused unless --full is given. DEST is
+    replaced only once the new copy is on disk. A SRC with damage (checksums
+    that fail, damage in the middle of the file) is refused. Restore by
+    opening the copy; check it with `dhruva verify DEST`.
     """
     from dhruva import backup
 
