@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+_intern = sys.intern
 
 if os.environ.get("DHRUVA_PURE_PYTHON"):
     from dhruva._persistent_py import (
@@ -264,7 +267,10 @@ class Persistent(PersistentObject):
         own = _getattribute(self, "__dict__")
         own.clear()
         if state:
-            own.update(state)
+            # Interned names, as attribute assignment makes them: the
+            # interpreter's fast attribute reads compare names by identity.
+            for key, value in state.items():
+                own[_intern(key) if type(key) is str else key] = value
 
 
 class ComputedAttribute(PersistentObject):
