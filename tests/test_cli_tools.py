@@ -656,6 +656,33 @@ def test_backup_refuses_a_destination_newer_than_the_source(
     assert "--full" in run("backup", "--help").output
 
 
+def test_a_sqlite_backup_refuses_a_newer_destination_or_another_kind(
+    tmp_path: Path,
+) -> None:
+    path, copy = tmp_path / "db.sqlite", tmp_path / "copy.sqlite"
+    make_database(path, "sqlite")
+    assert run("backup", str(path), str(copy)).exit_code == 0
+    connection = Connection(open_db(path, "sqlite"))
+    connection.get_root()["more"] = PersistentList()  # a new oid
+    connection.commit()
+    connection.close()
+
+    result = run("backup", str(copy), str(path))  # the wrong way round
+    assert result.exit_code == 1
+    assert "newer than" in result.output and "--full" in result.output
+    connection = Connection(open_db(path, "sqlite"))
+    assert "more" in connection.get_root()
+    connection.close()
+
+    other = tmp_path / "other"
+    make_database(other, "file")
+    result = run("backup", str(path), str(other))
+    assert result.exit_code == 1
+    assert f"{other} is a file database" in result.output
+    assert run("backup", "--full", str(path), str(other)).exit_code == 0
+    assert read_values(other, "sqlite") == (2, list(range(30)))
+
+
 @pytest.mark.parametrize("kind", ["file", "dhruva", "file2"])
 def test_backup_does_not_append_to_a_damaged_backup(tmp_path: Path, kind: str) -> None:
     path, copy = tmp_path / "db", tmp_path / "copy"

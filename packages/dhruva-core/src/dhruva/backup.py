@@ -433,13 +433,78 @@ def _replace(partial: str, dest: str) -> None:
 # --- SQLite -----------------------------------------------------------------------
 
 
+def _sqlite_oid_counter(path: str) -> int | None:
+    """Return the oid counter of a dhruva (or Durus) SQLite file: the larger of
+    the one it records and its highest oid + 1; None when it can not be read."""
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+            highest = connection.execute("SELECT max(id) FROM objects").fetchone()
+            counter = (highest[0] or 0) + 1 if highest[0] is not None else 0
+            with contextlib.suppress(sqlite3.Error):
+                row = connection.execute(
+                    "SELECT value FROM dhruva_meta WHERE key = 'next_oid'"
+                ).fetchone()
+                if row is not None:
+                    counter = max(counter, int(row[0]))
+            return counter
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+
+
+def check_kind_of_destination(
+    dest: str, kind: str, plugins: Plugins, *, full: bool, source: str
+) -> None:
+    """Refuse an existing ``dest`` that holds another kind of database than a
+    backup writes, unless ``full``.
+
+    :param kind: the storage kind the backup writes.
+    :param source: how to name what is backed up, in the message.
+    :raises StorageError: naming ``dest``, what it is, and ``--full``.
+    """
+    if full or not os.path.exists(dest) or not os.path.getsize(dest):
+        return
+    try:
+        found = plugins.recognize(dest)
+    except DhruvaError:
+        found = None
+    if found is not None and found != kind:
+        raise StorageError(
+            f"{dest} is a {found} database, so it is not an earlier backup of "
+            f"{source} (a backup of it is a {kind} database): choose another "
+            f"destination, or give --full to replace {dest}"
+        )
+
+
 def backup_sqlite(
-    src: str, dest: str, plugins: Plugins, *, progress: Progress = _no_progress
+    src: str,
+    dest: str,
+    plugins: Plugins,
+    *,
+    full: bool = False,
+    progress: Progress = _no_progress,
 ) -> BackupResult:
-    """Copy a SQLite database with SQLite's online backup API."""
+    """Copy a SQLite database with SQLite's online backup API.
+
+    :param full: replace ``dest`` even when it is not an earlier backup of
+        ``src`` (another kind of database, or one that has handed out oids
+        ``src`` has not: newer than it).
+    :raises StorageError: when ``dest`` is refused.
+    """
     check_destination(src, dest, plugins)
     if not os.path.exists(src):
         raise StorageError(f"no database file {src}; check the path")
+    check_kind_of_destination(dest, "sqlite", plugins, full=full, source=src)
+    if not full and os.path.exists(dest) and os.path.getsize(dest):
+        ours, theirs = _sqlite_oid_counter(src), _sqlite_oid_counter(dest)
+        if ours is not None and theirs is not None and theirs > ours:
+            raise StorageError(
+                f"{dest} has handed out oids up to {theirs - 1}, and {src} only "
+                f"up to {ours - 1}: {dest} is newer than {src} (are SRC and DEST "
+                "the wrong way round?), or another database; a backup would "
+                "throw its commits away. Check the order of the arguments; give "
+                f"--full to replace {dest} all the same"
+            )
     partial = dest + PARTIAL_SUFFIX
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)
@@ -613,14 +678,17 @@ def backup_server(
     plugins: Plugins,
     *,
     kind: str = "file",
+    full: bool = False,
     progress: Progress = _no_progress,
 ) -> BackupResult:
     """Copy what a server holds into a new database file ``dest``.
 
     :param source: a storage reached through the server (ClientStorage).
     :param kind: the storage kind of the copy.
+    :param full: replace ``dest`` even when it holds another kind of database.
     """
     check_destination("", dest, plugins)
+    check_kind_of_destination(dest, kind, plugins, full=full, source=str(source))
     partial = dest + PARTIAL_SUFFIX
     for leftover in (partial, partial + ".lock", partial + "-wal", partial + "-shm"):
         with contextlib.suppress(FileNotFoundError):

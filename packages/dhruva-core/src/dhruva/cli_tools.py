@@ -570,7 +570,12 @@ def backup_command(
             try:
                 with library_errors(f"backing up {name} to {dest}", dest):
                     result = backup.backup_server(
-                        source, dest, plugins, kind=storage or "file", progress=bar
+                        source,
+                        dest,
+                        plugins,
+                        kind=storage or "file",
+                        full=full,
+                        progress=bar,
                     )
             finally:
                 source.close()
@@ -581,7 +586,9 @@ def backup_command(
                     raise click.ClickException(f"no database file {name}")
                 kind = storage or plugins.recognize(name)
                 if kind == "sqlite":
-                    result = backup.backup_sqlite(name, dest, plugins, progress=bar)
+                    result = backup.backup_sqlite(
+                        name, dest, plugins, full=full, progress=bar
+                    )
                 else:
                     result = backup.backup_file(
                         name, dest, plugins, kind=kind, full=full, progress=bar
