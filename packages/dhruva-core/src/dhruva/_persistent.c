@@ -655,7 +655,8 @@ replace_equal(PyObject *items, Py_ssize_t position, PyObject *key, PyObject *ite
 }
 
 /* _btree_add(root, key, item, split_child): the descent of BTree.add (see
- * dhruva.btree) for a root that is not full. */
+ * dhruva.btree).  Returns False, having changed nothing, when the root is
+ * full; True when done. */
 static PyObject *
 module_btree_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -672,6 +673,17 @@ module_btree_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int done = 0;
     if (path == NULL || (items = get_items(node)) == NULL) {
         goto error;
+    }
+    if ((limit = node_limit(node)) < 0) {
+        goto error;
+    }
+    limit_type = Py_TYPE(node);
+    if (PyList_GET_SIZE(items) >= limit) {
+        /* A full root: the caller splits it first. */
+        Py_DECREF(items);
+        Py_DECREF(node);
+        Py_DECREF(path);
+        Py_RETURN_FALSE;
     }
     while (1) {
         Py_ssize_t position = bisect_items(items, key);
@@ -808,7 +820,7 @@ module_btree_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(items);
     Py_DECREF(node);
     Py_DECREF(path);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 
 error:
     Py_XDECREF(child_items);
@@ -954,7 +966,7 @@ static PyMethodDef module_methods[] = {
     {"_persistent_id_filter", module_persistent_id_filter, METH_O,
      "Return a callable that calls func(obj) only for persistent objects."},
     {"_btree_add", (PyCFunction)(void (*)(void))module_btree_add, METH_FASTCALL,
-     "The descent of BTree.add for a root that is not full."},
+     "The descent of BTree.add; False (nothing done) when the root is full."},
     {"_retouch", module_retouch, METH_O,
      "Give an object its own class back without loading or noting anything."},
     {NULL},

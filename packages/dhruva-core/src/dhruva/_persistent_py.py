@@ -240,4 +240,4 @@ def _persistent_id_filter(func: Any, /) -> Any:
 
 
 #: The C accelerator's descent of ``BTree.add``; dhruva.btree's own is used here.
-_btree_add: Callable[[Any, Any, Any, Any], None] | None = None
+_btree_add: Callable[[Any, Any, Any, Any], bool] | None = None

@@ -678,6 +678,8 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
         """Make ``self[key]`` equal ``value`` (True by default, for set-like use)."""
         item = (key, value)
         root = self.root
+        if _btree_add is not None and _btree_add(root, key, item, _split_child):
+            return  # done in C, as below, unless the root was full
         root_class = root.__class__
         if len(root.items) >= 2 * root_class.minimum_degree - 1:
             new_root = root_class()
@@ -685,12 +687,12 @@ class BTree(PersistentObject, MutableMapping[Any, Any]):
             _split_child(new_root, 0, root)
             _recount(new_root)
             self.root = root = new_root
+            if _btree_add is not None:
+                _btree_add(root, key, item, _split_child)
+                return
 
         # Descend, splitting full children first so that a split never has to
         # travel back up. Only a new key changes the counts on the path.
-        if _btree_add is not None:
-            _btree_add(root, key, item, _split_child)  # the same, in C
-            return
         # Every node of a tree has the root's class (see set_bnode_class).
         limit = 2 * root_class.minimum_degree - 1
         path: list[BNode] = []
