@@ -255,6 +255,48 @@ def test_verify_of_a_dangling_reference_through_a_server(
     assert [d["oid"] for d in json.loads(result.stdout)["dangling"]] == [missing]
 
 
+def test_verify_through_a_busy_server_gives_no_false_alarm(
+    tmp_path: Path, dhruva_server: Callable[..., Any]
+) -> None:
+    from dhruva.btree import BTree
+    from dhruva.client_storage import ClientStorage
+
+    path = tmp_path / "db"
+    connection = Connection(FileStorage(path))
+    tree = connection.get_root()["tree"] = BTree()
+    for i in range(20000):
+        tree[i] = PersistentDict(value=i)
+    connection.commit()
+    connection.close()
+    server = dhruva_server("--file", str(path))
+
+    # Another client adds objects (splitting BTree nodes) all the while.
+    stop = threading.Event()
+
+    def commit_objects() -> None:
+        connection = Connection(ClientStorage(address=server.address))
+        tree = connection.get_root()["tree"]
+        i = 20000
+        while not stop.is_set():
+            for _ in range(20):
+                tree[i] = PersistentDict(value=i)
+                i += 1
+            connection.commit()
+            time.sleep(0.01)
+        connection.close()
+
+    writer = threading.Thread(target=commit_objects)
+    writer.start()
+    try:
+        results = [run("verify", *server.options) for _ in range(3)]
+    finally:
+        stop.set()
+        writer.join()
+    for result in results:
+        assert result.exit_code == 0, result.output
+        assert "restore" not in result.output
+
+
 def test_verify_of_a_missing_file_names_it(tmp_path: Path) -> None:
     result = run("verify", str(tmp_path / "nothing.durus"))
     assert result.exit_code == 1

@@ -258,7 +258,7 @@ def verify_command(
     the database is sound, 1 when it is not. Without FILE, the server at
     --host/--port or --address is checked.
     """
-    from dhruva.verify import DamagedRecord, verify_storage
+    from dhruva.verify import DamagedRecord, verify_settled
 
     # What the storage finds wrong as it opens (a torn tail) counts too.
     with _collect_warnings() as warnings:
@@ -281,7 +281,7 @@ def verify_command(
                 total = source.get_size() or 0
             except Exception:  # damage; verify_storage reports it
                 total = 0
-            report = verify_storage(source, lambda n: bar(n, total))
+            report = verify_settled(source, lambda n: bar(n, total))
     finally:
         source.close()
     if file is not None and (storage or cli_plugins(ctx).recognize(file)) == "sqlite":
@@ -344,7 +344,14 @@ def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> N
             for holder in dangling.holders:
                 where = ", ".join(holder.attributes) or "(attribute unknown)"
                 click.echo(f"      oid {holder.oid} ({holder.class_name}) at {where}")
-    if report.damaged or report.dangling or report.scan_error:
+    if not report.settled:
+        click.echo(
+            f"  other clients committed during each of the {report.passes} passes: "
+            "what is listed may come from those commits, not from damage. Verify "
+            "again when the server is quieter, or verify a copy (`dhruva backup "
+            "... COPY`, then `dhruva verify COPY`)"
+        )
+    elif report.damaged or report.dangling or report.scan_error:
         click.echo("  restore the database from a backup (`dhruva backup` takes one)")
 
 

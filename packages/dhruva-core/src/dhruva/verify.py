@@ -21,9 +21,11 @@ Limitations:
   that pass hits a damaged record the storage can not go on past it, so the
   records reachable from the root are then read one by one instead, and the
   number of unreachable records is unknown.
-- Through a server, clients committing while verify runs may make it see a
-  reference to an object created after its pass started: verify a quiet
-  server, or a backup.
+- Through a server, clients committing while verify runs may make a pass
+  see a reference to an object created after it started:
+  :func:`verify_settled` reads again until a pass with no commit during it
+  (up to :data:`MAX_PASSES`); on a server that never pauses its report says
+  it did not settle.
 - Attribute names are found for records written by the pickle serializer;
   for other serializers only the holding object is named.
 """
@@ -129,6 +131,12 @@ class VerifyReport:
     dangling: list[DanglingReference] = field(default_factory=list)
     #: False when there is no root object (an empty database, if no records).
     has_root: bool = True
+    #: Passes made over a storage other clients commit to (see
+    #: :func:`verify_settled`); 1 otherwise.
+    passes: int = 1
+    #: False when other clients committed during every pass: what is found
+    #: may then be passing effects of those commits, not damage.
+    settled: bool = True
 
     @property
     def sound(self) -> bool:
@@ -149,6 +157,8 @@ class VerifyReport:
             "unreachable": self.unreachable,
             "complete": self.complete,
             "has_root": self.has_root,
+            "passes": self.passes,
+            "settled": self.settled,
             "scan_error": self.scan_error,
             "damaged": [
                 {"oid": d.oid, "offset": d.offset, "message": d.message}
@@ -385,6 +395,74 @@ def verify_storage(
         len(report.dangling),
     )
     return report
+
+
+#: Passes :func:`verify_settled` makes before it reports what it found anyway.
+MAX_PASSES = 10
+
+
+def verify_settled(
+    storage: Storage,
+    progress: Callable[[int], None] | None = None,
+    *,
+    passes: int = MAX_PASSES,
+) -> VerifyReport:
+    """:func:`verify_storage`, made reliable on a storage others commit to.
+
+    Through a server, a record read after another client's commit can refer
+    to an object the pass read before that commit, or missed: a false
+    alarm. So when a pass finds a fault and the storage reports commits made
+    during it (``invalidating`` storages, by ``sync()``), the pass is made
+    again, until one ends with no commit in between or finds nothing. A
+    storage no other process commits to gets one pass.
+
+    :param passes: the most passes made; the report's ``settled`` is False
+        when every one of them saw commits.
+    """
+    if not storage.invalidating:
+        return verify_storage(storage, progress)
+    storage.sync()  # from here on, commits are reported
+    report = VerifyReport()
+    for done in range(1, passes + 1):
+        report = verify_storage(storage, progress)
+        report.passes = done
+        changed = storage.sync()
+        if report.sound or not (changed or getattr(changed, "everything", False)):
+            return report
+        _read_faults_again(storage, report)
+        if report.sound:
+            return report
+        log.info(
+            "verify pass %d of %r found faults while other clients committed; "
+            "reading it again",
+            done,
+            storage,
+        )
+    report.settled = False
+    return report
+
+
+def _read_faults_again(storage: Storage, report: VerifyReport) -> None:
+    """Drop from ``report`` the faults that a read now shows were passing:
+    a dangling oid whose record is there now, a record read now whole."""
+    dangling = []
+    for reference in report.dangling:
+        try:
+            storage.load(reference.oid.to_bytes(8, "big"))
+        except Exception:  # still missing, or can not tell: keep it
+            dangling.append(reference)
+    report.dangling = dangling
+    damaged = []
+    for record in report.damaged:
+        if record.oid is None:
+            damaged.append(record)
+            continue
+        oid = record.oid.to_bytes(8, "big")
+        try:
+            _parse(oid, storage.load(oid))
+        except Exception:  # still damaged, or can not tell: keep it
+            damaged.append(record)
+    report.damaged = damaged
 
 
 def _check_checksums(storage: Storage, report: VerifyReport) -> None:
