@@ -1,4 +1,5 @@
-"""Commits of the StorageServer: staging, the server's own checks, writing.
+"""Commits of the StorageServer: staging, the server's own checks, writing,
+and group commit.
 
 A client stages records, then asks for the commit. The server refuses it,
 before anything is written, when the client has not synced changes others
@@ -8,15 +9,35 @@ not an object record, or when an oid was neither stored nor handed to that
 client. Then it writes the records in one storage transaction and tells every
 other client which oids changed.
 
-While a commit is written, loads of its oids are answered with the records
-from before it (:attr:`Committer.writing`): the other clients learn of the
-commit only once it is written.
+Group commit: with a storage that can defer durability
+(``deferred_durability``: ``end(durable=False)`` then ``make_durable()``),
+commits are written one after the other without their fsync, and one
+``make_durable()`` in a thread covers every commit written before it began,
+while the next commits are checked and written. Each commit is answered, and
+the other clients are told of its changes, only once an fsync covers it: no
+client sees a change a crash could still take back. With other storages each
+commit is durable when written, and published right after.
+
+Until a commit is published, loads of its oids are answered with the records
+from before it (:attr:`Committer.writing`), and the commits of other clients
+are checked as if it came after them:
+
+- a commit writing one of its oids waits for its publication, then is
+  checked as usual (so it conflicts);
+- a commit from a client that read the record from before of one of its oids
+  waits for its publication too (then it is refused, and the client reads the
+  new record);
+- any other commit is refused once (``REFUSED``) with the oids it was not told
+  of yet, so that a client that read them in its transaction conflicts, as it
+  would after the publication.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dhruva.error import ConflictError, StorageError
@@ -45,15 +66,30 @@ class Committer:
 
     def __init__(self, server: StorageServer) -> None:
         self.server = server
-        #: The records the commit being written replaces (None: a new oid).
-        #: Loads of those oids meanwhile are answered from here, as before it.
+        #: The records that commits written but not yet published replace
+        #: (None: a new oid). Loads of those oids are answered from here.
         self.writing: dict[bytes, bytes | None] = {}
+        #: The commits written but not yet published, by oid.
+        self._unpublished: dict[bytes, _Written] = {}
         self._lock: asyncio.Lock | None = None
+        self._durability: _Durability | None = None
 
     def start(self) -> None:
         """Get ready for a new event loop (the server starts serving)."""
         self._lock = asyncio.Lock()
         self.writing = {}
+        self._unpublished = {}
+        storage = self.server.storage
+        self._durability = (
+            _Durability(storage.make_durable)
+            if getattr(storage, "deferred_durability", False)
+            else None
+        )
+
+    async def stop(self) -> None:
+        """Wait for the fsync under way, if any."""
+        if self._durability is not None:
+            await self._durability.stop()
 
     async def handle_stage(self, client: ClientState, body: bytes) -> list[bytes]:
         for oid, record in unpack_records(body):
@@ -68,18 +104,48 @@ class Committer:
     async def handle_commit(self, client: ClientState, body: bytes) -> list[bytes]:
         assert self._lock is not None
         async with self._lock:
-            return await self._commit(client)
+            # Commits written before, not published yet, that this one must
+            # come after: it writes their oids or read what they replace.
+            await self.wait_published(client.staged, client.read_pending)
+            written = await self._commit(client)
+        if isinstance(written, list):
+            return written  # refused, or nothing to write
+        return await self._publish(client, written)
 
-    async def _commit(self, client: ClientState) -> list[bytes]:
+    async def wait_published(self, *oid_sets: Iterable[bytes]) -> None:
+        """Return once no commit writing any of these oids awaits its fsync."""
+        while waiting := {
+            self._unpublished[oid].published
+            for oids in oid_sets
+            for oid in oids
+            if oid in self._unpublished
+        }:
+            await asyncio.gather(*(event.wait() for event in waiting))
+
+    def is_unpublished(self, oid: bytes) -> bool:
+        """True when a commit writing ``oid`` awaits its fsync."""
+        return oid in self._unpublished
+
+    async def _commit(self, client: ClientState) -> list[bytes] | _Written:
+        """Check and write the client's staged records (not durably, with
+        group commit); return the replies of a commit that wrote nothing."""
         server = self.server
         await server.sync_storage()
         if client.invalid_overflow:
             client.drop_staged()
             return [STATUS_RESYNC]
-        if client.invalid:
+        untold = sorted(
+            oid
+            for oid, written in self._unpublished.items()
+            if written.client is not client and oid not in client.told
+        )
+        if client.invalid or untold:
             # Refused before anything is written; the staged records wait for
             # the client to commit again or abandon them.
             oids = take_oids(client.invalid)
+            told = untold[: MAX_OIDS_PER_FRAME - len(oids)]
+            client.told.update(told)
+            oids += told
             client.refused.update(oids)
             return [STATUS_REFUSED + b"".join(oids)]
 
@@ -112,39 +178,77 @@ class Committer:
         check_records(staged)
         old = await self._check_allocated(client, staged)
 
-        # Write in the worker. Meanwhile loads of these oids get the records
-        # from before the commit, until every other client has them in its
-        # invalid set.
-        self.writing = old
-        reported: list[bytes] = []
+        # Write in the worker. Until the commit is published, loads of these
+        # oids get the records from before it.
+        written = _Written(client, staged, size, asyncio.Event())
+        self.writing.update(old)
+        self._unpublished.update(dict.fromkeys(staged, written))
+        durable = self._durability is None
         try:
-            await server.call(self._write, staged, reported, slow=True)
+            await server.call(self._write, staged, written.reported, durable, slow=True)
         except ConflictError as exc:
             log.info("commit from %s conflicted: %s", client.peer, exc)
+            self._forget(written)
             return [STATUS_CONFLICT + b"".join(exc.oids[:MAX_OIDS_PER_FRAME])]
-        else:
-            # Tell every other client, and count towards the next pack.
-            client.unused_oids.difference_update(staged)
+        except BaseException:
+            self._forget(written)
+            raise
+        client.unused_oids.difference_update(staged)
+        if self._durability is not None:
+            written.number = self._durability.written()
+        return written
+
+    async def _publish(self, client: ClientState, written: _Written) -> list[bytes]:
+        """Wait until ``written`` is durable, then tell every other client of
+        it and answer its client."""
+        server = self.server
+        try:
+            if self._durability is not None:
+                await self._durability.wait(written.number)
+        finally:
+            # Even when the fsync failed: the commit is in the storage, so
+            # the others must learn of it.
             for other in server.clients:
                 if other is not client:
-                    other.invalidate(staged)
-        finally:
-            server.invalidate_all(reported)
-            self.writing = {}
+                    other.invalidate(written.staged)
+            server.invalidate_all(written.reported)
+            self._forget(written)
 
         log.debug(
-            "committed %d records, %d bytes, from %s", len(staged), size, client.peer
+            "committed %d records, %d bytes, from %s",
+            len(written.staged),
+            written.size,
+            client.peer,
         )
-        server.packs.committed(size)
+        server.packs.committed(written.size)
         return [STATUS_OKAY]
 
-    def _write(self, staged: dict[bytes, bytes], reported: list[bytes]) -> None:
+    def _forget(self, written: _Written) -> None:
+        """The commit is published (or was not written): loads read it now."""
+        for oid in written.staged:
+            self.writing.pop(oid, None)
+            self._unpublished.pop(oid, None)
+        for other in self.server.clients:
+            if other.told:
+                other.told.difference_update(written.staged)
+            if other.read_pending:
+                other.read_pending.difference_update(written.staged)
+        written.published.set()
+
+    def _write(
+        self, staged: dict[bytes, bytes], reported: list[bytes], durable: bool
+    ) -> None:
         """Storage call: one transaction of ``staged`` records."""
         storage = self.server.storage
         storage.begin()
         for oid, record in staged.items():
             storage.store(oid, record)
-        storage.end(reported.extend)
+        if durable:
+            storage.end(reported.extend)
+        else:
+            # Only storages with deferred_durability take durable=.
+            end: Callable[..., None] = storage.end
+            end(reported.extend, durable=False)
 
     async def _check_allocated(
         self, client: ClientState, staged: dict[bytes, bytes]
@@ -200,3 +304,82 @@ def check_records(staged: dict[bytes, bytes]) -> None:
                 f"commit refused: the record stored for oid {oid_int(oid)} "
                 f"starts with oid {oid_int(record_oid)}; nothing was written"
             )
+
+
+@dataclass(eq=False)
+class _Written:
+    """A commit written to the storage, not yet published."""
+
+    client: ClientState
+    staged: dict[bytes, bytes]
+    size: int
+    #: Set once the other clients were told of it.
+    published: asyncio.Event
+    #: Oids the storage reported changed by others (a shared storage).
+    reported: list[bytes] = field(default_factory=list)
+    #: Its number among the commits written (group commit).
+    number: int = 0
+
+
+class _Durability:
+    """Group commit: one ``make_durable()`` (in a thread) for every commit
+    written before it began, while the next ones are written."""
+
+    def __init__(self, make_durable: Callable[[], None]) -> None:
+        self._make_durable = make_durable
+        #: Commits written, and how many of them are durable.
+        self._written = 0
+        self._durable = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def written(self) -> int:
+        """Count one more commit written; return its number."""
+        self._written += 1
+        return self._written
+
+    async def wait(self, number: int) -> None:
+        """Return once commit ``number`` is durable.
+
+        :raises StorageError: when the fsync that should cover it failed.
+        """
+        if number <= self._durable:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((number, future))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        await future
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            while self._waiters:
+                # Everything written so far: end() returned for each of them.
+                target = self._written
+                try:
+                    await asyncio.to_thread(self._make_durable)
+                except Exception as exc:
+                    self._settle(target, exc)
+                else:
+                    self._durable = max(self._durable, target)
+                    self._settle(target, None)
+        finally:
+            self._task = None
+
+    def _settle(self, target: int, error: Exception | None) -> None:
+        """Answer the waiters for commits up to ``target``."""
+        done = [(n, f) for n, f in self._waiters if n <= target]
+        self._waiters = [(n, f) for n, f in self._waiters if n > target]
+        if len(done) > 1:
+            log.debug("one fsync made %d commits durable", len(done))
+        for _number, future in done:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)

@@ -112,6 +112,12 @@ class ClientState:
     refused: set[bytes] = field(default_factory=set)
     #: Oids handed to this client and not committed yet.
     unused_oids: set[bytes] = field(default_factory=set)
+    #: Oids of others' commits waiting for their fsync that a refused commit
+    #: told this client of already (group commit).
+    told: set[bytes] = field(default_factory=set)
+    #: Oids of others' commits waiting for their fsync that this client read
+    #: the record from before of: its commits wait for their publication.
+    read_pending: set[bytes] = field(default_factory=set)
     #: Records sent for the next commit, and their size.
     staged: dict[bytes, bytes] = field(default_factory=dict)
     staged_bytes: int = 0

@@ -362,6 +362,7 @@ class StorageServer:
                 writer.transport.abort()
             await asyncio.gather(*connections, return_exceptions=True)
         await self.packs.stop()
+        await self.commits.stop()
         if server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -449,17 +450,23 @@ class StorageServer:
                 result.append(b"")
         return result
 
-    async def _read(self, oids: list[bytes]) -> dict[bytes, bytes | None]:
+    async def _read(
+        self, oids: list[bytes], client: ClientState | None = None
+    ) -> dict[bytes, bytes | None]:
         """Return the current records of ``oids`` (None: missing, b"": conflict).
 
-        An oid a commit is writing right now is answered as it was before that
-        commit: the commit's invalidations are not out yet.
+        An oid of a commit not published yet is answered as it was before
+        that commit (and noted in the ``read_pending`` of ``client``).
         """
         writing = self.commits.writing
         wanted = [oid for oid in oids if oid not in writing]
         loaded = await self.call(self.load_records, wanted) if wanted else []
         records = dict(zip(wanted, loaded, strict=True))
-        records.update((oid, writing[oid]) for oid in oids if oid in writing)
+        # Looked up again: the call above may have let commits be written.
+        before = [oid for oid in oids if oid in writing]
+        records.update((oid, writing[oid]) for oid in before)
+        if client is not None and before:
+            client.read_pending.update(before)
         return records
 
     async def _load_replies(
@@ -467,11 +474,13 @@ class StorageServer:
     ) -> list[bytes]:
         if client.invalid_overflow:
             return [STATUS_INVALID] * len(oids)
-        records = await self._read([oid for oid in oids if oid not in client.invalid])
+        records = await self._read(
+            [oid for oid in oids if oid not in client.invalid], client
+        )
         replies = []
         for oid in oids:
             record = records.get(oid, b"")
-            if oid not in records or record == b"":
+            if oid not in records or record == b"" or oid in client.invalid:
                 replies.append(STATUS_INVALID)
             elif record is None:
                 replies.append(STATUS_KEYERROR)
@@ -500,7 +509,7 @@ class StorageServer:
                 for ref in dict.fromkeys(split_oids(unpack_record(reply[1:])[2]))
                 if ref != oid
                 and ref not in client.invalid
-                and ref not in self.commits.writing
+                and not self.commits.is_unpublished(ref)
             ][:limit]
             if refs and not client.invalid_overflow:
                 records = await self.call(self.load_records, refs)

@@ -1,0 +1,177 @@
+"""Group commit (#6): concurrent commits share an fsync, each is answered only
+once an fsync covers it, and every acknowledged commit survives a crash."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from dhruva.client_storage import ClientStorage
+from dhruva.connection import Connection
+from dhruva.record import ROOT_OID, unpack_record
+from dhruva.storage import MemoryStorage
+from dhruva.storage_testing import commit, make_record, new_oids
+
+#: A client process: commits its own counter COUNT times, printing each value
+#: once the server acknowledged it. Arguments: address (host:port), name, count.
+CLIENT = """
+import sys
+from dhruva.client_storage import ClientStorage
+from dhruva.connection import Connection
+from dhruva.error import ConflictError
+from dhruva.persistent_dict import PersistentDict
+
+host, _, port = sys.argv[1].rpartition(":")
+name, count = sys.argv[2], int(sys.argv[3])
+connection = Connection(ClientStorage(address=(host, int(port))))
+while True:
+    try:
+        root = connection.get_root()
+        root[name] = PersistentDict(value=0)
+        connection.commit()
+        break
+    except ConflictError:
+        connection.abort()
+counter = connection.get_root()[name]
+for value in range(1, count + 1):
+    while True:
+        try:
+            counter["value"] = value
+            connection.commit()
+            break
+        except ConflictError:
+            connection.abort()
+    print(value, flush=True)
+connection.close()
+"""
+
+
+def start_clients(server, count, commits):
+    # The root first: clients of a new database would all try to make it.
+    Connection(ClientStorage(address=server.address)).close()
+    host, port = server.address
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, f"{host}:{port}", f"c{i}", str(commits)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
+
+
+def counters(storage):
+    connection = Connection(storage)
+    try:
+        root = connection.get_root()
+        return {name: root[name]["value"] for name in root}
+    finally:
+        connection.close()
+
+
+def test_eight_clients_committing_at_once_all_succeed(run_server, tmp_path):
+    server = run_server("--file", str(tmp_path / "db.durus"), "--port", "0")
+    clients = start_clients(server, 8, 40)
+    for process in clients:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        assert out.split() == [str(value) for value in range(1, 41)]
+    storage = ClientStorage(address=server.address)
+    assert counters(storage) == {f"c{i}": 40 for i in range(8)}
+
+
+def test_every_acknowledged_commit_survives_a_kill_of_the_server(run_server, tmp_path):
+    from dhruva.file_storage import FileStorage
+
+    path = tmp_path / "db.durus"
+    server = run_server("--file", str(path), "--port", "0")
+    clients = start_clients(server, 8, 100_000)
+    time.sleep(3)  # let them commit for a while
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(20)
+
+    acknowledged = {}
+    for number, process in enumerate(clients):
+        out, _err = process.communicate(timeout=60)
+        values = out.split()
+        acknowledged[f"c{number}"] = int(values[-1]) if values else 0
+    assert sum(acknowledged.values()) > 8  # they did commit before the kill
+
+    with FileStorage(str(path)) as storage:
+        found = counters(storage)
+    for name, value in acknowledged.items():
+        # The last acknowledged value, or a later one written before the kill.
+        assert found.get(name, 0) >= value, (name, found, acknowledged)
+
+
+class SlowDurableStorage(MemoryStorage):
+    """A MemoryStorage with deferred durability whose fsync takes 0.3 s."""
+
+    deferred_durability = True
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+        self.syncing = threading.Event()
+        self._pending = 0
+
+    def end(self, handle_invalidations=None, *, durable=True):
+        super().end(handle_invalidations)
+        self._pending += 1
+        if durable:
+            self.make_durable()
+
+    def make_durable(self):
+        if not self._pending:
+            return
+        self._pending = 0
+        self.syncs += 1
+        self.syncing.set()
+        time.sleep(0.3)
+        self.syncing.clear()
+
+
+def test_concurrent_commits_share_an_fsync_and_are_seen_after_it(
+    socket_path, serve_in_thread
+):
+    storage = SlowDurableStorage()
+    serve_in_thread(storage, address=socket_path)
+    setup = ClientStorage(address=socket_path)
+    oids = new_oids(setup, 8)
+    commit(setup, make_record(ROOT_OID, b"root"), *(make_record(o, b"0") for o in oids))
+    storage.syncs = 0
+
+    clients = [ClientStorage(address=socket_path) for _ in oids]
+    done = []
+
+    def commit_one(client, oid):
+        commit(client, make_record(oid, b"1"))
+        done.append(oid)
+
+    threads = [
+        threading.Thread(target=commit_one, args=pair, daemon=True)
+        for pair in zip(clients, oids, strict=True)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        assert storage.syncing.wait(20)
+        # While an fsync runs, its commits are not answered, and others read
+        # the records from before them.
+        assert done == []
+        assert {unpack_record(setup.load(oid))[1] for oid in oids} == {b"0"}
+
+        for thread in threads:
+            thread.join(30)
+        assert sorted(done) == sorted(oids)
+        assert storage.syncs < len(oids)  # commits shared fsyncs
+        setup.sync()
+        assert {unpack_record(setup.load(oid))[1] for oid in oids} == {b"1"}
+    finally:
+        setup.close()
+        for client in clients:
+            client.close()
