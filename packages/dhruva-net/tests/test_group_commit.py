@@ -9,8 +9,10 @@ import sys
 import threading
 import time
 
+import pytest
 from dhruva.client_storage import ClientStorage
 from dhruva.connection import Connection
+from dhruva.error import WriteConflictError
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage import MemoryStorage
 from dhruva.storage_testing import commit, make_record, new_oids
@@ -21,6 +23,7 @@ CLIENT = """
 import sys
 from dhruva.client_storage import ClientStorage
 from dhruva.connection import Connection
+from dhruva.error import WriteConflictError
 from dhruva.error import ConflictError
 from dhruva.persistent_dict import PersistentDict
 
@@ -175,3 +178,56 @@ def test_concurrent_commits_share_an_fsync_and_are_seen_after_it(
         setup.close()
         for client in clients:
             client.close()
+
+
+def test_a_commit_awaiting_its_fsync_conflicts_with_a_client_that_read_it(
+    socket_path, serve_in_thread
+):
+    storage = SlowDurableStorage()
+    serve_in_thread(storage, address=socket_path)
+    a, b = ClientStorage(address=socket_path), ClientStorage(address=socket_path)
+    x, y = new_oids(a, 2)
+    commit(a, make_record(ROOT_OID), make_record(x, b"0"), make_record(y, b"0"))
+    b.sync()
+    assert unpack_record(b.load(y))[1] == b"0"
+    assert unpack_record(b.load(x))[1] == b"0"  # b reads x
+
+    told: list[bytes] = []
+
+    def b_read_x(oids):
+        told.extend(oids)
+        if x in oids:
+            raise WriteConflictError(oids)
+
+    writing = threading.Thread(target=commit, args=(a, make_record(x, b"a's")))
+    try:
+        writing.start()
+        assert storage.syncing.wait(20)
+
+        # b writes y, having read x: it hears of x before a's fsync ends.
+        b.begin()
+        b.store(y, make_record(y, b"b's"))
+        with pytest.raises(WriteConflictError):
+            b.end(b_read_x)
+        assert x in told and writing.is_alive()
+
+        # Read again meanwhile, x is as it was: b's next commit waits for a's
+        # to be published, then hears of x again.
+        assert unpack_record(b.load(x))[1] == b"0"
+        b.begin()
+        b.store(y, make_record(y, b"b's"))
+        with pytest.raises(WriteConflictError):
+            b.end(b_read_x)
+        writing.join(20)
+        assert not writing.is_alive()
+
+        # Synced, b reads a's x and commits.
+        b.sync()
+        assert unpack_record(b.load(x))[1] == b"a's"
+        commit(b, make_record(y, b"b's"))
+        a.sync()
+        assert unpack_record(a.load(y))[1] == b"b's"
+    finally:
+        writing.join(20)
+        a.close()
+        b.close()
