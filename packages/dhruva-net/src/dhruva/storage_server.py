@@ -6,13 +6,15 @@ its own state, so a slow, idle or stuck client only ever waits on itself:
 - reads of a request have a deadline once its first byte arrived
   (``request_timeout``), idle connections may be closed (``idle_timeout``), and
   replies wait for a slow reader at most ``write_timeout`` seconds;
-- storage calls that may take long (a commit and its fsync, a pack step, a
-  batch of the listing that starts a scan) run in one worker thread, so the
-  loop keeps accepting, handshaking and answering. Storages are not
-  thread-safe: every storage call, in the loop or the worker, holds one lock,
-  and quick calls (loads) run in the loop only when nobody else holds it.
-  Long work is cut into short calls (pack steps, listing batches), so that
-  other clients' calls run in between.
+- storage calls that may take long (a commit, a pack step, a batch of the
+  listing that starts a scan) run in one worker thread, so the loop keeps
+  accepting, handshaking and answering. Storages are not thread-safe: every
+  storage call, in the loop or the worker, holds one lock, and quick calls
+  (loads) run in the loop only when nobody else holds it. Long work is cut
+  into short calls (pack steps, listing batches), so that other clients'
+  calls run in between;
+- with a storage that defers durability, concurrent commits share an fsync
+  (group commit, :mod:`dhruva.server_commit`).
 
 The modules it is made of: :mod:`dhruva.server_session` serves one
 connection (and says what the server keeps, and checks, per client),
@@ -23,9 +25,10 @@ The wire protocol is in :mod:`dhruva.net_protocol` and ``docs/protocol.md``.
 
 Limitations:
 
-- Storage calls are serialized: while the worker runs a commit's fsync or a
-  non-incremental ``pack()``, other clients' loads wait for it (their
-  connections stay served).
+- Storage calls are serialized: while the worker runs a non-incremental
+  ``pack()``, or the fsync of a commit to a storage without
+  ``deferred_durability`` (no group commit), other clients' loads wait for it
+  (their connections stay served).
 - A scan that starts while a pack runs waits for the end of the pack, and a
   pack waits for the listing of a scan that started first.
 - The server answers only clients of its own protocol version.
