@@ -749,6 +749,105 @@ def test_backup_does_not_append_to_a_damaged_backup(tmp_path: Path, kind: str) -
     assert copy.read_bytes() == path.read_bytes()
 
 
+def test_verify_of_a_damaged_base_record_says_it_once_and_plainly(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    oid = damage_a_base_record(path)
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1
+    text = result.output
+    assert f"oid {oid}: {path}: the record of oid {oid}" in text
+    assert "the transaction at byte offset 36:" in text  # not "file: ..."
+    assert "lists every damaged record" not in text  # verify is that list
+    assert "were read one by one instead" in text
+    assert "reading every record stopped:" not in text
+    assert text.count("restore the database from a backup") == 1
+
+
+def test_verify_lists_damage_in_the_middle_once(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    offset = damage_a_middle_commit(path)
+
+    result = run("verify", str(path))
+    assert result.exit_code == 1
+    assert f"the transaction at byte offset {offset}:" in result.output
+    assert "later commits follow it and were not read" in result.output
+    assert result.output.count(f"byte offset {offset}") == 1
+
+
+def test_info_shows_the_format_and_size_of_a_file_it_can_not_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    oid = damage_a_base_record(path)
+    result = run("info", str(path))
+    assert result.exit_code == 1
+    assert "format:   DHRUVA1" in result.output
+    assert f"size:     {path.stat().st_size} bytes" in result.output
+    assert f"the record of oid {oid}" in result.output
+
+
+def test_info_names_the_format_and_unreachable_records(tmp_path: Path) -> None:
+    path = tmp_path / "db.durus"
+    connection = Connection(FileStorage(path, format="durus"))  # SHELF-1
+    root = connection.get_root()
+    root["items"] = PersistentList(PersistentList([i]) for i in range(30))
+    connection.commit()
+    del root["items"][:10]
+    connection.commit()
+    connection.close()
+
+    text = run("info", str(path)).output
+    assert "format:   SHELF-1" in text
+    assert "records:  32 (22 reachable from the root; 10 unreachable" in text
+    info = json.loads(run("info", "--json", str(path)).stdout)
+    assert (info["format"], info["objects"], info["reachable"]) == ("SHELF-1", 32, 22)
+
+
+def test_commands_that_only_read_give_advice_they_can_follow(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for args in (
+        ["info", str(empty)],
+        ["verify", str(empty)],
+        ["convert", str(tmp_path / "nope.durus"), str(tmp_path / "x")],
+    ):
+        result = run(*args)
+        assert result.exit_code == 1, args
+        assert "--readonly" not in result.output, result.output
+        assert "storage called '?'" not in result.output
+    assert f"{empty} is empty (0 bytes)" in run("info", str(empty)).output
+    assert f"{empty} is empty (0 bytes)" in run("verify", str(empty)).output
+
+    path = tmp_path / "t1.dhruva"
+    make_database(path, "dhruva")
+    result = run("-c", "--file", str(path), "--storage", "shelf")
+    assert f"`dhruva convert {path} NEW --storage shelf`" in result.output
+
+
+def test_an_error_is_shown_once(tmp_path: Path) -> None:
+    path = tmp_path / "torn.dhruva"
+    make_database(path, "dhruva")
+    with open(path, "ab") as f:
+        f.write(os.urandom(100))  # a commit cut short
+    for args in (["pack", "--file", str(path)], ["-c", "--file", str(path)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "dhruva.cli", *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert result.stderr.count("is incomplete") == 1, result.stderr
+        assert result.stderr.startswith("Error: ")
+
+
 # --- dhruva client --at: a past commit of a file storage ----------------------------
 
 

@@ -151,16 +151,19 @@ def convert_command(
     _refuse_existing(src, dst)
     existed = {p for p in (dst, *(dst + s for s in _SIDE_FILES)) if os.path.exists(p)}
 
-    with library_errors(f"cannot open {src}"):
+    with library_errors(f"cannot open {src}", src, readonly_option=False):
         source = plugins.open_storage(src, from_storage, readonly=True)
-    try:
-        with library_errors(f"cannot convert {src}", src):
+        try:
             refuse_damage_in_the_middle(
                 source,
                 src,
                 "a conversion would copy only the database as it was before it, "
                 "so none is made",
             )
+        except BaseException:
+            source.close()
+            raise
+    try:
         with library_errors(f"cannot create {dst}"):
             destination = plugins.open_storage(dst, kind)
         try:

@@ -375,14 +375,82 @@ def describe_os_error(error: OSError, *, writing: bool = False) -> str:
     return f"{path}: {error.strerror or error}"
 
 
+#: For commands that have no --readonly (they only read): library advice to
+#: open a file without readonly=True, and what to say instead.
+_NO_READONLY_OPTION = [
+    (re.compile(r",? or open it without readonly=True to create it"), ""),
+    (
+        re.compile(
+            r"(\S+) is empty; it is not a database yet \(open it without "
+            r"readonly=True to create one\)"
+        ),
+        r"\1 is empty (0 bytes): it holds no database yet; a program (or "
+        r"`dhruva client --file \1`) that opens it for writing starts one",
+    ),
+]
+
+#: "`dhruva convert X NEW` --storage K": the option belongs inside the command.
+_OPTION_OUTSIDE_COMMAND = re.compile(r"`(dhruva [^`]*)` (--[a-z-]+(?: [\w.-]+)?)")
+
+
+class _Hold(logging.Filter):
+    """Keeps back the warnings and errors of dhruva's loggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[int, logging.LogRecord] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("dhruva") and record.levelno >= logging.WARNING:
+            self.held.setdefault(id(record), record)
+            return False
+        return True
+
+
+@contextmanager
+def held_library_logs(*, show: bool = True) -> Iterator[None]:
+    """Hold back what the library logs as warnings and errors in the block:
+    shown once it ends normally (unless ``show`` is False: the command
+    reports them itself), dropped when it raises.
+
+    A storage logs an error and raises it; the command line shows the error
+    it raised (``Error: ...``), so the log line would say it twice. With
+    ``--log-level DEBUG``, everything is shown as it comes.
+    """
+    root = logging.getLogger()
+    if root.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    hold = _Hold()
+    handlers = list(root.handlers)
+    for handler in handlers:
+        handler.addFilter(hold)
+    ended = False
+    try:
+        yield
+        ended = True
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+        if ended and show:
+            for record in hold.held.values():
+                logging.getLogger(record.name).handle(record)
+
+
 @contextmanager
 def library_errors(
-    what: str, subject: str | None = None, *, writing: bool = False
+    what: str,
+    subject: str | None = None,
+    *,
+    writing: bool = False,
+    readonly_option: bool = True,
 ) -> Iterator[None]:
     """Turn a library or OS error raised in the block into a click error.
 
     Keyword arguments named in library messages (``readonly=True``) are shown
-    as the options (``--readonly``); OS errors name their file.
+    as the options (``--readonly``); OS errors name their file. What the
+    library logs as a warning or error in the block is shown after it, or
+    not at all when the block fails (:func:`held_library_logs`).
 
     :param what: what was being done, e.g. ``"cannot open test.durus"``; it
         leads the message.
@@ -390,17 +458,25 @@ def library_errors(
         own message names it already, ``what`` is left out.
     :param writing: a file is being opened for writing: a permission error
         suggests ``--readonly``.
+    :param readonly_option: False for a command without ``--readonly`` (it
+        only reads): advice to open without it is left out.
     """
     try:
-        yield
+        with held_library_logs():
+            yield
     except click.ClickException:
         raise
     except (DhruvaError, OSError) as error:
         log.debug("%s failed", what, exc_info=True)
         if isinstance(error, DhruvaError):
-            message = as_cli_message(str(error))
+            message = str(error)
+            if not readonly_option:
+                for pattern, replacement in _NO_READONLY_OPTION:
+                    message = pattern.sub(replacement, message)
+            message = as_cli_message(message)
         else:
             message = describe_os_error(error, writing=writing)
+        message = _OPTION_OUTSIDE_COMMAND.sub(r"`\1 \2`", message)
         if subject is None or subject not in message:
             message = f"{what}: {message}"
         raise click.ClickException(message) from error
@@ -494,7 +570,15 @@ def open_file_storage(
     """
     plugins = cli_plugins(ctx)
     refuse_fileless_storage(file, storage, ctx)
-    with library_errors(f"cannot open {file or storage}", file, writing=not readonly):
+    has_readonly = ctx is not None and any(
+        parameter.name == "readonly" for parameter in ctx.command.params
+    )
+    with library_errors(
+        f"cannot open {file or storage}",
+        file,
+        writing=not readonly,
+        readonly_option=has_readonly,
+    ):
         return plugins.open_storage(file, storage, readonly=readonly, repair=repair)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from dhruva.cli_options import (
     client_security,
     client_security_options,
     describe_address,
+    held_library_logs,
     library_errors,
     make_address,
     open_client_storage,
@@ -261,7 +263,8 @@ def verify_command(
     from dhruva.verify import DamagedRecord, verify_settled
 
     # What the storage finds wrong as it opens (a torn tail) counts too.
-    with _collect_warnings() as warnings:
+    # The report lists them: they are not logged to stderr as well.
+    with _collect_warnings() as warnings, held_library_logs(show=False):
         try:
             source, name = _open_source(ctx, file, storage, host, port, address)
         except click.ClickException:
@@ -271,6 +274,8 @@ def verify_command(
             raise click.ClickException(
                 f"cannot open {file}, it is damaged: {error}; restore it from a backup"
             ) from error
+    warnings[:] = dict.fromkeys(warnings)
+    stopped = _stopped_at(source, warnings)
     try:
         with (
             library_errors(f"verifying {name}", file),
@@ -284,6 +289,8 @@ def verify_command(
             report = verify_settled(source, lambda n: bar(n, total))
     finally:
         source.close()
+    if stopped is not None:
+        report.damaged.append(stopped)
     if file is not None and (storage or cli_plugins(ctx).recognize(file)) == "sqlite":
         report.damaged.extend(
             DamagedRecord(None, f"{file}: SQLite's integrity check: {problem}")
@@ -298,6 +305,28 @@ def verify_command(
     else:
         _print_report(name, report, warnings, sound)
     ctx.exit(0 if sound else 1)
+
+
+def _stopped_at(source: Storage, warnings: list[str]) -> Any:
+    """The damage in the middle a read-only open stopped at, as a damaged
+    part of the file (its warning is then left out); None if there is none."""
+    from dhruva.verify import DamagedRecord, damage_in_the_middle
+
+    damage = damage_in_the_middle(source)
+    offset = getattr(damage, "offset", None)
+    if damage is None or not isinstance(offset, int):
+        return None
+    warnings[:] = [w for w in warnings if f"byte offset {offset}" not in w]
+    size = getattr(damage, "size", None)
+    later = f"{size - offset} bytes of" if isinstance(size, int) else "the"
+    reason = getattr(damage, "reason", "")
+    return DamagedRecord(
+        None,
+        f"{getattr(damage, 'path', '')}: damaged at byte offset {offset}: "
+        f"{reason}; {later} later commits follow it and were not read (what is "
+        "counted above is the database as it was before it)",
+        offset,
+    )
 
 
 def _sqlite_problems(path: str) -> list[str]:
@@ -317,6 +346,30 @@ def _sqlite_problems(path: str) -> list[str]:
     return [str(row[0]) for row in rows if row[0] != "ok"]
 
 
+#: Advice in storage messages that verify's own report gives once, at its end.
+_VERIFY_ADVICE = re.compile(
+    r";? ?restore the file from a backup \(`dhruva verify` lists every damaged "
+    r"record\)"
+)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _damage_line(damaged: Any) -> str:
+    """One damaged part of the file, as the report lists it."""
+    message = _VERIFY_ADVICE.sub("", damaged.message)
+    if damaged.oid is not None:
+        return f"oid {damaged.oid}: {message}"
+    if damaged.offset is None:
+        return f"file: {message}"
+    # A part of the file other than a record: say which, once.
+    what = "index block" if "index block" in message else "transaction"
+    message = re.sub(r"^.*?: damaged at byte offset \d+: ", "", message)
+    return f"the {what} at byte offset {damaged.offset}: {message}"
+
+
 def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> None:
     click.echo(f"{name}: {'sound' if sound else 'NOT SOUND'}")
     if report.complete:
@@ -324,19 +377,29 @@ def _print_report(name: str, report: Any, warnings: list[str], sound: bool) -> N
             f"  {report.records} records: {report.reachable} reachable from the "
             f"root, {report.unreachable} unreachable (a pack removes them)"
         )
+    elif report.scan_error and report.damaged:
+        click.echo(
+            "  reading every record stopped at a damaged one, so the records "
+            "reachable from the root were read one by one instead: "
+            f"{report.records} of them (unreachable records are not counted)"
+        )
     else:
         click.echo(f"  {report.records} records reachable from the root were read")
     if not report.has_root and report.records:
         click.echo("  no root object (oid 0): nothing is reachable")
-    if report.scan_error:
-        click.echo(f"  reading every record stopped: {report.scan_error}")
+    if report.scan_error and not report.damaged:
+        message = _VERIFY_ADVICE.sub("", report.scan_error)
+        click.echo(f"  reading every record stopped: {message}")
     for message in warnings:
         click.echo(f"  warning: {message}")
     if report.damaged:
-        click.echo(f"  {len(report.damaged)} damaged records:")
+        records = sum(1 for damaged in report.damaged if damaged.oid is not None)
+        parts = len(report.damaged) - records
+        counts = [_plural(records, "damaged record")] if records else []
+        counts += [_plural(parts, "damaged part") + " of the file"] if parts else []
+        click.echo(f"  {' and '.join(counts)}:")
         for damaged in report.damaged:
-            label = "file" if damaged.oid is None else f"oid {damaged.oid}"
-            click.echo(f"    {label}: {damaged.message}")
+            click.echo(f"    {_damage_line(damaged)}")
     if report.dangling:
         click.echo(f"  {len(report.dangling)} dangling references:")
         for dangling in report.dangling:
@@ -466,19 +529,22 @@ def info_command(
     }
 
     # What can not be read is reported after what is known of the file.
-    try:
-        opened = open_file_storage(file, kind_name, readonly=True, ctx=ctx)
-    except click.ClickException as error:
-        raise _info_failed(data, kind.description, as_json, error.message) from error
-    try:
+    with held_library_logs():
+        try:
+            opened = open_file_storage(file, kind_name, readonly=True, ctx=ctx)
+        except click.ClickException as error:
+            message = error.message
+            raise _info_failed(data, kind.description, as_json, message) from error
         damage = damage_in_the_middle(opened)
         if damage is not None:
+            opened.close()
             message = describe_damage_in_the_middle(
                 file,
                 damage,
                 "what follows it can not be read, so the file is not described",
             )
             raise _info_failed(data, kind.description, as_json, message)
+    try:
         try:
             with library_errors(f"reading {file}", file):
                 transactions = getattr(opened, "transactions", None)
