@@ -848,6 +848,25 @@ def test_an_error_is_shown_once(tmp_path: Path) -> None:
         assert result.stderr.startswith("Error: ")
 
 
+def test_a_read_only_console_warns_that_it_stops_at_damage(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_database(path, "dhruva")  # root["n"] = 0, 1, 2 in the last commits
+    offset = damage_a_middle_commit(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "-c", "--readonly", "--file", str(path)],
+        input="print('n is', root.get('n'), 'items' in root)\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # The database as it was before the damaged commit.
+    assert "n is None False" in result.stdout
+    assert f"This read-only view stops at byte {offset}" in result.stderr
+    assert "later commits are not shown" in result.stderr
+    assert result.stderr.count(f"byte offset {offset}") == 1, result.stderr
+
+
 # --- dhruva client --at: a past commit of a file storage ----------------------------
 
 

@@ -38,6 +38,7 @@ from dhruva.cli_options import (
     client_security,
     client_security_options,
     describe_address,
+    held_library_logs,
     library_errors,
     make_address,
     open_client_storage,
@@ -233,9 +234,12 @@ def client_command(
             opened = _open_at(file, at)
             description = f"{file} as of position {at}"
         else:
-            opened = open_file_storage(
-                file, storage, readonly=readonly, repair=repair, ctx=ctx
-            )
+            with held_library_logs() as logged:
+                opened = open_file_storage(
+                    file, storage, readonly=readonly, repair=repair, ctx=ctx
+                )
+                if file is not None and _warn_damage_in_the_middle(opened, file):
+                    logged.clear()  # the warning says it
             description = file or f"a {storage} storage"
     else:
         if readonly or repair or storage is not None:
@@ -267,6 +271,29 @@ def client_command(
         _close(connection, opened, description)
     if status:
         ctx.exit(status)
+
+
+def _warn_damage_in_the_middle(opened: Storage, file: str) -> bool:
+    """Warn, on stderr, that a read-only view of a file damaged in the middle
+    stops at the damage; return whether it did."""
+    from dhruva.verify import damage_in_the_middle
+
+    damage = damage_in_the_middle(opened)
+    offset = getattr(damage, "offset", None)
+    if damage is None or not isinstance(offset, int):
+        return False
+    size = getattr(damage, "size", None)
+    later = f"the {size - offset} bytes of" if isinstance(size, int) else "the"
+    click.echo(
+        f"warning: {file} is damaged at byte offset {offset} "
+        f"({getattr(damage, 'reason', damage)}). This read-only view stops at "
+        f"byte {offset}: it shows the database as it was before the damage, and "
+        f"{later} later commits are not shown. Restore {file} from a backup "
+        f"(`dhruva verify {file}` lists the damage; `dhruva restore {file} --at "
+        f"{offset} --output NEW` keeps what is before it)",
+        err=True,
+    )
+    return True
 
 
 def _open_at(file: str, at: int) -> Storage:

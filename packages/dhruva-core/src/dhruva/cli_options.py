@@ -394,21 +394,24 @@ _OPTION_OUTSIDE_COMMAND = re.compile(r"`(dhruva [^`]*)` (--[a-z-]+(?: [\w.-]+)?)
 
 
 class _Hold(logging.Filter):
-    """Keeps back the warnings and errors of dhruva's loggers."""
+    """Keeps back the warnings and errors of dhruva's loggers, in ``held``."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: list[logging.LogRecord]) -> None:
         super().__init__()
-        self.held: dict[int, logging.LogRecord] = {}
+        self.held = held
+        self._seen: set[int] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("dhruva") and record.levelno >= logging.WARNING:
-            self.held.setdefault(id(record), record)
+            if id(record) not in self._seen:  # one record, several handlers
+                self._seen.add(id(record))
+                self.held.append(record)
             return False
         return True
 
 
 @contextmanager
-def held_library_logs(*, show: bool = True) -> Iterator[None]:
+def held_library_logs(*, show: bool = True) -> Iterator[list[logging.LogRecord]]:
     """Hold back what the library logs as warnings and errors in the block:
     shown once it ends normally (unless ``show`` is False: the command
     reports them itself), dropped when it raises.
@@ -416,25 +419,29 @@ def held_library_logs(*, show: bool = True) -> Iterator[None]:
     A storage logs an error and raises it; the command line shows the error
     it raised (``Error: ...``), so the log line would say it twice. With
     ``--log-level DEBUG``, everything is shown as it comes.
+
+    :return: the records held, in order; the block may remove those it
+        reports itself.
     """
+    held: list[logging.LogRecord] = []
     root = logging.getLogger()
     if root.getEffectiveLevel() <= logging.DEBUG:
-        yield
+        yield held
         return
-    hold = _Hold()
+    hold = _Hold(held)
     handlers = list(root.handlers)
     for handler in handlers:
         handler.addFilter(hold)
     ended = False
     try:
-        yield
+        yield held
         ended = True
     finally:
         for handler in handlers:
             handler.removeFilter(hold)
-        if ended and show:
-            for record in hold.held.values():
-                logging.getLogger(record.name).handle(record)
+    if ended and show:
+        for record in held:
+            logging.getLogger(record.name).handle(record)
 
 
 @contextmanager
