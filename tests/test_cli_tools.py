@@ -848,6 +848,36 @@ def test_an_error_is_shown_once(tmp_path: Path) -> None:
         assert result.stderr.startswith("Error: ")
 
 
+def test_a_warning_held_back_during_an_open_reaches_each_handler_once(
+    tmp_path: Path,
+) -> None:
+    import logging
+
+    path = tmp_path / "db"
+    make_database(path, "dhruva")
+    with open(path, "ab") as f:
+        f.write(b"DHRUVA1")  # an incomplete last commit: a warning, read-only
+
+    class Count(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    counted = Count()
+    logging.getLogger("dhruva").addHandler(counted)
+    try:
+        result = run("info", str(path))
+    finally:
+        logging.getLogger("dhruva").removeHandler(counted)
+    assert result.exit_code == 0, result.output
+    assert len(counted.messages) == 1, counted.messages
+    assert "incomplete" in counted.messages[0]
+    assert result.output.count("is incomplete") == 1
+
+
 def test_a_read_only_console_warns_that_it_stops_at_damage(tmp_path: Path) -> None:
     path = tmp_path / "db"
     make_database(path, "dhruva")  # root["n"] = 0, 1, 2 in the last commits

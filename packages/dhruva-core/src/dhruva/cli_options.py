@@ -440,8 +440,11 @@ def held_library_logs(*, show: bool = True) -> Iterator[list[logging.LogRecord]]
         for handler in handlers:
             handler.removeFilter(hold)
     if ended and show:
+        # To the handlers that held them back only: others had them already.
         for record in held:
-            logging.getLogger(record.name).handle(record)
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
 
 
 @contextmanager
