@@ -445,12 +445,20 @@ def test_a_sqlite_backup_leaves_the_writers_wal_mode_behind(tmp_path: Path) -> N
     assert not Path(f"{copy}-wal").exists()
 
 
-def test_a_backup_cut_short_is_copied_again_in_full(tmp_path: Path) -> None:
+@pytest.mark.parametrize("newer", [False, True])
+def test_a_backup_cut_short_is_copied_again_in_full(
+    tmp_path: Path, newer: bool
+) -> None:
     path, copy = tmp_path / "db", tmp_path / "copy"
     make_database(path, "file")
     assert run("backup", str(path), str(copy)).exit_code == 0
+    if newer:  # SRC has commits the append was copying
+        connection = Connection(open_db(path, "file"))
+        connection.get_root()["n"] = "x" * 500
+        connection.commit()
+        connection.close()
     with open(copy, "ab") as f:
-        f.write(b"\0" * 100)  # an append that never finished
+        f.write(b"\0" * 100)  # an append whose bytes never reached the disk
 
     result = run("backup", str(path), str(copy))
     assert "full copy" in result.output

@@ -300,7 +300,7 @@ def _compare(
 
 def _complete_end(path: str, plugins: Plugins) -> int | None:
     """Return where the last complete transaction of a file ends, if it can
-    be read."""
+    be read and only an incomplete transaction, if anything, follows it."""
     try:
         storage = plugins.open_storage(path, None, readonly=True)
     except Exception:  # a damaged or foreign file: no answer
@@ -308,7 +308,9 @@ def _complete_end(path: str, plugins: Plugins) -> int | None:
         return None
     try:
         transactions = getattr(storage, "transactions", None)
-        return transactions()[-1].end if transactions is not None else None
+        if transactions is None or damage_in_the_middle(storage) is not None:
+            return None  # what follows the end it reads is more than a tail
+        return transactions()[-1].end
     except Exception:
         log.debug("cannot list the transactions of %s", path, exc_info=True)
         return None
@@ -379,8 +381,16 @@ def backup_file(
                 _lock_destination(target, dest)
                 size = os.fstat(target.fileno()).st_size
                 found, offset = _compare(source, target, size, ends)
-                if found == "newer" and _complete_end(dest, plugins) == end:
-                    found = "cut-short"  # an incomplete append after ``end``
+                if found in ("newer", "damaged", "other"):
+                    # Up to its last complete commit, an earlier backup? Then
+                    # the rest is an append that did not finish.
+                    complete = _complete_end(dest, plugins)
+                    if (
+                        complete is not None
+                        and complete in ends
+                        and (offset is None or offset >= complete)
+                    ):
+                        found = "cut-short"
                 if found == "same" and not full:
                     return BackupResult("unchanged", 0, size)
                 if found == "earlier" and not full:
