@@ -24,6 +24,7 @@ def make_server_command() -> click.Command:
     import click
     from dhruva.cli_options import (
         address_options,
+        as_cli_message,
         cli_plugins,
         describe_address,
         library_errors,
@@ -32,6 +33,7 @@ def make_server_command() -> click.Command:
         serializer_refused_option,
         storage_options,
     )
+    from dhruva.error import DhruvaError
 
     @click.command("server")
     @storage_options
@@ -217,7 +219,15 @@ def make_server_command() -> click.Command:
                     request_timeout=request_timeout,
                     write_timeout=request_timeout,
                 )
+            # Not inside library_errors, which holds warnings back until its
+            # block ends: a server's log lines must show as they happen.
+            try:
                 server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
+            except (DhruvaError, OSError) as error:
+                raise click.ClickException(
+                    f"serving on {describe_address(where)}: "
+                    f"{as_cli_message(str(error))}"
+                ) from error
         finally:
             opened.close()
 

@@ -185,7 +185,10 @@ class Committer:
         self._unpublished.update(dict.fromkeys(staged, written))
         durable = self._durability is None
         try:
-            await server.call(self._write, staged, written.reported, durable, slow=True)
+            # Without its fsync a write is quick: it runs in the loop when it can.
+            await server.call(
+                self._write, staged, written.reported, durable, slow=durable
+            )
         except ConflictError as exc:
             log.info("commit from %s conflicted: %s", client.peer, exc)
             self._forget(written)
