@@ -212,6 +212,10 @@ def test_a_ghost_answers_its_class_and_compares_as_it(impl: ModuleType) -> None:
     assert ghost_class.__module__ == thing_class.__module__
     assert thing._p_status == impl.GHOST  # none of this loaded it
 
+    # type(obj)(...) makes an instance of the class itself, __init__ and all.
+    made = ghost_class(1, two=2)
+    assert type(made) is thing_class and made._p_status == impl.UNSAVED
+
 
 def test_ghost_safe_names_and_p_names_do_not_load(impl: ModuleType) -> None:
     connection_class, thing_class = make_classes(impl)

@@ -164,6 +164,11 @@ def _ghost_hash(cls: type) -> int:
     return type.__hash__(cls.__dict__[USER_CLASS_KEY])
 
 
+def _ghost_call(cls: type, *args: Any, **kwargs: Any) -> Any:
+    # type(obj)(...) of an object not touched yet makes an instance of its class.
+    return cls.__dict__[USER_CLASS_KEY](*args, **kwargs)
+
+
 # The metaclass of the ghost classes of each metaclass of persistent classes.
 _ghost_metaclasses: dict[type, type] = {}
 
@@ -174,7 +179,8 @@ def make_ghost_class(cls: type, ghost_base: type) -> type:
     Used by both implementations. The ghost class has the name, module and
     layout of ``cls``; its metaclass makes it compare and hash as ``cls``, so
     ``type(obj) == cls`` and lookups of ``type(obj)`` in sets and dicts keyed
-    by classes answer as for ``cls`` (only ``type(obj) is cls`` does not).
+    by classes answer as for ``cls`` (only ``type(obj) is cls`` does not), and
+    calling it makes an instance of ``cls``.
     """
     meta: Any = type(cls)
     ghost_meta: Any = _ghost_metaclasses.get(meta)
@@ -182,7 +188,12 @@ def make_ghost_class(cls: type, ghost_base: type) -> type:
         ghost_meta = type(meta)(
             meta.__name__,
             (meta,),
-            {"__eq__": _ghost_eq, "__hash__": _ghost_hash, "__module__": __name__},
+            {
+                "__eq__": _ghost_eq,
+                "__hash__": _ghost_hash,
+                "__call__": _ghost_call,
+                "__module__": __name__,
+            },
         )
         _ghost_metaclasses[meta] = ghost_meta
     namespace = {
