@@ -16,10 +16,11 @@ Limitations:
 - Until its first access in a transaction, ``type(obj)`` is the ghost class,
   not the class itself: it has the same name, module and qualified name,
   compares and hashes equal to the class (``type(obj) == Cls``, and lookups in
-  sets and dicts of classes, work), and ``isinstance`` is unchanged, but
-  ``type(obj) is Cls`` is False. ``obj.__class__`` always answers the class
+  sets and dicts of classes, work), calling it makes an instance of the class,
+  and ``isinstance`` is unchanged, but ``type(obj) is Cls`` is False. ``obj.__class__`` always answers the class
   itself, without loading anything; use it (or ``isinstance``) rather than
-  ``type(obj) is Cls``.
+  ``type(obj) is Cls``. ``type(obj).__new__(type(obj))`` makes an object
+  of the ghost class, which becomes its class at its first access.
 - Making a ghost class calls the class's ``__init_subclass__``, and the ghost
   class shows among ``Cls.__subclasses__()``; it is told apart by the key
   :data:`GHOST_CLASS_MARK` in its own ``__dict__``.
