@@ -384,6 +384,8 @@ class FileStorage2(IndexedFileStorage):
     ) -> ScanResult:
         return scan_transactions(file, start, size, spans)
 
+    _record_trailer = 4
+
     def _record_spans(
         self, file: BinaryIO, span: TransactionSpan
     ) -> Iterator[tuple[int, int]]:
