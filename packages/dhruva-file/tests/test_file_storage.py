@@ -74,3 +74,18 @@ def test_repair_does_not_cut_complete_transactions_after_damage(tmp_path):
     with pytest.raises(StorageError, match=f"byte offset {middle}"):
         FileStorage(path, repair=True).close()
     assert path.read_bytes() == bytes(data)
+
+
+def test_the_names_programs_import_from_file_storage_still_work():
+    # The module was split (file_lock, file_pack, file_repair); what other
+    # packages and programs import from it is still there.
+    import dhruva.file_storage as file_storage
+    from dhruva.file_lock import FileLockedError
+    from dhruva.file_pack import PackWriter
+    from dhruva.shelf import MidFileDamageError, TornTailError
+
+    assert file_storage.FileLockedError is FileLockedError
+    assert file_storage.PackWriter is PackWriter
+    assert file_storage.TornTailError is TornTailError
+    assert file_storage.MidFileDamageError is MidFileDamageError
+    assert issubclass(FileLockedError, StorageError)

@@ -89,7 +89,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from dhruva.error import StorageError
-from dhruva.file_storage import FileStorage, PackWriter
+from dhruva.file_pack import PackWriter
+from dhruva.file_storage import FileStorage
 from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import MidFileDamageError, ScanResult, TransactionSpan
 

@@ -42,7 +42,8 @@ from pathlib import Path
 from dhruva.checked_file import MAGIC as CHECKED_MAGIC
 from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import StorageError
-from dhruva.file_storage import FileLockedError, FileStorage, _fsync_directory
+from dhruva.file_lock import FileLockedError, fsync_directory
+from dhruva.file_storage import FileStorage
 from dhruva.file_storage2 import MAGIC, FileStorage2
 from dhruva.shelf import PREFIX, MidFileDamageError, TornTailError, TransactionSpan
 
@@ -244,7 +245,7 @@ def _replace(temporary: str, target: Path) -> None:
                     raise
                 raise FileLockedError(str(target), "a writer has it open") from None
         os.replace(temporary, target)
-        _fsync_directory(str(target))
+        fsync_directory(str(target))
     finally:
         if existing is not None:
             existing.close()

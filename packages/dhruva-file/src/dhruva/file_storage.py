@@ -20,10 +20,8 @@ records the zeros reach: pickle data, a serializer's tag and the references
 a pickle names do not read as zeros (see
 :func:`~dhruva.shelf.record_data_problem`).
 
-One process at a time may open a file for writing: it holds an exclusive
-``flock`` on the file (the lock Durus takes too) and writes its pid and host
-to ``<file>.lock`` so that a refused opener can be told who holds it.
-Read-only opens take no lock and never block.
+One process at a time may open a file for writing (see
+:mod:`dhruva.file_lock`); read-only opens take no lock and never block.
 
 A read-only storage follows the file: it sees the commits that were complete
 when it was opened (never part of a transaction still being written), and
@@ -32,15 +30,9 @@ their oids so that a Connection refreshes those objects. A pack by the
 writer, which renames a new file over the old one, is followed too.
 
 A pack (:meth:`FileStorage.pack`, or step by step through
-:meth:`FileStorage.get_packer` while commits go on between the steps) copies
-the records reachable from the root, and those committed meanwhile, to
-``<file>.pack``, makes it durable and renames it over the file: a crash at
-any moment leaves the old file or the packed one, never neither, and the
-next writable open removes a ``.pack`` left behind. A pack that fails (disk
-full, a read-only folder) removes its ``.pack`` file, raises a
-:class:`~dhruva.error.StorageError` naming the path and the cause, and leaves
-the database as it was, still open for writing. A file that a Durus pack
-moved to ``<file>.prepack`` before crashing is put back at a writable open.
+:meth:`FileStorage.get_packer` while commits go on between the steps) writes
+the reachable records to a new file and renames it over the old one, so a
+crash leaves one or the other (see :mod:`dhruva.file_pack`).
 
 Point in time: until a pack, every commit is still in the file.
 :meth:`FileStorage.transactions` lists them, and ``at=`` opens a read-only
@@ -61,27 +53,36 @@ Limitations:
   inside the payload of a tagged record (msgspec, dill) past its tag, nor
   zeros in record data a program stored that is not a serializer's.
 - A pack needs room for a second copy of the reachable records next to the
-  file, and fails on a record that refers to an oid with no record (a
-  dangling reference) without removing anything.
+  file (see :mod:`dhruva.file_pack`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
-import socket
-import stat
 import tempfile
 import threading
-from collections import ChainMap, deque
-from collections.abc import Container, Iterator, Mapping, MutableSequence
+from collections import deque
+from collections.abc import Iterator, Mapping, MutableSequence
 from typing import BinaryIO, Self, cast
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
-from dhruva.record import ROOT_OID, split_oids, unpack_record
+from dhruva.file_lock import (
+    FileLockedError,
+    fsync_directory,
+    open_locked,
+    write_lock_note,
+)
+from dhruva.file_pack import (
+    FilePack,
+    PackWriter,
+    ShelfPackWriter,
+    remove_pack_leftover,
+    restore_interrupted_durus_pack,
+)
+from dhruva.file_repair import check_last, settle_tail
+from dhruva.record import ROOT_OID
 from dhruva.shelf import (
     FIRST_TRANSACTION,
     PREFIX,
@@ -91,140 +92,29 @@ from dhruva.shelf import (
     TornTailError,
     TransactionSpan,
     encode_empty_shelf,
-    encode_map,
     encode_transaction,
     read_record,
-    record_data_problem,
     record_spans,
     scan_transactions,
-    zeros_start,
 )
 from dhruva.storage import InvalidationHandler, Storage, gen_reachable_records
+
+#: Names kept importable from here, where they used to live.
+__all__ = [
+    "FileLockedError",
+    "FileStorage",
+    "MidFileDamageError",
+    "PackWriter",
+    "TornTailError",
+    "fsync_directory",
+]
+
+_fsync_directory = fsync_directory
 
 log = logging.getLogger(__name__)
 
 #: Records the packer copies between the points where it yields.
 _PACK_STEP = 1000
-
-
-class FileLockedError(StorageError):
-    """Another process has the file open for writing.
-
-    :param path: the database file.
-    :param holder: who holds the lock, as far as it can be told.
-    """
-
-    def __init__(self, path: str, holder: str) -> None:
-        super().__init__(path, holder)
-        self.path = path
-        self.holder = holder
-
-    def __str__(self) -> str:
-        return (
-            f"{self.path} is open for writing in another process ({self.holder}); "
-            "close it there first, or open the file with readonly=True"
-        )
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a file's creation or renaming durable by syncing its directory."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_holder(path: str, file: BinaryIO) -> str:
-    """Describe the process holding the lock on ``file``, as best we can."""
-    try:
-        with open(path + ".lock", encoding="utf-8") as f:
-            text = f.read().strip()
-        if text:
-            return text + f" (from {path}.lock)"
-    except OSError:
-        pass
-
-    # No note left: Linux lists flock holders with the file's inode.
-    inode = os.fstat(file.fileno()).st_ino
-    try:
-        with open("/proc/locks", encoding="ascii") as f:
-            for line in f:
-                fields = line.split()
-                if (
-                    len(fields) > 5
-                    and fields[1] == "FLOCK"
-                    and fields[5].rsplit(":", 1)[-1] == str(inode)
-                ):
-                    return f"pid {fields[4]} on this host (from /proc/locks)"
-    except OSError:
-        pass
-    return "holder unknown: perhaps a Durus process, which leaves no note"
-
-
-class PackWriter:
-    """Writes a packed copy of a database in one layout, driven by a pack.
-
-    The pack calls :meth:`add` for every reachable record, then
-    :meth:`end_reachable`, then :meth:`finish` with the records committed
-    while it ran (and those they reach anew).
-
-    :param file: the new file, empty, opened for writing.
-    """
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file = file
-        #: The offset of each reachable record written, by oid.
-        self.offsets: dict[bytes, int] = {}
-
-    def add(self, oid: bytes, record: bytes) -> None:
-        """Write one reachable record."""
-        raise NotImplementedError
-
-    def end_reachable(self, next_oid: int) -> None:
-        """Close the part that holds the reachable records.
-
-        :param next_oid: the storage's oid counter now.
-        """
-
-    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
-        """Write the records committed while packing, and whatever the
-        layout keeps after them (an index, the oid counter).
-
-        :param next_oid: the oid counter, kept so that the oids of the
-            records the pack dropped are never handed out again.
-        """
-        raise NotImplementedError
-
-
-class _ShelfPackWriter(PackWriter):
-    """A packed SHELF-1 file: the reachable records as its first transaction,
-    the offset map, and the carried records as a transaction after it."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        super().__init__(file)
-        file.write(PREFIX + bytes(8))
-        self.position = len(PREFIX) + 8
-
-    def add(self, oid: bytes, record: bytes) -> None:
-        self.file.write((8 + len(record)).to_bytes(8, "big") + oid + record)
-        self.offsets[oid] = self.position
-        self.position += 16 + len(record)
-
-    def end_reachable(self, next_oid: int) -> None:
-        map_start = self.position
-        self.file.seek(len(PREFIX))
-        self.file.write((map_start - len(PREFIX) - 8).to_bytes(8, "big"))
-
-        # The map covers every oid ever handed out, so none is reused.
-        numbers = {int.from_bytes(oid, "big"): at for oid, at in self.offsets.items()}
-        self.file.seek(map_start)
-        count = max(max(numbers) + 2, next_oid)
-        self.file.write(encode_map(map_start, count, numbers))
-
-    def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
-        if carried:
-            self.file.write(encode_transaction(iter(carried.items()))[0])
 
 
 class FileStorage(Storage):
@@ -333,7 +223,8 @@ class FileStorage(Storage):
         self._wrote_lock_note = False
         self._pending: dict[bytes, bytes] | None = None
         self._invalid: set[bytes] = set()
-        self._pack_extra: set[bytes] | None = None
+        #: The pack running, while one is.
+        self._pack: FilePack | None = None
         if readonly and repair:
             raise StorageError(
                 f"{path}: repair=True needs a writable open; drop readonly=True"
@@ -367,7 +258,7 @@ class FileStorage(Storage):
 
     def _open(self, repair: bool) -> None:
         if not self.temporary:
-            self._restore_interrupted_durus_pack()
+            restore_interrupted_durus_pack(self.path, self.readonly)
         if self.readonly:
             try:
                 self._file = open(self.path, "rb")  # noqa: SIM115 (kept open)
@@ -377,10 +268,10 @@ class FileStorage(Storage):
                     "without readonly=True to create it"
                 ) from None
         else:
-            self._file = self._open_locked(self.path)
+            self._file = open_locked(self.path)
             if not self.temporary:
-                self._write_lock_note()
-                self._remove_pack_leftover()
+                self._wrote_lock_note = write_lock_note(self.path)
+                remove_pack_leftover(self.path)
 
         size = os.fstat(self._file.fileno()).st_size
         if size == 0:
@@ -392,41 +283,6 @@ class FileStorage(Storage):
             self._write_new_file()
         self._load_layout(repair)
 
-    def _open_locked(self, path: str) -> BinaryIO:
-        """Open ``path`` for writing (creating it) and lock it, or raise."""
-        for _attempt in range(3):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            file = os.fdopen(fd, "r+b")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    file.close()
-                    raise
-                holder = _lock_holder(path, file)
-                file.close()
-                raise FileLockedError(path, holder) from None
-
-            # A pack in another process may have renamed a new file over the
-            # one we opened before we got the lock: then lock the new one.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                return file
-            file.close()
-        raise StorageError(f"{path} keeps being replaced while opening it; retry")
-
-    def _write_lock_note(self) -> None:
-        note = f"pid {os.getpid()} on host {socket.gethostname()}\n"
-        try:
-            with open(self.path + ".lock", "w", encoding="utf-8") as f:
-                f.write(note)
-            self._wrote_lock_note = True
-        except OSError as e:
-            log.debug("could not write %s.lock: %s", self.path, e)
-
     def _empty_file(self) -> bytes:
         """Return the bytes of a new, empty file in this layout."""
         return encode_empty_shelf()
@@ -437,7 +293,7 @@ class FileStorage(Storage):
         file.write(self._empty_file())
         file.flush()
         os.fsync(file.fileno())
-        _fsync_directory(self.path)
+        fsync_directory(self.path)
         log.info("created %s", self.path)
 
     def _visible_size(self) -> int:
@@ -458,25 +314,18 @@ class FileStorage(Storage):
 
     def _check_tail(self, scan: ScanResult, size: int, repair: bool) -> None:
         """Deal with what a scan at open found after the last transaction."""
-        if scan.torn_at is None:
-            return
-        error: StorageError = TornTailError(self.path, scan.torn_at, size, scan.reason)
-        if scan.damaged_inside:
-            error = MidFileDamageError(self.path, scan.torn_at, size, scan.reason)
-        if self.at is not None:
+        if scan.torn_at is not None and self.at is not None:
             raise self._not_a_position(f"it falls inside a transaction: {scan.reason}")
-        if self.readonly:
-            self.damage = error
-            if os.path.exists(self.path + ".lock"):
-                # A writer is open on the file: most likely mid-commit.
-                log.debug("%s; a commit may be in progress: reading up to it", error)
-            else:
-                log.warning("%s; reading up to the incomplete transaction", error)
-        elif repair and not scan.damaged_inside:
-            self._cut_tail(scan.torn_at, size, scan.reason)
-        else:
-            log.error("%s", error)
-            raise error
+        damage = settle_tail(
+            self._live_file(),
+            self.path,
+            scan,
+            size,
+            readonly=self.readonly,
+            repair=repair,
+        )
+        if damage is not None:
+            self.damage = damage
 
     def _scan(
         self,
@@ -518,53 +367,6 @@ class FileStorage(Storage):
         transaction, in file order."""
         return record_spans(file, span)
 
-    def _zeroed_record(self, file: BinaryIO, span: TransactionSpan) -> str | None:
-        """Say where zeros stand in place of record data in the transaction
-        ``span``; None when there are none.
-
-        The Durus layouts have no checksums: a crash can leave a transaction
-        whose lengths add up but whose bytes, from some point on, never
-        reached the disk. Only the records the trailing zeros reach are read
-        (see :func:`~dhruva.shelf.record_data_problem`).
-        """
-        # A transaction whose records end in a non-zero byte has no zeros to
-        # explain: most do, and then no record is read.
-        body_end = span.end - self._record_trailer
-        zeros_at = zeros_start(file, span.start, body_end)
-        if zeros_at == body_end:
-            return None
-        for offset, length in self._record_spans(file, span):
-            if offset + length <= zeros_at:
-                continue
-            file.seek(offset)
-            record = file.read(length)
-            problem = record_data_problem(record, max(0, zeros_at - offset))
-            if problem is not None:
-                return (
-                    f"zeros run from byte offset {zeros_at} to its end; the record "
-                    f"of oid {int.from_bytes(record[:8], 'big')} at byte offset "
-                    f"{offset} is not whole: {problem}"
-                )
-        return None
-
-    def _dangling_reference(
-        self, file: BinaryIO, span: TransactionSpan, known: Container[bytes]
-    ) -> str | None:
-        """Say which record of the transaction ``span`` refers to an oid with
-        no record in ``known``; None when none does."""
-        for offset, length in self._record_spans(file, span):
-            file.seek(offset)
-            oid, _data, refs = unpack_record(file.read(length))
-            for ref in split_oids(refs):
-                if ref not in known:
-                    return (
-                        f"zeros follow it, and its record of oid "
-                        f"{int.from_bytes(oid, 'big')} at byte offset {offset} "
-                        f"refers to oid {int.from_bytes(ref, 'big')}, which has "
-                        "no record: the zeros may have been its records"
-                    )
-        return None
-
     def _check_last_transaction(
         self,
         file: BinaryIO,
@@ -575,35 +377,19 @@ class FileStorage(Storage):
         size: int = 0,
     ) -> ScanResult:
         """Treat the last transaction as torn when zeros stand where its
-        records' data belongs.
-
-        :param start: where the scan began (the end of the offset map).
-        :param base: for a layout where zeros can read as the end of a
-            transaction (DFS20), the records before ``start``: when zeros
-            follow the last transaction up to ``size``, a reference from it
-            to an oid with no record means the zeros were some of its records.
-        :return: ``scan``, or a scan that ends before the last transaction.
-        """
-        last = scan.last
-        if self._checksummed or last is None or self.at is not None:
+        records' data belongs (see :func:`dhruva.file_repair.check_last`);
+        a checksummed layout, or a view of the past, is left as scanned."""
+        if self._checksummed or self.at is not None:
             return scan
-        if scan.damaged_inside:
-            return scan
-        problem = self._zeroed_record(file, last)
-        if (
-            problem is None
-            and base is not None
-            and scan.torn_at == last.end
-            and zeros_start(file, last.end, size) == last.end
-        ):
-            problem = self._dangling_reference(
-                file, last, ChainMap(scan.index, dict(base))
-            )
-        if problem is None:
-            return scan
-        cut = self._scan(file, start, last.start)
-        cut.torn_at, cut.reason = last.start, problem
-        return cut
+        return check_last(
+            file,
+            scan,
+            rescan=lambda end: self._scan(file, start, end),
+            record_spans=self._record_spans,
+            trailer=self._record_trailer,
+            base=base,
+            size=size,
+        )
 
     def _load_layout(self, repair: bool) -> None:
         """Read the prefix and offset map, then index the later transactions."""
@@ -639,29 +425,6 @@ class FileStorage(Storage):
         self._base_end = self._map.end
         highest = max((int.from_bytes(oid, "big") for oid in self._index), default=-1)
         self._next_oid = max(self._map.count, highest + 1)
-
-    def _cut_tail(self, offset: int, size: int, reason: str) -> None:
-        """Save the bytes from ``offset`` aside, then truncate the file there."""
-        file = self._file
-        assert file is not None
-        aside = f"{self.path}.torn-{offset}"
-        file.seek(offset)
-        with open(aside, "wb") as f:
-            f.write(file.read())
-            f.flush()
-            os.fsync(f.fileno())
-        file.truncate(offset)
-        file.flush()
-        os.fsync(file.fileno())
-        log.warning(
-            "%s: cut an incomplete last transaction (%s) at byte offset %d, "
-            "%d bytes; they are saved in %s",
-            self.path,
-            reason,
-            offset,
-            size - offset,
-            aside,
-        )
 
     def _release(self) -> None:
         """Give back the lock note, the lock and the file; remove a temp file."""
@@ -841,8 +604,8 @@ class FileStorage(Storage):
             self._index[oid] = start + at
             self._next_oid = max(self._next_oid, int.from_bytes(oid, "big") + 1)
         self._end = start + len(data)
-        if self._pack_extra is not None:
-            self._pack_extra.update(pending)
+        if self._pack is not None:
+            self._pack.note_commit(pending)
         log.debug(
             "%s: committed %d records at byte offset %d%s",
             self.path,
@@ -1008,240 +771,45 @@ class FileStorage(Storage):
             generator, naming the file and the cause when the pack fails.
         """
         self._check_writable("pack()")
-        if self._pack_extra is not None:
+        if self._pack is not None:
             raise StorageError(f"{self.path}: a pack is running already")
         return self._start_packer()
 
     def _start_packer(self) -> Iterator[None]:
         # A second packer made before the first one started must not run:
         # it would truncate the first one's .pack file.
-        if self._pack_extra is not None:
+        if self._pack is not None:
             raise StorageError(f"{self.path}: a pack is running already")
-        try:
-            yield from self._packer()
-        except DhruvaKeyError as e:
-            raise self._dangling_error(e) from e
-
-    def _pack_writer(self, file: BinaryIO) -> PackWriter:
-        """Return what writes a packed file in this layout to ``file``."""
-        return _ShelfPackWriter(file)
-
-    def _packer(self) -> Iterator[None]:
         if self._position(ROOT_OID) is None:
             log.info("%s has no root object; nothing to pack", self.path)
             return
-        log.info("packing %s", self.path)
-        self._pack_extra = set()
-        new: BinaryIO | None = None
-        try:
-            new = self._create_pack_file()
-            old_oids = {oid for oid, _position in self._gen_positions()}
-            writer = self._pack_writer(new)
-
-            # The reachable records, a step at a time.
-            for i, (oid, record) in enumerate(gen_reachable_records(self)):
-                writer.add(oid, record)
-                if i % self.pack_step == self.pack_step - 1:
-                    yield None
-            writer.end_reachable(self._next_oid)
-            yield None
-
-            # Records committed while packing, and what they reach anew.
-            carried = self._carry_over(set(writer.offsets) - self._pack_extra)
-            kept = set(writer.offsets) | set(carried)
-            writer.finish(carried, self._next_oid)
-            packed, new = new, None
-            self._replace_with(packed)
-        except OSError as e:
-            raise self._pack_error(e) from e
-        finally:
-            self._pack_extra = None
-            if new is not None:
-                self._discard_pack_file(new)
-        self._invalid.update(old_oids - kept)
-        log.info(
-            "packed %s: %d records kept, %d removed",
+        self._pack = FilePack(
+            self,
             self.path,
-            len(kept),
-            len(old_oids - kept),
+            step=self.pack_step,
+            current_oids=lambda: {oid for oid, _at in self._gen_positions()},
+            oid_counter=lambda: self._next_oid,
+            writer=self._pack_writer,
+            install=self._install_packed,
         )
-
-    # Steps of a pack, shared by the layouts.
-
-    def _pack_path(self) -> str:
-        return self.path + ".pack"
-
-    def _remove_pack_leftover(self) -> None:
-        """Remove the ``.pack`` file of a pack that a crash interrupted.
-
-        Called with the lock held: no pack can be running in another process.
-        """
-        leftover = self._pack_path()
         try:
-            os.unlink(leftover)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            log.warning(
-                "%s: could not remove %s, left by an interrupted pack: %s",
-                self.path,
-                leftover,
-                e,
-            )
-            return
-        log.warning(
-            "%s: removed %s, the unfinished new file of a pack that was "
-            "interrupted; the database is as it was before that pack",
-            self.path,
-            leftover,
-        )
-
-    def _restore_interrupted_durus_pack(self) -> None:
-        """Put back a database file that a Durus pack moved aside.
-
-        Durus packs a DFS20 file by renaming it to ``<file>.prepack``, then
-        renaming the packed file to ``<file>``: a crash between the two
-        leaves no file under the name. The file moved aside is complete, so
-        a writable open renames it back (and the ``.pack`` file is removed
-        as a leftover); a read-only open, which changes nothing, refuses.
-        """
-        aside = self.path + ".prepack"
-        if os.path.exists(self.path) or not os.path.exists(aside):
-            return
-        if self.readonly:
-            raise StorageError(
-                f"no database file {self.path}, but {aside} is there: a Durus "
-                "pack was interrupted after moving the database aside. Open it "
-                f"once without readonly=True to put it back, or rename {aside} "
-                f"to {self.path}"
-            )
-
-        # A Durus process still between its two renames holds its lock.
-        with open(aside, "rb") as moved:
-            try:
-                fcntl.flock(moved.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FileLockedError(
-                    self.path, f"a process packing it, which holds {aside}"
-                ) from None
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                return  # someone else put a file there meanwhile: open that
-            os.unlink(aside)
-            _fsync_directory(self.path)
-        log.warning(
-            "%s was missing after an interrupted Durus pack; put back the "
-            "database it had moved to %s (the pack is lost, no commit is)",
-            self.path,
-            aside,
-        )
-
-    def _create_pack_file(self) -> BinaryIO:
-        """Create and lock the packed file, with the database file's mode."""
-        new = open(self._pack_path(), "w+b")  # noqa: SIM115 (becomes self._file)
-        try:
-            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             mode = os.fstat(self._live_file().fileno()).st_mode
-            os.fchmod(new.fileno(), stat.S_IMODE(mode))
-        except BaseException:
-            self._discard_pack_file(new)
-            raise
-        return new
+            removed = yield from self._pack.run(mode)
+        finally:
+            self._pack = None
+        self._invalid.update(removed)
 
-    def _discard_pack_file(self, new: BinaryIO) -> None:
-        with contextlib.suppress(OSError):
-            new.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._pack_path())
+    def _pack_writer(self, file: BinaryIO) -> PackWriter:
+        """Return what writes a packed file in this layout to ``file``."""
+        return ShelfPackWriter(file)
 
-    def _carry_over(self, copied: set[bytes]) -> dict[bytes, bytes]:
-        """Return the records committed while packing, and those they reach
-        that the first pass did not copy.
-
-        :param copied: the oids the first pass copied that no commit has
-            changed since; what they refer to was copied too.
-        """
-        carried: dict[bytes, bytes] = {}
-        todo = sorted(self._pack_extra or (), reverse=True)
-        while todo:
-            oid = todo.pop()
-            if oid in copied or oid in carried:
-                continue
-            record = self.load(oid)
-            carried[oid] = record
-            todo.extend(split_oids(unpack_record(record)[2]))
-        return carried
-
-    def _replace_with(self, packed: BinaryIO) -> None:
-        """Make the packed file durable, rename it over the database file and
-        read it: the moment a pack takes effect.
-
-        On failure before the rename, the packed file is removed and the
-        database is untouched.
-        """
-        try:
-            packed.flush()
-            os.fsync(packed.fileno())
-            os.replace(self._pack_path(), self.path)
-        except BaseException:
-            self._discard_pack_file(packed)
-            raise
-
-        # From here the packed file is the database; the lock on it guards
-        # the path. It holds every commit, and is on disk.
+    def _install_packed(self, packed: BinaryIO) -> None:
+        """Take the packed file, renamed over the database, as the file."""
         with self._sync_lock:
             old, self._file = self._file, packed
             self._unsynced = False
             if old is not None:
                 old.close()
-        try:
-            _fsync_directory(self.path)
-        except OSError as e:
-            log.warning(
-                "%s: packed, but syncing its folder failed (%s); a power failure "
-                "now may bring back the file as it was before the pack",
-                self.path,
-                e,
-            )
         handed_out = self._next_oid
         self._load_layout(repair=False)
         self._next_oid = max(self._next_oid, handed_out)
-
-    def _dangling_error(self, error: DhruvaKeyError) -> StorageError:
-        """Describe a pack stopped by a reference to an oid with no record."""
-        oid = error.args[0] if error.args else b""
-        number = int.from_bytes(oid, "big") if isinstance(oid, bytes) else oid
-        message = (
-            f"packing {self.path} failed: a reachable record refers to oid "
-            f"{number}, which has no record (a dangling reference); nothing was "
-            "removed and the database is still writable. Find the referring "
-            "records with dhruva.storage.gen_referring_oid_record, repair "
-            "them, and pack again"
-        )
-        log.error("%s", message)
-        return StorageError(message)
-
-    def _pack_error(self, error: OSError) -> StorageError:
-        """Describe a pack that failed, and what to do about it."""
-        where = error.filename or self._pack_path()
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            fix = (
-                f"free disk space in {folder} (a pack writes a new copy of the "
-                "reachable objects there) and pack again"
-            )
-        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            fix = (
-                f"make {folder} writable (a pack writes its new file there and "
-                "renames it over the database) and pack again"
-            )
-        else:
-            fix = "remove the cause and pack again"
-        message = (
-            f"packing {self.path} failed at {where}: "
-            f"{error.strerror or error}; the database is unchanged and still "
-            f"writable. To pack it, {fix}"
-        )
-        log.error("%s", message)
-        return StorageError(message)

@@ -64,7 +64,7 @@ from collections.abc import Iterator, Mapping, MutableSequence
 from typing import Any, BinaryIO
 
 from dhruva.error import StorageError
-from dhruva.file_storage import PackWriter
+from dhruva.file_pack import PackWriter
 from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import ScanResult, TransactionSpan, zeros_to_end
 
