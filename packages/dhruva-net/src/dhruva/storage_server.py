@@ -591,7 +591,7 @@ class StorageServer:
         used = 2
         while scan and len(records) < batch_size:
             oids = scan[-min(LOAD_CHUNK, batch_size - len(records)) :][::-1]
-            current = await self._read(oids)
+            current = await self._read(oids, client)
             for oid in oids:
                 record = current[oid]
                 if record:
