@@ -29,7 +29,7 @@ Limitations:
 - A destination without ``reserve_oids`` (the file storages, today) starts
   its counter above the highest copied oid only: it may hand out again the
   oids the source gave to records a pack removed. No reference to those is
-  copied. TODO(#3): a way for FileStorage kinds to take an oid counter.
+  copied.
 """
 
 from __future__ import annotations

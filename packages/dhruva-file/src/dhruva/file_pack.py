@@ -39,7 +39,7 @@ from dhruva.error import DhruvaKeyError, StorageError
 from dhruva.file_lock import FileLockedError, fsync_directory
 from dhruva.record import split_oids, unpack_record
 from dhruva.shelf import PREFIX, encode_map, encode_transaction
-from dhruva.storage import Storage, gen_reachable_records
+from dhruva.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ShelfPackWriter(PackWriter):
         # The map covers every oid ever handed out, so none is reused.
         numbers = {int.from_bytes(oid, "big"): at for oid, at in self.offsets.items()}
         self.file.seek(map_start)
-        count = max(max(numbers) + 2, next_oid)
+        count = max(max(numbers) + 2 if numbers else 0, next_oid)
         self.file.write(encode_map(map_start, count, numbers))
 
     def finish(self, carried: dict[bytes, bytes], next_oid: int) -> None:
@@ -115,6 +115,9 @@ class FilePack:
     :param storage: the storage packed; only its Storage methods are used.
     :param path: its database file.
     :param step: records copied between the points where :meth:`run` yields.
+    :param records: yields the ``(oid, record)`` pairs the new file starts
+        with: those reachable from the root for a pack, every record for a
+        rewrite that only moves the oid counter on.
     :param current_oids: returns the oids that have a record now.
     :param oid_counter: returns the next oid the storage would hand out.
     :param writer: makes the layout's :class:`PackWriter` for a new file.
@@ -128,6 +131,7 @@ class FilePack:
         path: str,
         *,
         step: int,
+        records: Callable[[], Iterable[tuple[bytes, bytes]]],
         current_oids: Callable[[], set[bytes]],
         oid_counter: Callable[[], int],
         writer: Callable[[BinaryIO], PackWriter],
@@ -136,6 +140,7 @@ class FilePack:
         self.storage = storage
         self.path = path
         self.step = step
+        self._records = records
         self._current_oids = current_oids
         self._oid_counter = oid_counter
         self._writer = writer
@@ -168,7 +173,7 @@ class FilePack:
             writer = self._writer(new)
 
             # The reachable records, a step at a time.
-            for i, (oid, record) in enumerate(gen_reachable_records(self.storage)):
+            for i, (oid, record) in enumerate(self._records()):
                 writer.add(oid, record)
                 if i % self.step == self.step - 1:
                     yield None

@@ -64,7 +64,7 @@ import os
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence
 from typing import BinaryIO, Self, cast
 
 from dhruva.error import DhruvaKeyError, ReadOnlyError, StorageError
@@ -783,12 +783,20 @@ class FileStorage(Storage):
         if self._position(ROOT_OID) is None:
             log.info("%s has no root object; nothing to pack", self.path)
             return
+        yield from self._rewrite(lambda: gen_reachable_records(self))
+
+    def _rewrite(
+        self, records: Callable[[], Iterable[tuple[bytes, bytes]]]
+    ) -> Iterator[None]:
+        """Write a new file that starts with ``records`` (and those committed
+        meanwhile) and the oid counter, and rename it over the file."""
         self._pack = FilePack(
             self,
             self.path,
             step=self.pack_step,
+            records=records,
             current_oids=lambda: {oid for oid, _at in self._gen_positions()},
-            oid_counter=lambda: self._next_oid,
+            oid_counter=self.get_oid_counter,
             writer=self._pack_writer,
             install=self._install_packed,
         )
@@ -798,6 +806,59 @@ class FileStorage(Storage):
         finally:
             self._pack = None
         self._invalid.update(removed)
+
+    # --- the oid counter -----------------------------------------------------------
+
+    def get_oid_counter(self) -> int:
+        """Return the number of the next oid :meth:`new_oid` hands out.
+
+        No oid at or above it has been handed out; ``dhruva convert`` carries
+        it to the new database.
+        """
+        self._live_file()
+        return self._next_oid
+
+    def reserve_oids(self, next_oid: int) -> None:
+        """Never hand out an oid below ``next_oid``, in this process or after
+        the file is opened again.
+
+        For copies from another storage (``dhruva convert``): the oids the
+        source handed out, and those its packs removed, stay unused here too.
+        A number at or below :meth:`get_oid_counter` changes nothing.
+
+        An open finds the counter as the higher of the one the file's base
+        records (written when the file was created or last packed: the
+        DHRUVA1 header, the DFS20 index, the size of SHELF-1's offset map)
+        and the highest oid of a record after it. None of the layouts can
+        record a higher counter with a commit, so a counter above both is
+        kept by rewriting the file once, as a pack does but keeping every
+        record (crash-safe: a crash leaves the old file, whose counter is
+        then the highest oid plus one). A SHELF-1 file keeps it as an
+        offset map entry per oid below it: a few bytes per reserved oid.
+
+        :raises ReadOnlyError: on a read-only storage.
+        :raises StorageError: when ``next_oid`` is not below 2**64, or a
+            pack or a commit is under way; from the rewrite, as a failed
+            pack does (the file is then unchanged).
+        """
+        self._check_writable("reserve_oids()")
+        if next_oid <= self._next_oid:
+            return
+        if next_oid > 1 << 64:
+            raise StorageError(
+                f"reserve_oids({next_oid}): {self.path} holds 8-byte oids, all "
+                "below 2**64"
+            )
+        if self._pack is not None or self._pending is not None:
+            raise StorageError(
+                f"reserve_oids(): {self.path} has a pack or a commit under way; "
+                "call it between them"
+            )
+        # Kept in memory even when the rewrite fails.
+        self._next_oid = next_oid
+        for _step in self._rewrite(lambda: self.gen_oid_record()):
+            pass
+        log.info("%s: new oids start at %d", self.path, next_oid)
 
     def _pack_writer(self, file: BinaryIO) -> PackWriter:
         """Return what writes a packed file in this layout to ``file``."""
