@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from dhruva.connection import Connection
 from dhruva.error import StorageError
@@ -15,7 +16,8 @@ from dhruva.verify import find_reference_paths, verify_storage
 
 
 class Node(Persistent):
-    pass
+    children: dict[str, Any]
+    name: str
 
 
 def build() -> tuple[MemoryStorage, Node]:
