@@ -462,6 +462,7 @@ def test_a_backup_cut_short_is_copied_again_in_full(
 
     result = run("backup", str(path), str(copy))
     assert "full copy" in result.output
+    assert "ending in an incomplete commit" in result.output  # says why
     assert copy.read_bytes() == path.read_bytes()
 
 
@@ -754,6 +755,7 @@ def test_backup_does_not_append_to_a_damaged_backup(tmp_path: Path, kind: str) -
 
     result = run("backup", "--full", str(path), str(copy))
     assert "full copy" in result.output
+    assert f"was an earlier backup damaged at byte offset {offset}" in result.output
     assert copy.read_bytes() == path.read_bytes()
 
 

@@ -105,6 +105,9 @@ class BackupResult:
     size: int
     #: For a server copy: oids referred to but missing on the server.
     dangling: int = 0
+    #: Why a full copy replaced what the destination held, when it was more
+    #: than nothing or an earlier backup: for the user to read.
+    replaced: str = ""
 
 
 def _no_progress(_advance: int, _total: int) -> None:
@@ -372,6 +375,7 @@ def backup_file(
     """
     check_destination(src, dest, plugins)
     source, ends = _open_consistent(src, dest, kind, plugins)
+    replaced = ""
     with source:
         end = ends[-1]
 
@@ -404,14 +408,15 @@ def backup_file(
                     message = _refusal(src, dest, found, offset, size, end)
                     if not full:
                         raise StorageError(message)
-                    log.info("%s; with --full: copying it all", message)
+                    replaced = _what_was_replaced(src, dest, found, offset, size, end)
                 elif found == "cut-short":
-                    log.info(
-                        "%s is an earlier backup of %s whose last append did not "
-                        "finish: copying it all",
-                        dest,
-                        src,
+                    replaced = (
+                        f"{dest} was an earlier backup of {src} ending in an "
+                        "incomplete commit (an append that did not finish, or "
+                        "damage in its last commit): it was copied again in full"
                     )
+                if replaced:
+                    log.info("%s", replaced)
 
         # A full copy, renamed over the destination once it is on disk.
         partial = dest + PARTIAL_SUFFIX
@@ -426,7 +431,20 @@ def backup_file(
                 os.unlink(partial)
             raise
     log.info("copied %s to %s: %d bytes", src, dest, end)
-    return BackupResult("full", end, end)
+    return BackupResult("full", end, end, replaced=replaced)
+
+
+def _what_was_replaced(
+    src: str, dest: str, found: str, offset: int | None, size: int, end: int
+) -> str:
+    """Say what ``--full`` replaced, where it was not an earlier backup."""
+    what = {
+        "newer": f"held {size - end} bytes of commits after {src}'s",
+        "damaged": f"was an earlier backup damaged at byte offset {offset}",
+        "other": f"was not an earlier backup of {src} (they differed from byte "
+        f"offset {offset} on)",
+    }[found]
+    return f"{dest} {what}; with --full it was replaced by a whole copy of {src}"
 
 
 def _replace(partial: str, dest: str) -> None:

@@ -677,6 +677,8 @@ def backup_command(
         f"backed up {name} to {dest}: {what}, {result.copied} {unit} copied, "
         f"{result.size} bytes"
     )
+    if result.replaced:
+        click.echo(f"note: {result.replaced}", err=True)
     if result.dangling:
         click.echo(
             f"warning: {result.dangling} references to missing objects were "
