@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from dhruva.checked_file import CheckedFileStorage
 from dhruva.error import ReadOnlyError, StorageError
-from dhruva.file_storage import FileLockedError
+from dhruva.file_storage import FileLockedError, FileStorage
+from dhruva.file_storage2 import FileStorage2
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.shelf import TornTailError
 from dhruva.storage_testing import (
@@ -421,3 +423,98 @@ def test_readonly_reads_up_to_a_torn_tail_and_changes_nothing(
     assert f"byte offset {start}" in caplog.text
     assert path.read_bytes() == content
     assert not Path(f"{path}.torn-{start}").exists()
+
+
+# --- a damaged start of the file -------------------------------------------------
+
+#: What messages call each layout, and the part that maps its base records.
+LAYOUT_NAMES = {"dhruva": "DHRUVA1", "shelf": "SHELF-1", "dfs20": "DFS20"}
+INDEX_NAMES = {"dhruva": "index block", "shelf": "offset map", "dfs20": "index record"}
+#: Bytes before the first transaction (SHELF-1) or the index (the others).
+HEADER_SIZES = {"dhruva": 36, "shelf": 16, "dfs20": 14}
+
+
+@pytest.fixture
+def one_commit(tmp_path, fmt):
+    path = tmp_path / "db"
+    with fmt.open(path) as s:
+        commit(s, make_record(s.new_oid(), b"root"))
+    return path
+
+
+def refusal(path: Path, opener) -> str:
+    with pytest.raises(StorageError) as refused:
+        opener(path)
+    return str(refused.value)
+
+
+def openers(fmt):
+    """FileStorage(path), then the layout's own class read-only and writable."""
+    return [
+        FileStorage,
+        lambda path: fmt.kind(path, readonly=True),
+        lambda path: fmt.kind(path),
+    ]
+
+
+@pytest.mark.parametrize("keep", range(1, 6))
+def test_a_file_cut_inside_its_magic_is_called_cut_not_another_kind(
+    one_commit, fmt, keep
+):
+    data = one_commit.read_bytes()[:keep]
+    one_commit.write_bytes(data)
+    for opener in openers(fmt):
+        message = refusal(one_commit, opener)
+        assert str(one_commit) in message
+        assert "cut short" in message
+        assert LAYOUT_NAMES[fmt.name] in message
+        assert "storage kind that wrote it" not in message
+        assert one_commit.read_bytes() == data
+
+
+def test_a_file_cut_inside_its_header_says_restore_it(one_commit, fmt):
+    data = one_commit.read_bytes()
+    for keep in range(len(fmt.magic), HEADER_SIZES[fmt.name]):
+        one_commit.write_bytes(data[:keep])
+        for opener in openers(fmt)[1:]:
+            message = refusal(one_commit, opener)
+            assert str(one_commit) in message
+            assert "from a backup" in message, message
+            assert "storage kind that wrote it" not in message
+
+
+@pytest.mark.parametrize("byte", [0, 2, 5])
+def test_a_damaged_magic_is_called_a_damaged_file_of_its_layout(one_commit, fmt, byte):
+    data = bytearray(one_commit.read_bytes())
+    data[byte] ^= 0x20
+    one_commit.write_bytes(data)
+    for opener in openers(fmt):
+        message = refusal(one_commit, opener)
+        assert f"looks like a damaged {LAYOUT_NAMES[fmt.name]} file" in message
+        assert "from a backup" in message
+
+
+def test_another_layouts_file_is_named(one_commit, fmt):
+    # FileStorage(path) opens DHRUVA1 and SHELF-1 files each in its own.
+    kinds: list[type[FileStorage]] = [CheckedFileStorage, FileStorage2]
+    if fmt.kind is FileStorage2:
+        kinds.append(FileStorage)
+    for kind in kinds:
+        if kind is not fmt.kind:
+            message = refusal(one_commit, kind)
+            assert f"it is a {LAYOUT_NAMES[fmt.name]} file" in message
+
+
+def test_the_open_log_names_the_layouts_index(tmp_path, fmt, caplog):
+    path = tmp_path / "db"
+    with fmt.open(path) as s:
+        root = s.new_oid()
+        commit(s, make_record(root, b"root"))
+        s.pack()
+        commit(s, make_record(s.new_oid(), b"a"), make_record(s.new_oid(), b"b"))
+    caplog.set_level(logging.INFO, logger="dhruva")
+    fmt.open(path, readonly=True).close()
+    assert any(
+        f"2 records after the {INDEX_NAMES[fmt.name]}" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]

@@ -85,3 +85,33 @@ def test_file_kind_description_names_the_format_of_new_files(plugins, tmp_path):
     assert f"new files in Durus's {magic}" in kind.description or (
         f"new files in dhruva's checksummed {magic}" in kind.description
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "kind"),
+    [
+        (b"D", "file"),
+        (b"DHRU", "file"),
+        (b"DHrUVA1\n" + bytes(28), "file"),
+        (b"SH", "file"),
+        (b"SHELF-X\n" + bytes(8), "file"),
+        (b"DFS2", "file2"),
+        (b"DfS20\0" + bytes(8), "file2"),
+    ],
+)
+def test_files_of_ours_cut_short_or_damaged_are_given_to_the_file_storage(
+    plugins, tmp_path, header, kind
+):
+    # The storage then says what is wrong, where "not recognized" would not.
+    path = tmp_path / "db"
+    path.write_bytes(header)
+    assert plugins.recognize(str(path)) == kind
+
+
+@pytest.mark.parametrize(
+    "header", [b"S", b"SQLite format 3\0", b"hello world", b"\x80\x04"]
+)
+def test_other_files_are_not_taken_for_damaged_ones(header):
+    from dhruva._file_plugin import dhruva_recognize_storage
+
+    assert dhruva_recognize_storage("other", header) is None

@@ -118,6 +118,27 @@ def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
         return "file"
     if header.startswith(DFS20_PREFIX):
         return "file2"
+
+    # A file of ours cut short or with a damaged header: the storage says so.
+    damaged = _damaged_header(header)
+    if damaged is not None:
+        return "file2" if damaged == "DFS20" else "file"
+    return None
+
+
+def _damaged_header(header: bytes) -> str | None:
+    """Return the layout whose header ``header`` is a cut-short start of (two
+    bytes at least: b"S" may as well be SQLite's) or one or two bytes off."""
+    for name, magic in (
+        ("DHRUVA1", DHRUVA1_PREFIX),
+        ("SHELF-1", SHELF_PREFIX),
+        ("DFS20", DFS20_PREFIX),
+    ):
+        if len(header) < len(magic):
+            if header and magic.startswith(header) and header != b"S":
+                return name
+        elif sum(a != b for a, b in zip(header, magic, strict=False)) <= 2:
+            return name
     return None
 
 

@@ -90,6 +90,7 @@ from typing import BinaryIO
 
 from dhruva.error import StorageError
 from dhruva.file_pack import PackWriter
+from dhruva.file_repair import wrong_header_error
 from dhruva.file_storage import FileStorage
 from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import MidFileDamageError, ScanResult, TransactionSpan
@@ -456,6 +457,8 @@ class CheckedFileStorage(IndexedFileStorage):
         this format.
     """
 
+    _index_name = "index block"
+
     packable = True
     iterable = True
 
@@ -495,9 +498,12 @@ class CheckedFileStorage(IndexedFileStorage):
         size = os.fstat(fd).st_size
         head = os.pread(fd, HEADER_SIZE, 0)
         if not head.startswith(MAGIC):
-            raise StorageError(
-                f"{self.path} is not a dhruva checked file (DHRUVA1): it starts "
-                f"with {head[:8]!r}; open it with the storage kind that wrote it"
+            raise wrong_header_error(self.path, head, "dhruva checked file (DHRUVA1)")
+        if len(head) < HEADER_SIZE:
+            raise self._damaged(
+                len(head),
+                f"the file ends at byte offset {len(head)}, inside its "
+                f"{HEADER_SIZE}-byte header (cut short)",
             )
         magic, index_at, next_oid, written_ns, check = _header.unpack(
             head.ljust(HEADER_SIZE, b"\0")
@@ -524,7 +530,7 @@ class CheckedFileStorage(IndexedFileStorage):
             visible=visible,
             repair=repair,
             recorded_next=next_oid,
-            index_name="index block",
+            index_name=self._index_name,
         )
 
     def _scan(

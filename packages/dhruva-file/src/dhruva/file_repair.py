@@ -6,7 +6,9 @@ whose lengths add up but whose bytes, from some point on, are zeros: the file
 grew before its data reached the disk. These functions find such a tail
 (:func:`check_last`), decide what an open does
 about it (:func:`settle_tail`: refuse, read up to it, or cut it off) and cut
-it off, saving its bytes aside (:func:`cut_tail`).
+it off, saving its bytes aside (:func:`cut_tail`). A file that does not
+start with its layout's header is described by :func:`wrong_header_error`:
+another layout's file, or one whose header is cut short or damaged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import BinaryIO
 from dhruva.error import StorageError
 from dhruva.record import split_oids, unpack_record
 from dhruva.shelf import (
+    PREFIX,
     MidFileDamageError,
     ScanResult,
     TornTailError,
@@ -189,4 +192,66 @@ def cut_tail(file: BinaryIO, path: str, offset: int, size: int, reason: str) -> 
         offset,
         size - offset,
         aside,
+    )
+
+
+def _layouts() -> list[tuple[str, bytes, str]]:
+    """Return each layout's name, the first bytes of its files and what
+    opens them."""
+    from dhruva.checked_file import MAGIC as DHRUVA1_MAGIC
+    from dhruva.file_storage2 import MAGIC as DFS20_MAGIC
+
+    return [
+        ("DHRUVA1", DHRUVA1_MAGIC, "FileStorage(path), storage kind 'file'"),
+        ("SHELF-1", PREFIX, "FileStorage(path), storage kind 'file'"),
+        ("DFS20", DFS20_MAGIC, "FileStorage2(path), storage kind 'file2'"),
+    ]
+
+
+def wrong_header_error(path: str, head: bytes, expected: str) -> StorageError:
+    """Describe a file that does not start with the header of its layout.
+
+    It may be another layout's file, a file cut short inside the first bytes
+    of a header (its bytes are the start of one), or a file whose header is
+    damaged (its first bytes differ from a header's in one or two).
+
+    :param head: the file's first bytes (all of them when it is shorter).
+    :param expected: what the opener reads, as messages name it, e.g.
+        ``"FileStorage (SHELF-1)"``.
+    """
+    layouts = _layouts()
+    for name, magic, opener in layouts:
+        if head.startswith(magic):
+            return StorageError(
+                f"{path} is not a {expected} file: it is a {name} file; open it "
+                f"with {opener}"
+            )
+
+    # A header cut short: every byte there is the start of one.
+    cut = [name for name, magic, _ in layouts if head and magic.startswith(head)]
+    if cut:
+        return StorageError(
+            f"{path} is not a whole database file: its {len(head)} bytes, "
+            f"{head!r}, are the start of a {' or '.join(cut)} file's header; "
+            "the file was cut short (damaged). Restore it from a backup"
+        )
+
+    # A damaged header: one or two bytes differ from one.
+    for name, magic, _ in layouts:
+        length = min(len(head), len(magic))
+        differ = sum(a != b for a, b in zip(head[:length], magic, strict=True))
+        if length >= len(magic) // 2 and differ <= 2:
+            short = (
+                f" and the file ends at byte offset {len(head)}"
+                if len(head) < len(magic)
+                else ""
+            )
+            return StorageError(
+                f"{path} looks like a damaged {name} file: it starts with "
+                f"{head[: len(magic)]!r}, {differ} byte(s) off the {name} header "
+                f"{magic!r}{short}. Restore it from a backup"
+            )
+    return StorageError(
+        f"{path} is not a {expected} file: it starts with {head[:8]!r}; open it "
+        "with the storage kind that wrote it"
     )

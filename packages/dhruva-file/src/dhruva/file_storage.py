@@ -81,7 +81,7 @@ from dhruva.file_pack import (
     remove_pack_leftover,
     restore_interrupted_durus_pack,
 )
-from dhruva.file_repair import check_last, settle_tail
+from dhruva.file_repair import check_last, settle_tail, wrong_header_error
 from dhruva.record import ROOT_OID
 from dhruva.shelf import (
     FIRST_TRANSACTION,
@@ -247,10 +247,11 @@ class FileStorage(Storage):
             self._release()
             raise
         log.info(
-            "opened %s%s: %d records after the offset map, next oid %d",
+            "opened %s%s: %d records after the %s, next oid %d",
             self.path,
             " read-only" if readonly else "",
-            len(self._index),
+            self._records_after_base(),
+            self._index_name,
             self._next_oid,
         )
 
@@ -357,6 +358,13 @@ class FileStorage(Storage):
         scan.last = collect[-1] if collect else None
         return scan
 
+    #: What the layout calls the part that maps the base's records.
+    _index_name = "offset map"
+
+    def _records_after_base(self) -> int:
+        """Return the number of records committed after the base."""
+        return len(self._index)
+
     #: Bytes of a transaction after its last record (DFS20's end marker).
     _record_trailer = 0
 
@@ -399,10 +407,7 @@ class FileStorage(Storage):
         file.seek(0)
         head = file.read(FIRST_TRANSACTION + 8)
         if not head.startswith(PREFIX):
-            raise StorageError(
-                f"{self.path} is not a FileStorage (SHELF-1) file: it starts with "
-                f"{head[:8]!r}; open it with the storage kind that wrote it"
-            )
+            raise wrong_header_error(self.path, head, "FileStorage (SHELF-1)")
         if len(head) < FIRST_TRANSACTION + 8:
             raise StorageError(
                 f"{self.path} ends at byte offset {size}, inside its first "

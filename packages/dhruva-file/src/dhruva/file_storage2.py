@@ -65,6 +65,7 @@ from typing import Any, BinaryIO
 
 from dhruva.error import StorageError
 from dhruva.file_pack import PackWriter
+from dhruva.file_repair import wrong_header_error
 from dhruva.indexed_file import IndexedFileStorage
 from dhruva.shelf import ScanResult, TransactionSpan, zeros_to_end
 
@@ -305,6 +306,8 @@ class FileStorage2(IndexedFileStorage):
         not a DFS20 file.
     """
 
+    _index_name = "index record"
+
     packable = True
     iterable = True
 
@@ -328,10 +331,7 @@ class FileStorage2(IndexedFileStorage):
         file.seek(0)
         head = file.read(HEADER_SIZE)
         if not head.startswith(MAGIC):
-            raise StorageError(
-                f"{self.path} is not a FileStorage2 (DFS20) file: it starts with "
-                f"{head[:8]!r}; open it with the storage kind that wrote it"
-            )
+            raise wrong_header_error(self.path, head, "FileStorage2 (DFS20)")
         if len(head) < HEADER_SIZE:
             raise self._damaged(f"the file ends at byte offset {size}, in its header")
 
@@ -370,7 +370,7 @@ class FileStorage2(IndexedFileStorage):
             visible=visible,
             repair=repair,
             recorded_next=recorded_next,
-            index_name="index record",
+            index_name=self._index_name,
         )
 
     # --- reading -------------------------------------------------------------------

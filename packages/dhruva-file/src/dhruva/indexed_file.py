@@ -91,6 +91,9 @@ class IndexedFileStorage(FileStorage):
     def _base_records(self) -> int:
         return self._base_count
 
+    def _records_after_base(self) -> int:
+        return len(self._index) - self._base_count
+
     def _gen_positions(self) -> Iterator[tuple[bytes, int]]:
         yield from list(self._index.items())
 
