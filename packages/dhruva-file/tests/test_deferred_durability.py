@@ -1,6 +1,12 @@
 """Tests of deferred durability in the file storages: ``end(durable=False)``
 writes and shows a commit without its fsync, ``make_durable()`` syncs every
-such commit at once (a server's group commit), from another thread too."""
+such commit at once (a server's group commit), from another thread too.
+
+What every storage with deferred durability does (a deferred commit is
+visible at once, close() and a durable commit sync it) is the contract
+:class:`~dhruva.storage_testing.DeferredDurabilityStorageContract`, run for
+the three layouts in test_file_formats.py; this module holds what goes
+beyond it."""
 
 from __future__ import annotations
 
@@ -57,21 +63,6 @@ def test_other_storages_keep_the_default() -> None:
     storage.make_durable()  # nothing to do, and no error
 
 
-def test_deferred_commits_are_visible_at_once(tmp_path: Path, opener: Opener) -> None:
-    path = tmp_path / "db"
-    with opener(path) as storage:
-        for n in range(5):
-            commit_one(storage, n, f"value {n}", durable=False)
-
-        # The writer loads them, and so does a reader opened meanwhile.
-        assert storage.load(oid(3)) == make_record(oid(3), b"value 3")
-        with opener(path, readonly=True) as reader:
-            assert reader.load(oid(4)) == make_record(oid(4), b"value 4")
-            commit_one(storage, 5, "value 5", durable=False)
-            assert oid(5) in reader.sync()
-            assert reader.load(oid(5)) == make_record(oid(5), b"value 5")
-
-
 def test_one_fsync_makes_many_commits_durable(
     tmp_path: Path, opener: Opener, fsyncs: list[int]
 ) -> None:
@@ -109,21 +100,6 @@ def test_the_default_is_one_fsync_per_commit(
         assert len(fsyncs) == 3
         storage.make_durable()
         assert len(fsyncs) == 3
-
-
-def test_close_makes_deferred_commits_durable(
-    tmp_path: Path, opener: Opener, fsyncs: list[int]
-) -> None:
-    path = tmp_path / "db"
-    storage = opener(path)
-    fsyncs.clear()
-    commit_one(storage, 0, "root", durable=False)
-    commit_one(storage, 1, "one", durable=False)
-    storage.close()
-    assert len(fsyncs) == 1
-
-    with opener(path) as again:
-        assert again.load(oid(1)) == make_record(oid(1), b"one")
 
 
 def test_make_durable_from_another_thread(tmp_path: Path, opener: Opener) -> None:

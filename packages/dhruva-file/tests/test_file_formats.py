@@ -24,6 +24,7 @@ from dhruva.record import ROOT_OID, unpack_record
 from dhruva.shelf import TornTailError
 from dhruva.storage_testing import (
     BasicStorageContract,
+    DeferredDurabilityStorageContract,
     DurableStorageContract,
     IncrementalPackStorageContract,
     IterableStorageContract,
@@ -48,6 +49,7 @@ class TestFileContract(
     DurableStorageContract,
     PackableStorageContract,
     ReadOnlyStorageContract,
+    DeferredDurabilityStorageContract,
 ):
     @pytest.fixture
     def storage(self, tmp_path, fmt):
@@ -70,6 +72,10 @@ class TestFileContract(
             return fmt.open(tmp_path / "db", readonly=True)
 
         return open_readonly
+
+    @pytest.fixture
+    def open_reader(self, tmp_path, fmt):
+        return lambda s: fmt.kind(tmp_path / "db", readonly=True)
 
 
 class TestFileIncrementalPack(IncrementalPackStorageContract):

@@ -26,16 +26,26 @@ Fixtures by class:
   the same data read-only (:class:`ReadOnlyStorageContract`).
 - ``second_client``: another client of the same data as ``storage``
   (:class:`InvalidatingStorageContract`).
+- ``open_reader``: a function that opens another, read-only view of the data
+  of the storage it is given, leaving that storage open
+  (:class:`DeferredDurabilityStorageContract`).
 
 :class:`IncrementalPackStorageContract` is for storages whose ``get_packer()``
 returns a generator (a server advances it between client requests); it
 commits between the packer's steps and checks that nothing reachable is lost.
+
+:class:`DeferredDurabilityStorageContract` is for storages with
+``deferred_durability = True``; it counts the syncs a storage makes through
+its ``sync_calls`` fixture, which counts ``os.fsync`` and ``os.fdatasync``
+calls unless a storage that syncs otherwise overrides it. That a deferred
+commit is lost in a crash, never half of it, is each storage's own test.
 
 This module needs pytest, which dhruva itself does not depend on.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -584,3 +594,113 @@ __all__: list[Any] = [
     "make_record",
     "new_oids",
 ]
+
+
+def _commit_deferred(storage: Storage, *records: bytes) -> None:
+    """Store ``records`` in one transaction ended with ``durable=False``."""
+    storage.begin()
+    for record in records:
+        storage.store(record[:8], record)
+    storage.end(durable=False)  # type: ignore[call-arg]
+
+
+class DeferredDurabilityStorageContract:
+    """Storages with ``deferred_durability``: ``end(durable=False)`` writes a
+    commit and makes it visible without syncing it; :meth:`make_durable`,
+    a durable commit or ``close()`` syncs every such commit."""
+
+    @pytest.fixture
+    def sync_calls(self, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+        """The file descriptors synced from now on (os.fsync, os.fdatasync)."""
+        calls: list[int] = []
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name, None)
+            if real is None:
+                continue
+
+            def counting(fd: int, real: Callable[[int], None] = real) -> None:
+                calls.append(fd)
+                real(fd)
+
+            monkeypatch.setattr(os, name, counting)
+        return calls
+
+    def test_it_announces_deferred_durability(self, storage: Storage) -> None:
+        assert storage.deferred_durability is True
+
+    def test_a_deferred_commit_is_visible_at_once(
+        self, storage: Storage, open_reader: Reopen
+    ) -> None:
+        root, a = ROOT_OID, new_oids(storage, 1)[0]
+        _commit_deferred(storage, make_record(root, b"root", [a]))
+        assert storage.load(root) == make_record(root, b"root", [a])
+
+        # A reader opened meanwhile loads it, and sync() reports the next.
+        reader = open_reader(storage)
+        try:
+            assert reader.load(root) == make_record(root, b"root", [a])
+            _commit_deferred(storage, make_record(a, b"a"))
+            assert a in reader.sync()
+            assert reader.load(a) == make_record(a, b"a")
+        finally:
+            reader.close()
+
+    def test_make_durable_syncs_deferred_commits_once(
+        self, storage: Storage, sync_calls: list[int]
+    ) -> None:
+        oids = new_oids(storage, 5)
+        sync_calls.clear()
+        for oid in oids:
+            _commit_deferred(storage, make_record(oid, b"deferred"))
+        assert sync_calls == [], "a deferred commit was synced"
+
+        storage.make_durable()
+        assert sync_calls, "make_durable() synced nothing"
+        synced = len(sync_calls)
+        storage.make_durable()
+        assert len(sync_calls) == synced, "nothing was pending, yet it synced"
+
+    def test_make_durable_with_nothing_pending_does_nothing(
+        self, storage: Storage, sync_calls: list[int]
+    ) -> None:
+        commit(storage, make_record(ROOT_OID, b"durable"))
+        sync_calls.clear()
+        storage.make_durable()
+        _commit_deferred(storage)  # an empty commit writes nothing
+        storage.make_durable()
+        assert sync_calls == []
+        assert storage.load(ROOT_OID) == make_record(ROOT_OID, b"durable")
+
+    def test_a_durable_commit_syncs_the_deferred_ones(
+        self, storage: Storage, reopen: Reopen, sync_calls: list[int]
+    ) -> None:
+        a, b = new_oids(storage, 2)
+        sync_calls.clear()
+        _commit_deferred(storage, make_record(ROOT_OID, b"root", [a, b]))
+        _commit_deferred(storage, make_record(a, b"a"))
+        commit(storage, make_record(b, b"b"))
+        assert sync_calls, "the durable commit synced nothing"
+        synced = len(sync_calls)
+        storage.make_durable()
+        assert len(sync_calls) == synced, "deferred commits were still pending"
+
+        again = reopen(storage)
+        try:
+            assert again.load(a) == make_record(a, b"a")
+            assert again.load(b) == make_record(b, b"b")
+        finally:
+            again.close()
+
+    def test_close_syncs_deferred_commits(
+        self, storage: Storage, reopen: Reopen, sync_calls: list[int]
+    ) -> None:
+        a = new_oids(storage, 1)[0]
+        sync_calls.clear()
+        _commit_deferred(storage, make_record(ROOT_OID, b"root", [a]))
+        _commit_deferred(storage, make_record(a, b"a"))
+        again = reopen(storage)
+        try:
+            assert sync_calls, "closing left deferred commits unsynced"
+            assert again.load(a) == make_record(a, b"a")
+        finally:
+            again.close()
