@@ -249,6 +249,7 @@ def test_invalidations_that_do_not_matter_let_the_commit_through(clients):
     commit(a, make_record(x, b"x"), make_record(y, b"y"))
     b.sync()
     b.load(y)  # a client writes what it has read since others changed it
+    b.load(x)
     commit(a, make_record(x, b"x2"))
 
     seen: list[bytes] = []
@@ -259,6 +260,24 @@ def test_invalidations_that_do_not_matter_let_the_commit_through(clients):
     assert a.sync() == [y]
     assert data_of(a, y) == b"y from b"
     assert b.sync() == []
+
+
+def test_changes_a_client_never_read_do_not_hold_its_commit_up(clients):
+    a, b = clients
+    x, y = new_oids(a, 2)
+    commit(a, make_record(x, b"x"), make_record(y, b"y"))
+    b.sync()
+    b.load(y)  # b never reads x
+    commit(a, make_record(x, b"x2"))
+
+    seen: list[bytes] = []
+    b.begin()
+    b.store(y, make_record(y, b"y from b"))
+    b.end(seen.extend)
+    assert seen == []  # committed without a refusal
+    assert a.sync() == [y]
+    assert data_of(a, y) == b"y from b"
+    assert b.sync() == [x]  # told at its next sync
 
 
 def test_invalidations_without_a_handler_are_returned_by_the_next_sync(clients):

@@ -19,17 +19,20 @@ client sees a change a crash could still take back. With other storages each
 commit is durable when written, and published right after.
 
 Until a commit is published, loads of its oids are answered with the records
-from before it (:attr:`Committer.writing`), and the commits of other clients
-are checked as if it came after them:
+from before it (:attr:`Committer.writing`). A commit of another client that
+writes one of its oids, or whose client read one of them (its ``known`` oids,
+see :mod:`dhruva.server_session`), waits (without holding up the loop or the
+other commits) until it is published, and is then checked as usual: it
+conflicts, or is refused with the oids its client has to hear of. Any other
+commit is checked and written at once, and shares the next fsync.
 
-- a commit writing one of its oids waits for its publication, then is
-  checked as usual (so it conflicts);
-- a commit from a client that read the record from before of one of its oids
-  waits for its publication too (then it is refused, and the client reads the
-  new record);
-- any other commit is refused once (``REFUSED``) with the oids it was not told
-  of yet, so that a client that read them in its transaction conflicts, as it
-  would after the publication.
+The usual check, against what the client has not synced yet: a commit
+writing an oid others changed that the client has not read again is refused as
+a conflict; while the client has changes of others to hear of that it may have
+read (in its ``known`` oids), the commit is refused with them (``REFUSED``: the
+client's invalidation handler decides whether they conflict, then it commits
+again); changes of others it never read do not hold the commit up, its next
+sync reports them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dhruva.error import ConflictError, StorageError
+from dhruva.error import ConflictError, ProtocolError, StorageError
 from dhruva.net_protocol import (
     MAX_OIDS_PER_FRAME,
     STATUS_CONFLICT,
@@ -102,25 +105,38 @@ class Committer:
         return []
 
     async def handle_commit(self, client: ClientState, body: bytes) -> list[bytes]:
-        assert self._lock is not None
-        async with self._lock:
+        if body:
+            raise ProtocolError(f"commit: expected no body, got {len(body)} bytes")
+        lock = self._lock
+        assert lock is not None
+        while True:
             # Commits written before, not published yet, that this one must
             # come after: it writes their oids or read what they replace.
-            await self.wait_published(client.staged, client.read_pending)
-            written = await self._commit(client)
+            await self.wait_published(self._before(client))
+            async with lock:
+                if self._before(client):
+                    continue  # one was written while this one waited
+                written = await self._commit(client)
+                break
         if isinstance(written, list):
             return written  # refused, or nothing to write
         return await self._publish(client, written)
 
-    async def wait_published(self, *oid_sets: Iterable[bytes]) -> None:
-        """Return once no commit writing any of these oids awaits its fsync."""
-        while waiting := {
-            self._unpublished[oid].published
-            for oids in oid_sets
-            for oid in oids
-            if oid in self._unpublished
-        }:
-            await asyncio.gather(*(event.wait() for event in waiting))
+    def _before(self, client: ClientState) -> set[_Written]:
+        """The unpublished commits of others that a commit of ``client`` must
+        come after: they write oids it writes or may have read."""
+        return {
+            written
+            for oid, written in self._unpublished.items()
+            if written.client is not client
+            and (oid in client.staged or client.may_have_read(oid))
+        }
+
+    async def wait_published(self, commits: Iterable[_Written]) -> None:
+        """Return once ``commits`` are published."""
+        waiting = [written.published.wait() for written in commits]
+        if waiting:
+            await asyncio.gather(*waiting)
 
     def is_unpublished(self, oid: bytes) -> bool:
         """True when a commit writing ``oid`` awaits its fsync."""
@@ -134,22 +150,15 @@ class Committer:
         if client.invalid_overflow:
             client.drop_staged()
             return [STATUS_RESYNC]
-        untold = sorted(
-            oid
-            for oid, written in self._unpublished.items()
-            if written.client is not client and oid not in client.told
-        )
-        if client.invalid or untold:
+        staged = client.staged
+        if any(oid in staged or client.may_have_read(oid) for oid in client.invalid):
             # Refused before anything is written; the staged records wait for
             # the client to commit again or abandon them.
             oids = take_oids(client.invalid)
-            told = untold[: MAX_OIDS_PER_FRAME - len(oids)]
-            client.told.update(told)
-            oids += told
             client.refused.update(oids)
             return [STATUS_REFUSED + b"".join(oids)]
 
-        staged, size, refused = client.staged, client.staged_bytes, client.refused
+        size, refused = client.staged_bytes, client.refused
         client.drop_staged()
         if not staged:
             return [STATUS_OKAY]
@@ -177,7 +186,6 @@ class Committer:
 
         check_records(staged)
         old = await self._check_allocated(client, staged)
-
         # Write in the worker. Until the commit is published, loads of these
         # oids get the records from before it.
         written = _Written(client, staged, size, asyncio.Event())
@@ -197,6 +205,7 @@ class Committer:
             self._forget(written)
             raise
         client.unused_oids.difference_update(staged)
+        client.note_known(staged)
         if self._durability is not None:
             written.number = self._durability.written()
         return written
@@ -231,11 +240,6 @@ class Committer:
         for oid in written.staged:
             self.writing.pop(oid, None)
             self._unpublished.pop(oid, None)
-        for other in self.server.clients:
-            if other.told:
-                other.told.difference_update(written.staged)
-            if other.read_pending:
-                other.read_pending.difference_update(written.staged)
         written.published.set()
 
     def _write(

@@ -26,7 +26,18 @@ What the server keeps per client, as Durus does, and checks itself:
 - ``unused_oids``: oids handed to this client and not committed yet. A record
   is accepted only for an oid the storage holds or this client was given; the
   client's unused oids are forgotten when it disconnects (the storage never
-  hands out an oid twice).
+  hands out an oid twice). A connection holds at most ``MAX_RESERVED`` of them.
+- ``known``: oids this connection loaded (load, bulk load, prefetch, scan) or
+  committed. A commit writing an existing oid outside it is refused as a
+  conflict (the client must read the object first: a record kept from an
+  earlier connection is stale), and the oids others changed since this client
+  last synced matter to a commit only when they are in it: a commit whose
+  client knows none of them is written at once, and the client hears of them
+  at its next sync. It holds at most ``max_known`` oids; past that bound it is
+  dropped (``known_overflow``): every commit with oids to hear of is refused
+  with them first (the client decides whether they conflict), and records of
+  oids the connection did not load since are accepted (a client that loaded
+  that many objects is not told apart from one resending stale records).
 """
 
 from __future__ import annotations
@@ -91,6 +102,12 @@ MAX_INVALID = 1_000_000
 #: beyond it, the client must resync all (and read again what it writes).
 MAX_UNREAD = 1_000_000
 
+#: Oids one connection loaded or committed, kept for its checks (``known``).
+MAX_KNOWN = 1_000_000
+
+#: Oids one connection may hold reserved (asked for, not committed yet).
+MAX_RESERVED = 1_000_000
+
 
 @dataclass(eq=False)
 class ClientState:
@@ -101,6 +118,8 @@ class ClientState:
     #: Changed oids kept in ``unread`` (and ``invalid``) before the client is
     #: told to drop everything instead.
     max_unread: int = MAX_UNREAD
+    #: Oids kept in ``known`` before it is dropped (``known_overflow``).
+    max_known: int = MAX_KNOWN
     #: Oids other clients committed since this client last synced.
     invalid: set[bytes] = field(default_factory=set)
     #: True once the client fell too far behind: ``invalid`` and ``unread``
@@ -112,12 +131,10 @@ class ClientState:
     refused: set[bytes] = field(default_factory=set)
     #: Oids handed to this client and not committed yet.
     unused_oids: set[bytes] = field(default_factory=set)
-    #: Oids of others' commits waiting for their fsync that a refused commit
-    #: told this client of already (group commit).
-    told: set[bytes] = field(default_factory=set)
-    #: Oids of others' commits waiting for their fsync that this client read
-    #: the record from before of: its commits wait for their publication.
-    read_pending: set[bytes] = field(default_factory=set)
+    #: Oids this connection loaded or committed (see the module docstring).
+    known: set[bytes] = field(default_factory=set)
+    #: True once ``known`` outgrew ``max_known`` and was dropped.
+    known_overflow: bool = False
     #: Records sent for the next commit, and their size.
     staged: dict[bytes, bytes] = field(default_factory=dict)
     staged_bytes: int = 0
@@ -142,6 +159,28 @@ class ClientState:
             self.invalid = set()
             self.unread = set()
             self.invalid_overflow = True
+            # It drops every object it holds: it reads again what it writes.
+            self.known = set()
+            self.known_overflow = False
+
+    def note_known(self, oids: Iterable[bytes]) -> None:
+        """Note that this connection read (or wrote) the current ``oids``."""
+        if self.known_overflow:
+            return
+        self.known.update(oids)
+        if len(self.known) > self.max_known:
+            log.info(
+                "client %s read over %d oids; its commits are checked less "
+                "closely from now on",
+                self.peer,
+                self.max_known,
+            )
+            self.known = set()
+            self.known_overflow = True
+
+    def may_have_read(self, oid: bytes) -> bool:
+        """True unless this connection surely holds no record of ``oid``."""
+        return self.known_overflow or oid in self.known
 
     def drop_staged(self) -> None:
         """Forget the records staged for the next commit."""
@@ -183,7 +222,7 @@ class Session:
         self.writer = writer
         #: The peer, for log lines.
         self.peer = peer_name(writer)
-        self.client = ClientState(self.peer, server.max_unread)
+        self.client = ClientState(self.peer, server.max_unread, server.max_known)
 
     async def run(self) -> None:
         """Shake hands, then answer requests until the client leaves."""

@@ -94,6 +94,7 @@ from dhruva.server_commit import Committer
 from dhruva.server_pack import PackRunner
 from dhruva.server_session import (
     HANDSHAKE_TIMEOUT,
+    MAX_KNOWN,
     MAX_UNREAD,
     REQUEST_TIMEOUT,
     WRITE_TIMEOUT,
@@ -149,6 +150,8 @@ class StorageServer:
     :param handshake_timeout: seconds for TLS, hello and authentication.
     :param max_unread: changed oids kept per client for its checks; a client
         further behind is told to drop all its objects at its next sync.
+    :param max_known: oids a client loaded or committed kept for its checks
+        (see :mod:`dhruva.server_session`).
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class StorageServer:
         write_timeout: float = WRITE_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_unread: int = MAX_UNREAD,
+        max_known: int = MAX_KNOWN,
     ) -> None:
         self.storage = storage
         #: The address asked for (or the passed socket's).
@@ -201,6 +205,7 @@ class StorageServer:
         self.write_timeout = write_timeout
         self.handshake_timeout = handshake_timeout
         self.max_unread = max_unread
+        self.max_known = max_known
 
         # One lock around every storage call; one worker for the slow ones.
         self._storage_lock = threading.Lock()
@@ -459,7 +464,8 @@ class StorageServer:
         """Return the current records of ``oids`` (None: missing, b"": conflict).
 
         An oid of a commit not published yet is answered as it was before
-        that commit (and noted in the ``read_pending`` of ``client``).
+        that commit (the commits of ``client`` wait for its publication, as
+        for every oid it read).
         """
         writing = self.commits.writing
         wanted = [oid for oid in oids if oid not in writing]
@@ -468,8 +474,8 @@ class StorageServer:
         # Looked up again: the call above may have let commits be written.
         before = [oid for oid in oids if oid in writing]
         records.update((oid, writing[oid]) for oid in before)
-        if client is not None and before:
-            client.read_pending.update(before)
+        if client is not None:
+            client.note_known(oid for oid, record in records.items() if record)
         return records
 
     async def _load_replies(
@@ -520,6 +526,7 @@ class StorageServer:
                     (r, rec) for r, rec in zip(refs, records, strict=True) if rec
                 ]
                 client.unread.difference_update(r for r, _rec in prefetched)
+                client.note_known(r for r, _rec in prefetched)
         return [reply, pack_records_reply(prefetched, False)]
 
     async def _handle_bulk_load(self, client: ClientState, body: bytes) -> list[bytes]:
