@@ -56,7 +56,7 @@ from dhruva.record import ROOT_OID, unpack_record
 from dhruva.server_session import ClientState, oid_int, take_oids
 
 if TYPE_CHECKING:
-    from dhruva.storage_server import StorageServer
+    from dhruva.storage_server import Loaded, StorageServer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Committer:
         self.server = server
         #: The records that commits written but not yet published replace
         #: (None: a new oid). Loads of those oids are answered from here.
-        self.writing: dict[bytes, bytes | None] = {}
+        self.writing: dict[bytes, Loaded] = {}
         #: The commits written but not yet published, by oid.
         self._unpublished: dict[bytes, _Written] = {}
         self._lock: asyncio.Lock | None = None
@@ -259,7 +259,7 @@ class Committer:
 
     async def _check_allocated(
         self, client: ClientState, staged: dict[bytes, bytes]
-    ) -> dict[bytes, bytes | None]:
+    ) -> dict[bytes, Loaded]:
         """Refuse records for oids neither stored nor handed to this client.
 
         :return: the records ``staged`` replaces (None for a new oid).
@@ -273,7 +273,7 @@ class Committer:
                     f"commit refused: oid {oid_int(oid)} was handed to client "
                     f"{other.peer}, not to this one"
                 )
-        old = dict.fromkeys(staged)
+        old: dict[bytes, Loaded] = dict.fromkeys(staged)
         stored = [oid for oid in staged if oid not in client.unused_oids]
         if stored:
             loaded = await server.call(server.load_records, stored)

@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from dhruva.client_storage import stop_server, wait_for_server
-from dhruva.error import ConflictError, DhruvaError, ProtocolError
+from dhruva.error import ConflictError, DhruvaError, ProtocolError, StorageError
 from dhruva.net_protocol import (
     CMD_ABANDON,
     CMD_BULK_LOAD,
@@ -100,6 +100,7 @@ from dhruva.server_session import (
     WRITE_TIMEOUT,
     ClientState,
     Session,
+    oid_int,
     take_oids,
 )
 from dhruva.server_sockets import (
@@ -446,9 +447,10 @@ class StorageServer:
 
     # --- loads ---------------------------------------------------------------
 
-    def load_records(self, oids: list[bytes]) -> list[bytes | None]:
-        """Storage call: the records of ``oids`` (None for a missing one)."""
-        result: list[bytes | None] = []
+    def load_records(self, oids: list[bytes]) -> list[Loaded]:
+        """Storage call: the records of ``oids`` (None for a missing one,
+        a :class:`Damaged` for one the storage cannot read)."""
+        result: list[Loaded] = []
         for oid in oids:
             try:
                 result.append(self.storage.load(oid))
@@ -456,12 +458,17 @@ class StorageServer:
                 result.append(None)
             except ConflictError:
                 result.append(b"")
+            except DhruvaError as exc:
+                # One damaged record fails only its own load.
+                log.error("cannot load oid %d: %s", oid_int(oid), exc)
+                result.append(Damaged(oid, exc))
         return result
 
     async def _read(
         self, oids: list[bytes], client: ClientState | None = None
-    ) -> dict[bytes, bytes | None]:
-        """Return the current records of ``oids`` (None: missing, b"": conflict).
+    ) -> dict[bytes, Loaded]:
+        """Return the current records of ``oids`` (None: missing, b"": conflict,
+        :class:`Damaged`: unreadable).
 
         An oid of a commit not published yet is answered as it was before
         that commit (the commits of ``client`` wait for its publication, as
@@ -475,7 +482,9 @@ class StorageServer:
         before = [oid for oid in oids if oid in writing]
         records.update((oid, writing[oid]) for oid in before)
         if client is not None:
-            client.note_known(oid for oid, record in records.items() if record)
+            client.note_known(
+                oid for oid, record in records.items() if isinstance(record, bytes)
+            )
         return records
 
     async def _load_replies(
@@ -493,6 +502,8 @@ class StorageServer:
                 replies.append(STATUS_INVALID)
             elif record is None:
                 replies.append(STATUS_KEYERROR)
+            elif isinstance(record, Damaged):
+                replies.append(pack_error(record.error()))
             else:
                 replies.append(STATUS_OKAY + record)
             if replies[-1] != STATUS_INVALID:
@@ -522,8 +533,12 @@ class StorageServer:
             ][:limit]
             if refs and not client.invalid_overflow:
                 records = await self.call(self.load_records, refs)
+                # A record that cannot be read is not prefetched: its own
+                # load reports the damage.
                 prefetched = [
-                    (r, rec) for r, rec in zip(refs, records, strict=True) if rec
+                    (r, rec)
+                    for r, rec in zip(refs, records, strict=True)
+                    if isinstance(rec, bytes) and rec
                 ]
                 client.unread.difference_update(r for r, _rec in prefetched)
                 client.note_known(r for r, _rec in prefetched)
@@ -532,10 +547,16 @@ class StorageServer:
     async def _handle_bulk_load(self, client: ClientState, body: bytes) -> list[bytes]:
         oids = split_oid_list(body, "bulk_load")
         replies: list[bytes] = []
-        for start in range(0, len(oids), LOAD_CHUNK):
-            replies += await self._load_replies(
-                client, oids[start : start + LOAD_CHUNK]
-            )
+        try:
+            for start in range(0, len(oids), LOAD_CHUNK):
+                replies += await self._load_replies(
+                    client, oids[start : start + LOAD_CHUNK]
+                )
+        except DhruvaError as exc:
+            # Still one reply per oid: the client reads as many as it asked for.
+            log.warning("bulk load from %s failed: %s", client.peer, exc)
+            error = pack_error(exc)
+            replies += [error] * (len(oids) - len(replies))
         return replies
 
     # --- oids, sync ------------------------------------------------------------
@@ -601,6 +622,8 @@ class StorageServer:
             current = await self._read(oids, client)
             for oid in oids:
                 record = current[oid]
+                if isinstance(record, Damaged):
+                    raise record.error()
                 if record:
                     if used + 12 + len(record) > MAX_FRAME_SIZE and records:
                         break
@@ -618,6 +641,26 @@ class StorageServer:
     async def _handle_size(self, client: ClientState, body: bytes) -> list[bytes]:
         size = await self.call(self.storage.get_size)
         return [STATUS_OKAY + (b"" if size is None else size.to_bytes(8, "big"))]
+
+
+class Damaged:
+    """A record the storage could not read, in place of its bytes."""
+
+    def __init__(self, oid: bytes, exc: DhruvaError) -> None:
+        self.oid = oid
+        self.exc = exc
+
+    def error(self) -> StorageError:
+        """The error a client gets for loading it."""
+        return StorageError(
+            f"the record of oid {oid_int(self.oid)} cannot be read from the "
+            f"server's storage: {self.exc}; the storage needs a repair (see "
+            "dhruva verify)"
+        )
+
+
+#: What the server reads for one oid.
+Loaded = bytes | Damaged | None
 
 
 __all__ = [
