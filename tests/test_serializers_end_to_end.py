@@ -135,8 +135,8 @@ connection = Connection(FileStorage(sys.argv[1]), restricted=sys.argv[2] == "r")
 root = connection.get_root()
 assert_exact(root["values"], make_values())
 item = root["item"]
-assert item.__class__ is Item and item.name == "first"
-assert item.friend.__class__ is Item and item.friend.name == "second"
+assert type(item) is Item and item.name == "first"
+assert type(item.friend) is Item and item.friend.name == "second"
 assert_exact(item.values, make_values())
 assert root["items_by_key"][("a", 1)] is item
 assert root["items_by_key"][7] is item.friend

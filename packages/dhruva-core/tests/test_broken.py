@@ -81,7 +81,7 @@ def test_a_missing_class_loads_as_a_placeholder_written_back_unchanged(
     sys.modules["oldapp"] = app_module
     app_module.Gadget.__module__ = "oldapp"
     root = Connection(storage).get_root()
-    assert root["gadget"].__class__ is app_module.Gadget
+    assert type(root["gadget"]) is app_module.Gadget
     assert root["gadget"].size == 3 and root["other"] == "changed"
 
 
@@ -113,7 +113,7 @@ def test_a_rename_table_loads_moved_classes(app_module: Any) -> None:
     renames = {"oldapp.Gadget": f"{__name__}.Renamed"}
     for serializer in ("pickle", "msgspec"):
         connection = Connection(storage, renames=renames, serializer=serializer)
-        assert connection.get_root()["gadget"].__class__ is Renamed
+        assert type(connection.get_root()["gadget"]) is Renamed
         connection.get_root()._p_note_change()
         connection.commit()
 

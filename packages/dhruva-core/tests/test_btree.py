@@ -76,7 +76,7 @@ def check_tree(tree: BTree, expected: dict[Any, Any], counts: bool = True) -> No
     leaf_depths: set[int] = set()
 
     def walk(node: BNode, depth: int, low: Any, high: Any) -> int:
-        assert node.__class__ is root.__class__
+        assert type(node) is type(root)
         items = node.items
         keys = [item[0] for item in items]
         assert all(type(item) is tuple and len(item) == 2 for item in items)
@@ -530,7 +530,7 @@ def test_a_big_tree_survives_commit_and_reopen() -> None:
 
     fresh = Connection(storage)
     loaded = fresh.get_root()["tree"]
-    assert loaded.__class__ is BTree and loaded.root.__class__ is BNode64
+    assert type(loaded) is BTree and type(loaded.root) is BNode64
     assert len(loaded) == 10_000
     assert loaded[1234] == "value 1234" and 10_000 not in loaded
     assert loaded.get_min_item() == (0, "value 0")
@@ -580,7 +580,7 @@ def test_durus_4_3_trees_read_right_without_being_changed(
     connection = Connection(storage)
     root = connection.get_root()
     numbers = root["numbers"]
-    assert numbers.__class__ is BTree
+    assert type(numbers) is BTree
     assert "_count" not in numbers.root.__getstate__()  # Durus 4.3 wrote none
 
     assert len(numbers) == expected["numbers_len"]

@@ -27,6 +27,20 @@ class Item(Persistent):
         self.value = value
 
 
+class FastItem(Item, fast_reads=True):
+    """An Item whose reads skip the attribute hook once touched."""
+
+
+class FastChild(FastItem):
+    """Inherits fast_reads."""
+
+
+#: Both read modes, for the tests of what they share.
+BOTH_MODES = pytest.mark.parametrize(
+    "item_class", [Item, FastItem], ids=["default", "fast_reads"]
+)
+
+
 def reopen(storage):
     return Connection(storage)
 
@@ -102,12 +116,13 @@ def test_states_move_through_ghost_saved_unsaved():
     assert not hasattr(reopen(storage).get_root()["item"], "name")
 
 
-def test_cache_shrinks_to_its_target_size():
+@BOTH_MODES
+def test_cache_shrinks_to_its_target_size(item_class):
     storage = MemoryStorage()
     connection = Connection(storage, cache_size=10)
     root = connection.get_root()
     for i in range(100):
-        root[i] = Item(str(i))
+        root[i] = item_class(str(i))
     connection.commit()
 
     reader = Connection(storage, cache_size=10)
@@ -202,8 +217,13 @@ def test_computed_attribute_caches_until_invalidated():
     connection.get_root()["total"] = total = ComputedAttribute()
     connection.commit()
     calls = []
-    assert total.get(lambda: calls.append(1) or 42) == 42
-    assert total.get(lambda: calls.append(1) or 43) == 42
+
+    def compute(value):
+        calls.append(1)
+        return value
+
+    assert total.get(lambda: compute(42)) == 42
+    assert total.get(lambda: compute(43)) == 42
     assert total._p_is_saved()
     total.invalidate()
     connection.commit()
@@ -256,10 +276,10 @@ class HubClient(MemoryStorage):
         return invalid
 
 
-def two_clients():
+def two_clients(item_class=Item):
     hub = _Hub()
     first = Connection(HubClient(hub))
-    first.get_root()["item"] = Item("start")
+    first.get_root()["item"] = item_class("start")
     first.commit()
     second = Connection(HubClient(hub))
     return first, second
@@ -398,10 +418,11 @@ def test_a_damaged_record_names_its_oid():
         Connection(storage).get_root()["item"].name  # noqa: B018
 
 
-def test_a_read_in_a_later_transaction_still_conflicts() -> None:
+@BOTH_MODES
+def test_a_read_in_a_later_transaction_still_conflicts(item_class) -> None:
     # The item was loaded in an earlier transaction; reading it again in this
     # one counts as a read, and not reading it does not.
-    first, second = two_clients()
+    first, second = two_clients(item_class)
     item = second.get_root()["item"]
     assert item.name == "start"
     second.get_root()["other"] = Item("o")
@@ -426,7 +447,7 @@ def test_a_read_in_a_later_transaction_still_conflicts() -> None:
     assert item.name == "again"
 
 
-def test_objects_read_before_a_commit_report_their_class() -> None:
+def test_a_default_class_is_the_type_of_its_objects_loaded_or_not() -> None:
     storage = MemoryStorage()
     connection = Connection(storage)
     connection.get_root()["item"] = Item("a")
@@ -434,13 +455,41 @@ def test_objects_read_before_a_commit_report_their_class() -> None:
 
     fresh = Connection(storage)
     item = fresh.get_root()["item"]
-    # Before its first access in a transaction an object may have its class's
-    # ghost class: it compares, hashes and prints as the class itself.
-    assert item.__class__ is Item and isinstance(item, Item)
-    assert type(item) == Item and hash(type(item)) == hash(Item)  # noqa: E721
-    assert type(item).__name__ == "Item" and item._p_is_ghost()
+    assert type(item) is Item and item._p_is_ghost()
     assert item.name == "a"
     assert type(item) is Item
     fresh.commit()
-    assert item.__class__ is Item and type(item) == Item  # noqa: E721
-    assert [type(obj).__name__ for obj in gen_every_instance(fresh, Item)] == ["Item"]
+    assert type(item) is Item and fresh.touched == []
+    assert Item._p_fast_reads is False
+    assert Item.__subclasses__() == [FastItem]
+
+
+def test_a_fast_reads_class_shows_its_ghost_class_until_first_access() -> None:
+    storage = MemoryStorage()
+    connection = Connection(storage)
+    connection.get_root()["item"] = FastItem("a")
+    connection.get_root()["child"] = FastChild("c")
+    connection.commit()
+    assert FastItem._p_fast_reads is True and FastChild._p_fast_reads is True
+
+    fresh = Connection(storage)
+    for key, cls in (("item", FastItem), ("child", FastChild)):
+        item = fresh.get_root()[key]
+        # Before its first access in a transaction the object has its class's
+        # ghost class: it compares, hashes and prints as the class itself.
+        assert item.__class__ is cls and isinstance(item, cls)
+        assert type(item) is not cls
+        assert type(item) == cls and hash(type(item)) == hash(cls)  # noqa: E721
+        assert type(item).__name__ == cls.__name__ and item._p_is_ghost()
+        assert item.name in ("a", "c")
+        assert type(item) is cls
+    item = fresh.get_root()["item"]
+    fresh.commit()
+    # The next transaction notes its first read again.
+    assert type(item) is not FastItem and item.__class__ is FastItem
+    assert not item._p_is_ghost()
+    assert item.name == "a" and type(item) is FastItem
+    classes = sorted(
+        obj.__class__.__name__ for obj in gen_every_instance(fresh, FastItem)
+    )
+    assert classes == ["FastChild", "FastItem"]

@@ -82,7 +82,7 @@ def test_collections_and_btrees_round_trip() -> None:
     connection.commit()
     root = reopen(storage)
     assert len(root["tree"]) == 500
-    assert root["tree"][42][0] == "42" and root["tree"][42][1].__class__ is Thing
+    assert root["tree"][42][0] == "42" and type(root["tree"][42][1]) is Thing
     assert list(root["list"]) == [1, (2,)]
     assert set(root["set"]) == {"a", (1, 2)}
 

@@ -59,6 +59,13 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     return module
 
 
+@pytest.fixture(params=[False, True], ids=["default", "fast_reads"])
+def fast_reads(request: pytest.FixtureRequest) -> bool:
+    """Both read modes, for the tests whose behaviour they share."""
+    value: bool = request.param
+    return value
+
+
 def test_the_c_accelerator_is_used_where_a_compiler_exists() -> None:
     if os.environ.get("DHRUVA_PURE_PYTHON"):
         assert dhruva.persistent.PersistentBase.__module__ == "dhruva._persistent_py"
@@ -107,8 +114,11 @@ class Recorder:
         self.loaded: list[Any] = []
 
 
-def make_classes(impl: ModuleType) -> tuple[Any, Any]:
-    """Return a connection class and an object class built on ``impl``."""
+def make_classes(impl: ModuleType, fast_reads: bool = True) -> tuple[Any, Any]:
+    """Return a connection class and an object class built on ``impl``.
+
+    The object class is a ``fast_reads`` one unless told otherwise.
+    """
 
     class FakeConnection(impl.ConnectionBase):  # type: ignore[name-defined]
         def __init__(self) -> None:
@@ -125,7 +135,7 @@ def make_classes(impl: ModuleType) -> tuple[Any, Any]:
             impl._untouch_all(self.log.accessed)
             self.transaction_serial += 1
 
-    class Thing(impl.PersistentBase):  # type: ignore[name-defined]
+    class Thing(impl.PersistentBase, fast_reads=fast_reads):  # type: ignore[name-defined,call-arg,unused-ignore]
         def _p_load_state(self) -> None:
             connection = impl._getattribute(self, "_p_connection")
             connection.log.loaded.append(self)
@@ -154,8 +164,10 @@ def attach(impl: ModuleType, obj: Any, connection: Any, status: int) -> None:
     impl._untouch(obj)
 
 
-def test_a_new_object_starts_unsaved_without_connection(impl: ModuleType) -> None:
-    _, thing_class = make_classes(impl)
+def test_a_new_object_starts_unsaved_without_connection(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    _, thing_class = make_classes(impl, fast_reads)
     thing = thing_class(1, two=2)
     assert type(thing) is thing_class
     assert thing._p_status == impl.UNSAVED
@@ -164,6 +176,35 @@ def test_a_new_object_starts_unsaved_without_connection(impl: ModuleType) -> Non
     assert thing._p_oid is None
     thing.value = 3
     assert thing.value == 3
+
+
+def test_a_default_class_loads_and_notes_reads_through_its_own_hook(
+    impl: ModuleType,
+) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads=False)
+    assert thing_class._p_fast_reads is False
+    assert thing_class.__getattribute__ is impl.PersistentBase.__getattribute__
+    connection = connection_class()
+    thing = thing_class()
+    attach(impl, thing, connection, impl.GHOST)
+    assert type(thing) is thing_class
+    assert impl._ghost_class(thing_class) is thing_class
+
+    assert thing.__class__ is thing_class and connection.log.loaded == []
+    assert thing.value == "loaded"
+    assert type(thing) is thing_class
+    assert connection.log.loaded == [thing]
+    assert connection.log.accessed == [thing]
+    assert thing.value == "loaded"
+    assert connection.log.accessed == [thing]
+
+    # A new transaction notes the first read again; untouching changes nothing.
+    connection.end_transaction()
+    assert type(thing) is thing_class
+    assert thing.value == "loaded"
+    assert connection.log.accessed == [thing, thing]
+    assert connection.log.loaded == [thing]
+    assert type(thing) is thing_class and thing_class.__subclasses__() == []
 
 
 def test_first_read_loads_a_ghost_and_stamps_it(impl: ModuleType) -> None:
@@ -232,8 +273,10 @@ def test_ghost_safe_names_and_p_names_do_not_load(impl: ModuleType) -> None:
     assert connection.log.accessed == []
 
 
-def test_setting_and_deleting_note_the_change_once(impl: ModuleType) -> None:
-    connection_class, thing_class = make_classes(impl)
+def test_setting_and_deleting_note_the_change_once(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads)
     connection = connection_class()
     thing = thing_class()
     attach(impl, thing, connection, impl.SAVED)
@@ -253,8 +296,8 @@ def test_setting_and_deleting_note_the_change_once(impl: ModuleType) -> None:
     assert connection.log.changed == [thing]
 
 
-def test_setting_on_a_ghost_loads_it_first(impl: ModuleType) -> None:
-    connection_class, thing_class = make_classes(impl)
+def test_setting_on_a_ghost_loads_it_first(impl: ModuleType, fast_reads: bool) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads)
     connection = connection_class()
     thing = thing_class()
     attach(impl, thing, connection, impl.GHOST)
@@ -266,8 +309,10 @@ def test_setting_on_a_ghost_loads_it_first(impl: ModuleType) -> None:
     assert connection.log.changed == [thing]
 
 
-def test_an_explicit_note_change_touches_a_ghost(impl: ModuleType) -> None:
-    connection_class, thing_class = make_classes(impl)
+def test_an_explicit_note_change_touches_a_ghost(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads)
     connection = connection_class()
     thing = thing_class()
     attach(impl, thing, connection, impl.GHOST)
@@ -277,8 +322,10 @@ def test_an_explicit_note_change_touches_a_ghost(impl: ModuleType) -> None:
     assert type(thing) is thing_class and thing._p_status == impl.UNSAVED
 
 
-def test_an_overridden_note_change_is_always_called(impl: ModuleType) -> None:
-    _, thing_class = make_classes(impl)
+def test_an_overridden_note_change_is_always_called(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    _, thing_class = make_classes(impl, fast_reads)
     calls = []
 
     class Counting(thing_class):  # type: ignore[misc,valid-type]
@@ -292,8 +339,10 @@ def test_an_overridden_note_change_is_always_called(impl: ModuleType) -> None:
     assert len(calls) == 3
 
 
-def test_a_connection_that_is_not_a_connection_base_works(impl: ModuleType) -> None:
-    _, thing_class = make_classes(impl)
+def test_a_connection_that_is_not_a_connection_base_works(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    _, thing_class = make_classes(impl, fast_reads)
 
     class Duck:
         transaction_serial = 5
@@ -361,8 +410,8 @@ def test_untouching_keeps_attributes_of_every_layout(impl: ModuleType) -> None:
             assert type(obj) is cls and vars(obj) == expected
 
 
-def test_slotted_subclass_weakrefs_and_gc(impl: ModuleType) -> None:
-    connection_class, thing_class = make_classes(impl)
+def test_slotted_subclass_weakrefs_and_gc(impl: ModuleType, fast_reads: bool) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads)
 
     class Slotted(thing_class):  # type: ignore[misc,valid-type]
         __slots__ = ("x",)
@@ -384,8 +433,8 @@ def test_slotted_subclass_weakrefs_and_gc(impl: ModuleType) -> None:
         assert reference() is None
 
 
-def test_no_reference_leaks_in_the_hooks(impl: ModuleType) -> None:
-    connection_class, thing_class = make_classes(impl)
+def test_no_reference_leaks_in_the_hooks(impl: ModuleType, fast_reads: bool) -> None:
+    connection_class, thing_class = make_classes(impl, fast_reads)
     connection = connection_class()
     oid = b"\0" * 7 + b"\2"
     value = object()
@@ -426,8 +475,10 @@ def test_no_reference_leaks_in_the_hooks(impl: ModuleType) -> None:
     assert sys.getrefcount(connection) == before[0]
 
 
-def test_private_setters_reject_a_wrong_type_or_accept_any(impl: ModuleType) -> None:
-    _, thing_class = make_classes(impl)
+def test_private_setters_reject_a_wrong_type_or_accept_any(
+    impl: ModuleType, fast_reads: bool
+) -> None:
+    _, thing_class = make_classes(impl, fast_reads)
     thing = thing_class()
     impl._setattribute(thing, "_p_serial", 12)
     assert thing._p_serial == 12
@@ -453,6 +504,14 @@ class Point(PersistentObject):
     __slots__ = ("x", "y")
 
 
+class FastItem(Persistent, fast_reads=True):
+    pass
+
+
+class FastPoint(PersistentObject, fast_reads=True):
+    __slots__ = ("x", "y")
+
+
 def test_persistent_objects_pickle_and_copy_as_unsaved_copies() -> None:
     connection = Connection(MemoryStorage())
     item = Item()
@@ -471,14 +530,26 @@ def test_persistent_objects_pickle_and_copy_as_unsaved_copies() -> None:
     assert point_copy.x == 1 and point_copy._p_oid is None
     assert weakref.ref(item)() is item
 
-    # Ghosts copy and pickle as their own class.
+    # Ghosts copy and pickle as their own class, in both read modes.
+    connection.root["fast_item"] = FastItem()
+    connection.root["fast_item"].name = "b"
+    fast_point = connection.root["fast_point"] = FastPoint()
+    fast_point.x = 2
+    connection.commit()
     fresh = Connection(connection.storage).get_root()
-    for name, cls in (("item", Item), ("point", Point)):
+    for name, cls in (
+        ("item", Item),
+        ("point", Point),
+        ("fast_item", FastItem),
+        ("fast_point", FastPoint),
+    ):
         ghost = fresh[name]
-        assert type(ghost) is not cls and ghost._p_is_ghost()
+        assert ghost._p_is_ghost()
+        assert (type(ghost) is cls) is (not cls._p_fast_reads)
         assert type(copy.copy(ghost)) is cls
         assert type(pickle.loads(pickle.dumps(ghost))) is cls
     assert fresh["item"].name == "a" and fresh["point"].x == 1
+    assert fresh["fast_item"].name == "b" and fresh["fast_point"].x == 2
 
 
 def test_properties_getattr_and_getattribute_in_subclasses(impl: ModuleType) -> None:

@@ -181,6 +181,6 @@ def test_survives_commit_and_reopen() -> None:
     connection.commit()
 
     loaded = Connection(storage).get_root()["d"]
-    assert loaded.__class__ is PersistentDict
+    assert type(loaded) is PersistentDict
     assert loaded == {"a": [1], "b": {"c": 2}, "e": 3}
     assert loaded._p_is_saved()

@@ -214,4 +214,4 @@ def test_survives_commit_and_reopen() -> None:
     connection.commit()
 
     loaded = Connection(storage).get_root()["p"]
-    assert loaded.__class__ is PersistentList and loaded == [1, "two", 3.0]
+    assert type(loaded) is PersistentList and loaded == [1, "two", 3.0]

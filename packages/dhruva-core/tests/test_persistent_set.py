@@ -190,4 +190,4 @@ def test_survives_commit_and_reopen() -> None:
     connection.commit()
 
     loaded = Connection(storage).get_root()["s"]
-    assert loaded.__class__ is PersistentSet and loaded == {1, 2, 3}
+    assert type(loaded) is PersistentSet and loaded == {1, 2, 3}

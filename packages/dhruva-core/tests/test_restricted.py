@@ -60,7 +60,7 @@ def test_collections_persistent_classes_and_safe_values_load() -> None:
     connection.commit()
 
     root = Connection(storage, restricted=True).get_root()
-    assert root["tree"][7].__class__ is Account
+    assert type(root["tree"][7]) is Account
     assert root["values"][5] == dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     assert list(root["list"]) == [1] and set(root["set"]) == {1}
 

@@ -36,7 +36,7 @@ def test_durus_module_names_load_as_dhruva_classes():
     commit(storage, root)
     connection = Connection(storage)
     loaded = connection.get_root()
-    assert loaded.__class__ is PersistentDict
+    assert type(loaded) is PersistentDict
     assert loaded["n"] == 1
     assert extract_class_name(root) == "dhruva.persistent_dict.PersistentDict"
 
@@ -55,7 +55,7 @@ def test_uncompressed_durus_state_loads():
         ),
     )
     root = Connection(storage).get_root()
-    assert root.__class__ is PersistentList
+    assert type(root) is PersistentList
     assert list(root) == [1, 2]
 
 

@@ -5,17 +5,20 @@
  * _delattribute and the ghost class functions) with the same behaviour,
  * faster.
  *
- * Design (see dhruva._persistent_py for the whole of it): PersistentBase keeps
- * the generic attribute lookup, so the interpreter specializes reads of a
- * loaded object as it does for a plain one.  Ghosts, and loaded objects not yet
- * read in the current transaction, have their class's *ghost class*, a
- * subclass with the same layout whose only change is the attribute hook of
- * GhostBase: the first access loads the state if needed, tells the connection
- * (note_access) and puts the object's own class back.  The connection hands
- * the objects read in a transaction to _untouch_all() when it ends.  A write
- * checks the name prefix, and skips the call to _p_note_change() when the
- * object is already unsaved and its class keeps the _p_note_change() defined
- * here.
+ * Design (see dhruva._persistent_py for the whole of it): by default, as in
+ * Durus, PersistentBase's attribute hook loads a ghost and notes the first
+ * access in a transaction; a loaded object already read in this transaction
+ * costs one status test and one comparison (serial_source) before the generic
+ * lookup.  A class made with fast_reads=True keeps instead the generic lookup
+ * (so the interpreter specializes reads of a loaded object as it does for a
+ * plain one); its ghosts, and its loaded objects not yet read in the current
+ * transaction, have the class's *ghost class*, a subclass with the same layout
+ * whose only change is the attribute hook of GhostBase: the first access
+ * loads the state if needed, tells the connection (note_access) and puts the
+ * object's own class back.  The connection hands the fast_reads objects read
+ * in a transaction to _untouch_all() when it ends.  A write checks the name
+ * prefix, and skips the call to _p_note_change() when the object is already
+ * unsaved and its class keeps the _p_note_change() defined here.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -45,6 +48,10 @@ static PyObject *str_repr;
 static PyObject *str_setstate;
 static PyObject *str_ghost_class_key;
 static PyObject *str_make_ghost_class;
+static PyObject *str_p_fast_reads;
+static PyObject *str_fast_reads;
+static PyObject *str_init_subclass;
+static PyObject *str_getattribute;
 
 /* dhruva._persistent_py.make_ghost_class, imported on first use. */
 static PyObject *make_ghost_class_function;
@@ -105,7 +112,28 @@ typedef struct {
     long long serial;
     PyObject *connection;
     PyObject *oid;
+    /* The serial an attribute read must match to skip the hook: the
+     * connection's, our own when the connection is None, NULL when it must be
+     * looked up (not a ConnectionBase, or unset). */
+    long long *serial_source;
 } PersistentBaseObject;
+
+static void
+set_serial_source(PersistentBaseObject *self)
+{
+    PyObject *connection = self->connection;
+    if (connection == Py_None) {
+        self->serial_source = &self->serial;
+    }
+    else if (connection != NULL &&
+             PyObject_TypeCheck(connection, &ConnectionBase_Type)) {
+        self->serial_source =
+            &((ConnectionBaseObject *)connection)->transaction_serial;
+    }
+    else {
+        self->serial_source = NULL;
+    }
+}
 
 static PyTypeObject PersistentBase_Type;
 static PyTypeObject GhostBase_Type;
@@ -124,6 +152,7 @@ persistent_base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->serial = 0;
     self->connection = Py_NewRef(Py_None);
     self->oid = Py_NewRef(Py_None);
+    self->serial_source = &self->serial;
     return (PyObject *)self;
 }
 
@@ -138,6 +167,7 @@ persistent_base_traverse(PersistentBaseObject *self, visitproc visit, void *arg)
 static int
 persistent_base_clear(PersistentBaseObject *self)
 {
+    self->serial_source = NULL;
     Py_CLEAR(self->connection);
     Py_CLEAR(self->oid);
     return 0;
@@ -216,7 +246,23 @@ set_class(PyObject *self, PyTypeObject *to)
 #endif
 }
 
-/* The ghost class of the persistent class `type` (borrowed reference). */
+/* 1 when the class asked for fast_reads (its _p_fast_reads is true), 0 when
+ * not, -1 with an exception set. */
+static int
+is_fast_reads_type(PyTypeObject *type)
+{
+    PyObject *flag = _PyType_Lookup(type, str_p_fast_reads);
+    if (flag == NULL || flag == Py_False) {
+        return 0;
+    }
+    if (flag == Py_True) {
+        return 1;
+    }
+    return PyObject_IsTrue(flag);
+}
+
+/* The ghost class of the persistent class `type` (borrowed reference): the
+ * class itself for a default (not fast_reads) class. */
 static PyTypeObject *
 ghost_class_of(PyTypeObject *type)
 {
@@ -237,6 +283,11 @@ ghost_class_of(PyTypeObject *type)
         PyErr_Format(PyExc_TypeError, "%s is not a persistent class",
                      type->tp_name);
         return NULL;
+    }
+    int fast = is_fast_reads_type(type);
+    if (fast <= 0) {
+        /* A default class: its ghosts have the class itself. */
+        return fast < 0 ? NULL : type;
     }
     if (make_ghost_class_function == NULL) {
         PyObject *module = PyImport_ImportModule("dhruva._persistent_py");
@@ -340,6 +391,86 @@ ghost_getattro(PyObject *self, PyObject *name)
 
 /* --- PersistentBase attribute hooks ------------------------------------- */
 
+/* True when reading this name must load a ghost and note the access. */
+static int
+is_hooked_name(PyObject *name)
+{
+    if (!PyUnicode_Check(name) || is_p_name(name)) {
+        return 0;
+    }
+    return !(same_name(name, str_class) || same_name(name, str_repr) ||
+             same_name(name, str_setstate));
+}
+
+/* Call connection.note_access(self) when _p_serial differs from the
+ * connection's transaction serial.  Returns -1 with an exception set. */
+static int
+note_access(PersistentBaseObject *self)
+{
+    PyObject *connection = self->connection;
+    if (connection == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, str_p_connection);
+        return -1;
+    }
+    if (connection == Py_None) {
+        return 0;
+    }
+    int differs;
+    Py_INCREF(connection);
+    if (self->serial_source != NULL) {
+        differs = *self->serial_source != self->serial;
+    }
+    else {
+        PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
+        PyObject *serial = PyLong_FromLongLong(self->serial);
+        differs = (current == NULL || serial == NULL)
+                      ? -1
+                      : PyObject_RichCompareBool(serial, current, Py_NE);
+        Py_XDECREF(current);
+        Py_XDECREF(serial);
+    }
+    if (differs > 0) {
+        PyObject *result =
+            PyObject_CallMethodOneArg(connection, str_note_access, (PyObject *)self);
+        differs = result == NULL ? -1 : 0;
+        Py_XDECREF(result);
+    }
+    Py_DECREF(connection);
+    return differs < 0 ? -1 : 0;
+}
+
+static PyObject *
+persistent_base_getattro_slow(PersistentBaseObject *self, PyObject *name)
+{
+    if (is_hooked_name(name)) {
+        if (self->status == STATUS_GHOST) {
+            PyObject *result =
+                PyObject_CallMethodNoArgs((PyObject *)self, str_p_load_state);
+            if (result == NULL) {
+                return NULL;
+            }
+            Py_DECREF(result);
+        }
+        if (note_access(self) < 0) {
+            return NULL;
+        }
+    }
+    return PyObject_GenericGetAttr((PyObject *)self, name);
+}
+
+/* The hook of default (not fast_reads) classes, as in Durus: a loaded object
+ * already read in this transaction costs one status test and one comparison
+ * before the generic lookup. */
+static PyObject *
+persistent_base_getattro(PersistentBaseObject *self, PyObject *name)
+{
+    long long *source = self->serial_source;
+    if (self->status != STATUS_GHOST && source != NULL && *source == self->serial) {
+        return PyObject_GenericGetAttr((PyObject *)self, name);
+    }
+    return persistent_base_getattro_slow(self, name);
+}
+
 /* Handles both setting (value != NULL) and deleting (value == NULL). */
 static int
 persistent_base_setattro(PersistentBaseObject *self, PyObject *name,
@@ -412,10 +543,66 @@ persistent_base_set_connection(PersistentBaseObject *self, PyObject *value,
         return -1;
     }
     Py_XSETREF(self->connection, Py_XNewRef(value));
+    set_serial_source(self);
     return 0;
 }
 
+/* dhruva._persistent_py.init_subclass, imported on first use. */
+static PyObject *init_subclass_function;
+
+/* class C(PersistentBase, fast_reads=...): the mode is set by
+ * dhruva._persistent_py.init_subclass, shared by both implementations. */
+static PyObject *
+persistent_base_init_subclass(PyObject *cls, PyObject *args, PyObject *kwds)
+{
+    PyObject *fast_reads = Py_None;
+    if (PyTuple_GET_SIZE(args) != 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "__init_subclass__() takes no positional arguments");
+        return NULL;
+    }
+    if (kwds != NULL) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(kwds, &pos, &key, &value)) {
+            if (!same_name(key, str_fast_reads)) {
+                PyErr_Format(PyExc_TypeError,
+                             "%s.__init_subclass__() takes no keyword argument "
+                             "%R (persistent classes take only fast_reads=)",
+                             ((PyTypeObject *)cls)->tp_name, key);
+                return NULL;
+            }
+            fast_reads = value;
+        }
+    }
+    if (init_subclass_function == NULL) {
+        PyObject *module = PyImport_ImportModule("dhruva._persistent_py");
+        if (module == NULL) {
+            return NULL;
+        }
+        init_subclass_function = PyObject_GetAttr(module, str_init_subclass);
+        Py_DECREF(module);
+        if (init_subclass_function == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *hook = PyDict_GetItemWithError(PersistentBase_Type.tp_dict,
+                                             str_getattribute);
+    if (hook == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, str_getattribute);
+        }
+        return NULL;
+    }
+    return PyObject_CallFunctionObjArgs(init_subclass_function, cls, fast_reads,
+                                        hook, NULL);
+}
+
 static PyMethodDef persistent_base_methods[] = {
+    {"__init_subclass__", (PyCFunction)(void (*)(void))persistent_base_init_subclass,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "Set the class's read mode: fast_reads=True keeps the generic attribute "
+     "lookup (see dhruva.persistent)."},
     {"_p_note_change", (PyCFunction)persistent_base_note_change, METH_NOARGS,
      "Mark this object changed, so the next commit stores it."},
     {NULL},
@@ -449,7 +636,7 @@ static PyTypeObject PersistentBase_Type = {
     .tp_dealloc = (destructor)persistent_base_dealloc,
     .tp_traverse = (traverseproc)persistent_base_traverse,
     .tp_clear = (inquiry)persistent_base_clear,
-    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_getattro = (getattrofunc)persistent_base_getattro,
     .tp_setattro = (setattrofunc)persistent_base_setattro,
     .tp_methods = persistent_base_methods,
     .tp_members = persistent_base_members,
@@ -909,7 +1096,7 @@ untouch(PyObject *obj)
     if (ghost == NULL) {
         return -1;
     }
-    return set_class(obj, ghost);
+    return ghost == type ? 0 : set_class(obj, ghost);
 }
 
 static PyObject *
@@ -999,6 +1186,10 @@ intern_strings(void)
     INTERN(str_setstate, "__setstate__");
     INTERN(str_ghost_class_key, "__dhruva_ghost_class__");
     INTERN(str_make_ghost_class, "make_ghost_class");
+    INTERN(str_p_fast_reads, "_p_fast_reads");
+    INTERN(str_fast_reads, "fast_reads");
+    INTERN(str_init_subclass, "init_subclass");
+    INTERN(str_getattribute, "__getattribute__");
     INTERN(str_items, "items");
     INTERN(str_nodes, "nodes");
     INTERN(str_count, "_count");
@@ -1025,6 +1216,12 @@ PyInit__persistent(void)
         PyType_Ready(&GhostBase_Type) < 0 || PyType_Ready(&IdFilter_Type) < 0) {
         return NULL;
     }
+    /* Default classes read through the hook (see dhruva.persistent). */
+    if (PyDict_SetItem(PersistentBase_Type.tp_dict, str_p_fast_reads, Py_False) <
+        0) {
+        return NULL;
+    }
+    PyType_Modified(&PersistentBase_Type);
     default_note_change = _PyType_Lookup(&PersistentBase_Type, str_p_note_change);
     if (default_note_change == NULL) {
         PyErr_SetString(PyExc_SystemError, "_p_note_change is missing");

@@ -1,7 +1,7 @@
 # Type stub of the C accelerator (dhruva/_persistent.c); the same names and
 # signatures as dhruva._persistent_py.
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 UNSAVED: int
 SAVED: int
@@ -27,6 +27,10 @@ class PersistentBase:
     _p_serial: int
     _p_connection: Any
     _p_oid: Any
+    _p_fast_reads: ClassVar[bool]
+    def __init_subclass__(
+        cls, fast_reads: bool | None = None, **kwargs: Any
+    ) -> None: ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any: ...
     def __setattr__(self, name: str, value: Any) -> None: ...
     def __delattr__(self, name: str) -> None: ...

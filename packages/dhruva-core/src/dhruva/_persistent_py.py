@@ -10,26 +10,33 @@ States (``_p_status``): ``UNSAVED`` (new or changed since the last commit),
 ``SAVED`` (the same as stored), ``GHOST`` (state not loaded; loaded on first
 attribute access).
 
-Design: a persistent class keeps Python's own attribute lookup, so that reading
-an attribute of a loaded object costs what it costs on a plain object (the
-interpreter specializes the lookup). What must happen on an access (loading a
-ghost, telling the connection that this transaction read the object) happens
-in the object's *ghost class*: a subclass made on demand for each persistent
-class (:func:`_ghost_class`), with the same name and layout and nothing but a
+Design: by default, as in Durus, a persistent class has a ``__getattribute__``
+hook (:meth:`PersistentBase.__getattribute__`) that loads a ghost and tells the
+connection the first time a transaction reads the object
+(``connection.note_access(obj)``).
+
+A class made with ``fast_reads=True`` (see :mod:`dhruva.persistent`) keeps
+instead Python's own attribute lookup, so that reading an attribute of a
+loaded object costs what it costs on a plain object (the interpreter
+specializes the lookup). What must happen on an access then happens in the
+object's *ghost class*: a subclass made on demand for each fast_reads class
+(:func:`_ghost_class`), with the same name and layout and nothing but a
 ``__getattribute__`` hook. A ghost, and a loaded object not read yet in the
 current transaction, have the ghost class; the first access loads it if needed,
 calls ``connection.note_access(obj)`` and gives it back its own class
-(:func:`_touch`). At the end of a transaction the connection hands the objects
-read in it to :func:`_untouch_all`, so that the next transaction sees their
-first access again. ``obj.__class__`` always answers the persistent class;
-``type(obj)`` answers the ghost class until the object is first touched.
+(:func:`_touch`). At the end of a transaction the connection hands the
+fast_reads objects read in it to :func:`_untouch_all`, so that the next
+transaction sees their first access again. ``obj.__class__`` always answers the
+persistent class; ``type(obj)`` answers the ghost class until the object is
+first touched. For a default class, :func:`_ghost_class` answers the class
+itself and :func:`_untouch` does nothing.
 Writes keep a ``__setattr__`` hook on every persistent class (change tracking).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 UNSAVED = 1
 SAVED = 0
@@ -41,11 +48,47 @@ _getattribute = object.__getattribute__
 
 # Attributes that a ghost can answer without loading its state.
 _GHOST_SAFE = frozenset({"__repr__", "__setstate__"})
+# The same, for the hook of default classes.
+_HOOK_SAFE = frozenset({"__class__", "__repr__", "__setstate__"})
 
 #: Where a persistent class keeps its ghost class, and a ghost class its
 #: persistent class (in their own ``__dict__``, never inherited).
 GHOST_CLASS_KEY = "__dhruva_ghost_class__"
 USER_CLASS_KEY = "__dhruva_user_class__"
+
+
+# The generic lookup that fast_reads classes keep.
+_GENERIC_LOOKUP = object.__dict__["__getattribute__"]
+
+
+def init_subclass(cls: type, fast_reads: bool | None, default_hook: Any) -> None:
+    """Set up the read mode of a new persistent class (both implementations).
+
+    ``fast_reads`` is the class keyword (None: inherit the mode);
+    ``default_hook`` the ``__getattribute__`` of the implementation's
+    PersistentBase. A fast_reads class gets ``object.__getattribute__`` (the
+    interpreter specializes its reads); a default subclass of a fast_reads
+    class gets the hook back. A class with its own ``__getattribute__``, and a
+    ghost class, keep theirs.
+    """
+    own = cls.__dict__
+    if USER_CLASS_KEY in own:
+        return  # a ghost class keeps its own hook
+    if fast_reads is not None:
+        type.__setattr__(cls, "_p_fast_reads", bool(fast_reads))
+    if "__getattribute__" in own:
+        return
+    inherited = next(
+        k.__dict__["__getattribute__"]
+        for k in cls.__mro__[1:]
+        if "__getattribute__" in k.__dict__
+    )
+    fast: Any = cls
+    if fast._p_fast_reads:
+        if inherited is default_hook:
+            type.__setattr__(cls, "__getattribute__", _GENERIC_LOOKUP)
+    elif inherited is _GENERIC_LOOKUP:
+        type.__setattr__(cls, "__getattribute__", default_hook)
 
 
 class ConnectionBase:
@@ -80,6 +123,12 @@ class PersistentBase:
     _p_connection: Any
     #: The object id, or None before the first commit.
     _p_oid: Any
+    #: True for a class made with ``fast_reads=True`` (see dhruva.persistent).
+    _p_fast_reads: ClassVar[bool] = False
+
+    def __init_subclass__(cls, fast_reads: bool | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init_subclass(cls, fast_reads, PersistentBase.__dict__["__getattribute__"])
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         instance = object.__new__(cls)
@@ -88,6 +137,19 @@ class PersistentBase:
         _setattribute(instance, "_p_connection", None)
         _setattribute(instance, "_p_oid", None)
         return instance
+
+    def __getattribute__(self, name: str) -> Any:
+        # The hook of default (not fast_reads) classes.
+        if name[:3] != "_p_" and name not in _HOOK_SAFE:
+            if _getattribute(self, "_p_status") == GHOST:
+                _getattribute(self, "_p_load_state")()
+            connection = _getattribute(self, "_p_connection")
+            if (
+                connection is not None
+                and _getattribute(self, "_p_serial") != connection.transaction_serial
+            ):
+                connection.note_access(self)
+        return _getattribute(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name[:3] != "_p_":
@@ -146,6 +208,10 @@ def _ghost_class(cls: type, /) -> type:
         return cls
     ghost = own.get(GHOST_CLASS_KEY)
     if ghost is None:
+        if not getattr(cls, "_p_fast_reads", False):
+            if not issubclass(cls, PersistentBase):
+                raise TypeError(f"{cls.__qualname__} is not a persistent class")
+            return cls  # a default class: its ghosts have the class itself
         ghost = make_ghost_class(cls, GhostBase)
     return ghost  # type: ignore[no-any-return,unused-ignore]
 
@@ -225,7 +291,9 @@ def _untouch(obj: Any, /) -> None:
     """Give ``obj`` its ghost class: its next access is noted again."""
     cls = type(obj)
     if USER_CLASS_KEY not in cls.__dict__:
-        _setattribute(obj, "__class__", _ghost_class(cls))
+        ghost = _ghost_class(cls)
+        if ghost is not cls:  # not a default class
+            _setattribute(obj, "__class__", ghost)
 
 
 def _untouch_all(objects: Iterable[Any], /) -> None:

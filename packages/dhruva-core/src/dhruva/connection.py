@@ -133,8 +133,9 @@ class Connection(ConnectionBase):
         self.changed: dict[bytes, Any] = {}
         #: Oids known to be stale; cleared by abort().
         self.invalid_oids: set[bytes] = set()
-        #: Objects first accessed in this transaction; their next access, in
-        #: the next transaction, is noted again (see dhruva._persistent_py).
+        #: Objects of fast_reads classes first accessed in this transaction;
+        #: their next access, in the next transaction, is noted again (see
+        #: dhruva._persistent_py).
         self.touched: list[Any] = []
         # The serializer's writer, kept between commits when it allows it.
         self._writer: Any = None
@@ -313,7 +314,8 @@ class Connection(ConnectionBase):
         """Note the first access to ``obj`` in this transaction."""
         _setattribute(obj, "_p_serial", self.transaction_serial)
         self.cache.note_access(obj)
-        self.touched.append(obj)
+        if getattr(type(obj), "_p_fast_reads", False):
+            self.touched.append(obj)
 
     def note_change(self, obj: Any) -> None:
         self.changed[_getattribute(obj, "_p_oid")] = obj

@@ -5,26 +5,45 @@ tells its connection that it must be stored at the next commit. Changes made
 inside a plain container held by an attribute are invisible to it; call
 ``obj._p_note_change()`` after such a change.
 
-Reading an attribute of a loaded object costs about what it costs on a plain
-object: a persistent class keeps Python's own attribute lookup. Ghosts, and
-objects not yet used in the current transaction, have instead their class's
-*ghost class* (see :mod:`dhruva._persistent_py`), which loads and notes the
-object on its first access and then gives it back its own class.
+As in Durus, the class's attribute hook loads a ghost on its first attribute
+access and tells the connection the first time a transaction reads an object
+(so that a read of an object another client changed raises a conflict, and the
+cache keeps the objects used recently). ``type(obj) is Cls`` holds for every
+instance, ghost or not.
 
-Limitations:
+Fast reads (opt-in, per class)
+------------------------------
+
+``class Item(Persistent, fast_reads=True)`` makes reading an attribute of a
+loaded object cost about what it costs on a plain object: the class keeps
+Python's own attribute lookup, which the interpreter specializes. The mode is
+inherited by subclasses (a subclass may say ``fast_reads=False``) and readable
+as ``Item._p_fast_reads``. Ghosts, and objects of such a class not yet used in
+the current transaction, have instead the class's *ghost class* (see
+:mod:`dhruva._persistent_py`), which loads and notes the object on its first
+access and then gives it back its own class; the connection gives the objects
+read in a transaction their ghost class again when it ends. Conflict detection
+and the cache behave as for a default class. What a fast_reads class shows:
 
 - Until its first access in a transaction, ``type(obj)`` is the ghost class,
   not the class itself: it has the same name, module and qualified name,
   compares and hashes equal to the class (``type(obj) == Cls``, and lookups in
   sets and dicts of classes, work), calling it makes an instance of the class,
-  and ``isinstance`` is unchanged, but ``type(obj) is Cls`` is False. ``obj.__class__`` always answers the class
-  itself, without loading anything; use it (or ``isinstance``) rather than
-  ``type(obj) is Cls``. ``type(obj).__new__(type(obj))`` makes an object
-  of the ghost class, which becomes its class at its first access.
-- Making a ghost class calls the class's ``__init_subclass__``, and the ghost
-  class shows among ``Cls.__subclasses__()``; it is told apart by the key
+  and ``isinstance`` is unchanged, but ``type(obj) is Cls`` is False.
+  ``obj.__class__`` always answers the class itself, without loading anything;
+  use it (or ``isinstance``) rather than ``type(obj) is Cls``.
+  ``type(obj).__new__(type(obj))`` makes an object of the ghost class, which
+  becomes its class at its first access.
+- Making a ghost class (on the first ghost of the class) calls the class's
+  ``__init_subclass__``, and the ghost class shows among
+  ``Cls.__subclasses__()``; it is told apart by the key
   :data:`GHOST_CLASS_MARK` in its own ``__dict__``.
-- A class's own ``__getattribute__`` runs after a ghost has been loaded.
+- The class's ``__dict__`` holds ``__getattribute__ = object.__getattribute__``
+  (what keeps the generic lookup); a ``__getattribute__`` of the class's own
+  runs only after a ghost has been loaded.
+
+Code written for Durus needs none of this: a class without ``fast_reads``
+behaves as Durus's.
 """
 
 from __future__ import annotations
