@@ -5,6 +5,7 @@ Usage (from the repository root)::
     uv run python benchmarks/run.py --quick        # a few minutes
     uv run python benchmarks/run.py                # the full sizes
     uv run python benchmarks/run.py --only dhruva-file,durus-file
+    uv run python benchmarks/run.py --attributes   # only the attribute rows
 
 Durus and ZODB are installed from the package index into their own virtual
 environments (``/tmp/bench-durus`` and ``/tmp/bench-zodb`` by default; see
@@ -340,6 +341,12 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated targets to run")
     parser.add_argument("--durus-python", type=Path)
     parser.add_argument("--zodb-python", type=Path)
+    parser.add_argument(
+        "--attributes",
+        action="store_true",
+        help="measure only the attribute rows (default and fast_reads classes) "
+        "on dhruva-file, in well under a minute",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--dir", type=Path, help="where the databases go")
     parser.add_argument(
@@ -351,6 +358,19 @@ def main() -> None:
     args = parser.parse_args()
 
     targets = args.only.split(",") if args.only else ALL_TARGETS
+    if args.attributes:
+        with tempfile.TemporaryDirectory(prefix="dhruva-bench-", dir=args.dir) as work:
+            numbers = run_worker(
+                Path(sys.executable),
+                "dhruva-file",
+                Path(work),
+                True,
+                "--mode",
+                "attributes",
+            )
+        print(f"Machine: {machine()}. Mode: attribute rows only.\n")
+        print(table({"dhruva-file": numbers}, ["dhruva-file"]))
+        return
     if args.merge:
         merged: dict[str, dict] = {}
         for path in args.merge:
