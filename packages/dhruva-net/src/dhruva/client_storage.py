@@ -519,7 +519,17 @@ class ClientStorage(Storage):
         self._send(CMD_BULK_LOAD + b"".join(oids))
         self.round_trips += 1
         # Read every reply before raising, so the stream stays in step.
-        replies = [self._receive() for _oid in oids]
+        replies = []
+        for _oid in oids:
+            reply = self._receive()
+            if reply[:1] == STATUS_ERROR:
+                error = unpack_error(reply[1:])
+                if isinstance(error, ProtocolError):
+                    # The request as a whole was refused: no more replies
+                    # come, and the server closes the connection.
+                    self._drop_socket()
+                    raise error
+            replies.append(reply)
         return [
             self._load_result(oid, reply[:1], reply[1:])
             for oid, reply in zip(oids, replies, strict=True)

@@ -46,6 +46,9 @@ MAX_NEW_OIDS = 1024
 #: The most records one prefetching load sends besides the one asked for.
 MAX_PREFETCH = 1024
 
+#: The most oids one bulk load (``B``) may list.
+MAX_BULK_OIDS = 16384
+
 #: The most oids one frame can list.
 MAX_OIDS_PER_FRAME = (MAX_FRAME_SIZE - 16) // 8
 

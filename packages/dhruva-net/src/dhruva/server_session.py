@@ -49,7 +49,7 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -250,7 +250,11 @@ class Session:
                 payload = await self.read_request()
                 if payload is None:
                     break
-                await self.send_all(await server.dispatch(client, payload))
+                replies = await server.dispatch(client, payload)
+                if isinstance(replies, AsyncIterator):
+                    await self.send_stream(replies)
+                else:
+                    await self.send_all(replies)
         except (ProtocolError, AuthenticationError) as exc:
             log.warning("closing the connection from %s: %s", peer, exc)
             await self.send_quietly(pack_error(exc))
@@ -318,6 +322,23 @@ class Session:
         chunk: list[bytes] = []
         size = 0
         for payload in payloads:
+            chunk.append(frame(payload))
+            size += len(chunk[-1])
+            if size >= WRITE_CHUNK:
+                writer.write(b"".join(chunk))
+                chunk, size = [], 0
+                await self._drain()
+        if chunk:
+            writer.write(b"".join(chunk))
+            await self._drain()
+
+    async def send_stream(self, payloads: AsyncIterator[bytes]) -> None:
+        """Send frames as ``payloads`` makes them, a few per write, waiting
+        for a slow reader before making more."""
+        writer = self.writer
+        chunk: list[bytes] = []
+        size = 0
+        async for payload in payloads:
             chunk.append(frame(payload))
             size += len(chunk[-1])
             if size >= WRITE_CHUNK:

@@ -46,7 +46,7 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -71,6 +71,7 @@ from dhruva.net_protocol import (
     FLAG_ITERABLE,
     FLAG_PACKABLE,
     FLAG_READONLY,
+    MAX_BULK_OIDS,
     MAX_FRAME_SIZE,
     MAX_NEW_OIDS,
     MAX_PREFETCH,
@@ -119,6 +120,10 @@ T = TypeVar("T")
 
 #: Oids loaded per storage call in a bulk load.
 LOAD_CHUNK = 256
+
+#: Record bytes a bulk load reads before it sends them (it reads fewer oids
+#: at a time when records are large).
+BULK_REPLY_BYTES = 4 * 1024 * 1024
 
 DEFAULT_GCBYTES = 0
 
@@ -218,7 +223,7 @@ class StorageServer:
         self._stopping: asyncio.Event | None = None
         self._stop_requested = threading.Event()
         self._handlers: dict[
-            bytes, Callable[[ClientState, bytes], Awaitable[Iterable[bytes]]]
+            bytes, Callable[[ClientState, bytes], Awaitable[Replies]]
         ] = {
             CMD_NEW_OIDS: self._handle_new_oids,
             CMD_LOAD: self._handle_load,
@@ -413,8 +418,9 @@ class StorageServer:
             | (FLAG_AUTH if self.auth_key is not None else 0)
         )
 
-    async def dispatch(self, client: ClientState, payload: bytes) -> Iterable[bytes]:
-        """Run one command; return the reply payloads (none for some commands).
+    async def dispatch(self, client: ClientState, payload: bytes) -> Replies:
+        """Run one command; return the reply payloads (none for some commands),
+        or an asynchronous iterator of them, sent as they come (bulk loads).
 
         :raises ProtocolError: for an unknown command or a malformed body; the
             connection is then closed.
@@ -490,25 +496,33 @@ class StorageServer:
     async def _load_replies(
         self, client: ClientState, oids: list[bytes]
     ) -> list[bytes]:
+        records = await self._load_for(client, oids)
+        return [self._load_reply(client, oid, records) for oid in oids]
+
+    async def _load_for(
+        self, client: ClientState, oids: list[bytes]
+    ) -> dict[bytes, Loaded]:
+        """The records of ``oids`` a load answers with (each read once)."""
         if client.invalid_overflow:
-            return [STATUS_INVALID] * len(oids)
-        records = await self._read(
-            [oid for oid in oids if oid not in client.invalid], client
-        )
-        replies = []
-        for oid in oids:
-            record = records.get(oid, b"")
-            if oid not in records or record == b"" or oid in client.invalid:
-                replies.append(STATUS_INVALID)
-            elif record is None:
-                replies.append(STATUS_KEYERROR)
-            elif isinstance(record, Damaged):
-                replies.append(pack_error(record.error()))
-            else:
-                replies.append(STATUS_OKAY + record)
-            if replies[-1] != STATUS_INVALID:
-                client.unread.discard(oid)  # it has the current record now
-        return replies
+            return {}
+        wanted = dict.fromkeys(oid for oid in oids if oid not in client.invalid)
+        return await self._read(list(wanted), client)
+
+    def _load_reply(
+        self, client: ClientState, oid: bytes, records: dict[bytes, Loaded]
+    ) -> bytes:
+        """The reply to the load of ``oid``, read into ``records``."""
+        if client.invalid_overflow:
+            return STATUS_INVALID
+        record = records.get(oid, b"")
+        if oid not in records or record == b"" or oid in client.invalid:
+            return STATUS_INVALID
+        client.unread.discard(oid)  # it has the current record now
+        if record is None:
+            return STATUS_KEYERROR
+        if isinstance(record, Damaged):
+            return pack_error(record.error())
+        return STATUS_OKAY + record
 
     async def _handle_load(self, client: ClientState, body: bytes) -> list[bytes]:
         if len(body) != 8:
@@ -544,20 +558,43 @@ class StorageServer:
                 client.note_known(r for r, _rec in prefetched)
         return [reply, pack_records_reply(prefetched, False)]
 
-    async def _handle_bulk_load(self, client: ClientState, body: bytes) -> list[bytes]:
+    async def _handle_bulk_load(
+        self, client: ClientState, body: bytes
+    ) -> AsyncIterator[bytes]:
         oids = split_oid_list(body, "bulk_load")
-        replies: list[bytes] = []
+        if len(oids) > MAX_BULK_OIDS:
+            raise ProtocolError(
+                f"bulk_load: {len(oids)} oids in one request, allowed at most "
+                f"{MAX_BULK_OIDS}; ask in smaller batches"
+            )
+        return self._bulk_replies(client, oids)
+
+    async def _bulk_replies(
+        self, client: ClientState, oids: list[bytes]
+    ) -> AsyncIterator[bytes]:
+        """One load reply per oid, built as they are sent: a few records at a
+        time (about ``BULK_REPLY_BYTES``), each read once per batch."""
+        sent = 0
+        batch = min(LOAD_CHUNK, 16)
         try:
-            for start in range(0, len(oids), LOAD_CHUNK):
-                replies += await self._load_replies(
-                    client, oids[start : start + LOAD_CHUNK]
-                )
+            while sent < len(oids):
+                oids_now = oids[sent : sent + batch]
+                records = await self._load_for(client, oids_now)
+                size = sum(len(r) for r in records.values() if isinstance(r, bytes))
+                for oid in oids_now:
+                    reply = self._load_reply(client, oid, records)
+                    sent += 1
+                    yield reply
+                del records
+                # Fewer oids next time when the records are large.
+                average = size // max(1, len(oids_now))
+                batch = max(1, min(LOAD_CHUNK, BULK_REPLY_BYTES // max(1, average)))
         except DhruvaError as exc:
             # Still one reply per oid: the client reads as many as it asked for.
             log.warning("bulk load from %s failed: %s", client.peer, exc)
             error = pack_error(exc)
-            replies += [error] * (len(oids) - len(replies))
-        return replies
+            for _oid in range(len(oids) - sent):
+                yield error
 
     # --- oids, sync ------------------------------------------------------------
 
@@ -661,6 +698,9 @@ class Damaged:
 
 #: What the server reads for one oid.
 Loaded = bytes | Damaged | None
+
+#: What a command answers: reply payloads, or an iterator of them.
+Replies = Iterable[bytes] | AsyncIterator[bytes]
 
 
 __all__ = [
