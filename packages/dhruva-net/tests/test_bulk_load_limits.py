@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from dhruva.client_storage import ClientStorage
-from dhruva.error import ProtocolError
+from dhruva.error import ProtocolError, StorageError
 from dhruva.net_protocol import (
     CMD_BULK_LOAD,
     MAX_BULK_OIDS,
@@ -70,3 +71,19 @@ def test_a_bulk_load_of_too_many_oids_is_a_protocol_error(wire, memory_server):
     assert f"at most {MAX_BULK_OIDS}" in str(error)
     assert wire.read_frame(sock) is None  # the connection is closed
     sock.close()
+
+
+def test_a_connection_may_hold_only_so_many_uncommitted_oids(
+    socket_path, serve_in_thread
+):
+    serve_in_thread(MemoryStorage(), address=socket_path, max_reserved=2048)
+    client = ClientStorage(address=socket_path)
+    try:
+        oids = [client.new_oid() for _ in range(2048)]  # two requests of 1024
+        with pytest.raises(StorageError, match="may hold at most 2048"):
+            client.new_oid()
+        # Committing some makes room again.
+        commit(client, *(make_record(oid) for oid in oids[:1024]))
+        assert len({client.new_oid() for _ in range(1000)}) == 1000
+    finally:
+        client.close()

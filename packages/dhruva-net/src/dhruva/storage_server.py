@@ -96,6 +96,7 @@ from dhruva.server_pack import PackRunner
 from dhruva.server_session import (
     HANDSHAKE_TIMEOUT,
     MAX_KNOWN,
+    MAX_RESERVED,
     MAX_UNREAD,
     REQUEST_TIMEOUT,
     WRITE_TIMEOUT,
@@ -158,6 +159,8 @@ class StorageServer:
         further behind is told to drop all its objects at its next sync.
     :param max_known: oids a client loaded or committed kept for its checks
         (see :mod:`dhruva.server_session`).
+    :param max_reserved: oids one connection may hold handed out and not
+        committed; asking for more is refused.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class StorageServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_unread: int = MAX_UNREAD,
         max_known: int = MAX_KNOWN,
+        max_reserved: int = MAX_RESERVED,
     ) -> None:
         self.storage = storage
         #: The address asked for (or the passed socket's).
@@ -212,6 +216,7 @@ class StorageServer:
         self.handshake_timeout = handshake_timeout
         self.max_unread = max_unread
         self.max_known = max_known
+        self.max_reserved = max_reserved
 
         # One lock around every storage call; one worker for the slow ones.
         self._storage_lock = threading.Lock()
@@ -606,6 +611,13 @@ class StorageServer:
         if not 0 < count <= MAX_NEW_OIDS:
             raise ProtocolError(
                 f"new_oids: asked for {count}, allowed 1 to {MAX_NEW_OIDS}"
+            )
+        if len(client.unused_oids) + count > self.max_reserved:
+            raise StorageError(
+                f"new_oids refused: this connection holds {len(client.unused_oids)} "
+                f"oids it was given and has not committed, and may hold at most "
+                f"{self.max_reserved}; commit the new objects (or reconnect, "
+                "which releases them) before asking for more"
             )
         oids: list[bytes] = []
         while len(oids) < count:
