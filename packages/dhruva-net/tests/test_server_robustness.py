@@ -392,6 +392,26 @@ def test_a_failing_pack_is_logged_and_abandoned(socket_path, caplog, serve_in_th
         client.close()
 
 
+def test_a_failing_automatic_pack_waits_for_another_gcbytes(
+    socket_path, caplog, serve_in_thread
+):
+    storage = FailingPackStorage()
+    storage.failures = 1000
+    serve_in_thread(storage, address=socket_path, gcbytes=2000)
+    client = ClientStorage(address=socket_path)
+    try:
+        (oid,) = new_oids(client, 1)
+        commit(client, make_record(ROOT_OID, b"root"))
+        for number in range(40):  # 4000 bytes and more
+            commit(client, make_record(oid, b"%d" % number + b"x" * 100))
+        client.sync()  # the pack started by the last commit is over
+        failures = caplog.text.count("pack failed and was abandoned")
+        assert 1 <= failures <= 3  # not one per commit after the first
+        assert "after another 2000 bytes of commits" in caplog.text
+    finally:
+        client.close()
+
+
 def test_prefetch_saves_round_trips(memory_server):
     writer = Connection(ClientStorage(address=memory_server.address))
     root = writer.get_root()

@@ -7,7 +7,9 @@ listing never overlap (a pack moves the records a listing reads). A storage
 without an incremental packer is packed in one call, which holds up the
 others' storage calls for its length.
 
-An error during a pack is logged and the pack abandoned; the server serves on.
+An error during a pack is logged (one ERROR line) and the pack abandoned; the
+server serves on. A pack started after ``gcbytes`` that fails is tried again
+only after another ``gcbytes`` of commits, not after every commit.
 """
 
 from __future__ import annotations
@@ -75,8 +77,18 @@ class PackRunner:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.task = None
         if not task.cancelled() and task.exception() is not None:
+            server = self.server
+            # Counted again from zero: the next pack after gcbytes more.
+            server.bytes_since_pack = 0
+            again = (
+                f"; the next pack starts after another {server.gcbytes} bytes "
+                "of commits"
+                if server.gcbytes > 0
+                else ""
+            )
             log.error(
-                "pack failed and was abandoned; the server goes on serving: %s",
+                "pack failed and was abandoned; the server goes on serving%s: %s",
+                again,
                 task.exception(),
             )
 
