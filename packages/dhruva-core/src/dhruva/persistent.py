@@ -18,8 +18,10 @@ Fast reads (opt-in, per class)
 loaded object cost about what it costs on a plain object: the class keeps
 Python's own attribute lookup, which the interpreter specializes. The mode is
 inherited by subclasses (a subclass may say ``fast_reads=False``) and readable
-as ``Item._p_fast_reads``. Ghosts, and objects of such a class not yet used in
-the current transaction, have instead the class's *ghost class* (see
+as ``Item._p_fast_reads`` (a class's own ``__init_subclass__`` passes the
+keyword on with ``super().__init_subclass__(**kwargs)``, as usual). Ghosts,
+and objects of such a class not yet used in the current transaction, have
+instead the class's *ghost class* (see
 :mod:`dhruva._persistent_py`), which loads and notes the object on its first
 access and then gives it back its own class; the connection gives the objects
 read in a transaction their ghost class again when it ends. Conflict detection
