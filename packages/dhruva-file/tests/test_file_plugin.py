@@ -8,6 +8,7 @@ import sys
 import pytest
 from dhruva import _file_plugin
 from dhruva.file_storage import FileStorage
+from dhruva.hookspecs import hookimpl
 from dhruva.plugins import Plugins, get_plugin_manager, open_storage
 from dhruva.record import ROOT_OID, unpack_record
 from dhruva.storage_testing import commit, make_record
@@ -112,6 +113,24 @@ def test_files_of_ours_cut_short_or_damaged_are_given_to_the_file_storage(
     "header", [b"S", b"SQLite format 3\0", b"hello world", b"\x80\x04"]
 )
 def test_other_files_are_not_taken_for_damaged_ones(header):
-    from dhruva._file_plugin import dhruva_recognize_storage
+    from dhruva._file_plugin import dhruva_recognize_storage, recognize_damaged_file
 
     assert dhruva_recognize_storage("other", header) is None
+    assert recognize_damaged_file("other", header) is None
+
+
+def test_another_plugins_header_near_ours_is_that_plugins(tmp_path):
+    # A plugin whose magic is two bytes off DHRUVA1's is asked first, even
+    # when registered before (pluggy calls the last registered first).
+    class Near:
+        @hookimpl
+        def dhruva_recognize_storage(self, path: str, header: bytes) -> str | None:
+            return "near" if header.startswith(b"DHRUVA-S") else None
+
+    pm = get_plugin_manager()
+    pm.register(Near())
+    pm.register(_file_plugin, name="file")
+    plugins = Plugins(pm)
+    path = tmp_path / "db"
+    path.write_bytes(b"DHRUVA-S" + bytes(20))
+    assert plugins.recognize(str(path)) == "near"

@@ -118,12 +118,18 @@ def dhruva_recognize_storage(path: str, header: bytes) -> str | None:
         return "file"
     if header.startswith(DFS20_PREFIX):
         return "file2"
-
-    # A file of ours cut short or with a damaged header: the storage says so.
-    damaged = _damaged_header(header)
-    if damaged is not None:
-        return "file2" if damaged == "DFS20" else "file"
     return None
+
+
+@hookimpl(specname="dhruva_recognize_storage", trylast=True)
+def recognize_damaged_file(path: str, header: bytes) -> str | None:
+    """Hand a file of ours cut short or with a damaged header to its storage,
+    which says what is wrong; asked after every plugin's own recognizer, so
+    that another format's header near ours is still that format's."""
+    damaged = _damaged_header(header)
+    if damaged is None:
+        return None
+    return "file2" if damaged == "DFS20" else "file"
 
 
 def _damaged_header(header: bytes) -> str | None:
