@@ -16,9 +16,11 @@ The source's oid counter is carried over too (:func:`carry_oid_counter`), so
 that an oid the source handed out, or held before a pack removed it, is not
 handed out again by the destination: a stale reference to it, kept outside
 the database, can never find an unrelated object. A source tells its counter
-by a ``get_oid_counter()`` method (SqliteStorage; the other dhruva storages
-keep it as ``_next_oid``); a destination takes it by ``reserve_oids(n)``
-(SqliteStorage).
+by a ``get_oid_counter()`` method (SqliteStorage and the file storages; a
+storage without one is read through ``_next_oid`` if it has that); a
+destination takes it by ``reserve_oids(n)`` (SqliteStorage and the file
+storages, which rewrite the copy once when the counter is above its highest
+oid).
 
 Limitations:
 
@@ -26,10 +28,10 @@ Limitations:
   one for a read-only open (file storages, and SQLite files while a dhruva
   writer has them open); a source written by a Durus process while it is
   copied may give a copy that mixes two commits.
-- A destination without ``reserve_oids`` (the file storages, today) starts
-  its counter above the highest copied oid only: it may hand out again the
-  oids the source gave to records a pack removed. No reference to those is
-  copied.
+- A destination without ``reserve_oids`` (a third-party storage that does
+  not offer it) starts its counter above the highest copied oid only: it
+  may hand out again the oids the source gave to records a pack removed. No
+  reference to those is copied.
 """
 
 from __future__ import annotations
