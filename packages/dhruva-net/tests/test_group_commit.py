@@ -154,6 +154,8 @@ def test_concurrent_commits_share_an_fsync_and_are_seen_after_it(
     storage.syncs = 0
 
     clients = [ClientStorage(address=socket_path) for _ in oids]
+    for client, oid in zip(clients, oids, strict=True):
+        client.load(oid)  # a client writes only what it read
     done = []
 
     def commit_one(client, oid):

@@ -3,6 +3,7 @@ released oids, failing packs and prefetch, against real server processes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -21,6 +22,7 @@ from dhruva.net_protocol import (
     STATUS_ERROR,
     STATUS_OKAY,
     STATUS_REFUSED,
+    ConnectionLostError,
     frame,
     pack_records,
     pack_uint32,
@@ -40,6 +42,8 @@ def timed_commits(address, count=10):
     client = ClientStorage(address=address, timeout=20)
     slowest = 0.0
     try:
+        with contextlib.suppress(KeyError):
+            client.load(ROOT_OID)  # a client writes only what it read
         for i in range(count):
             started = time.monotonic()
             commit(client, make_record(ROOT_OID, b"commit %d" % i))
@@ -479,3 +483,67 @@ def test_a_big_scan_does_not_hold_up_other_clients(run_test_server):
     finally:
         scanner.close()
         other.close()
+
+
+def test_a_stale_record_resent_on_a_new_connection_is_refused(memory_server):
+    good = Connection(ClientStorage(address=memory_server.address))
+    root = good.get_root()
+    root["v"] = "orig"
+    good.commit()
+    hostile = ClientStorage(address=memory_server.address)
+    stale = hostile.load(ROOT_OID)
+    hostile.close()
+    root["v"] = "good-change"
+    good.commit()
+
+    # A new connection that never loaded the oid sends the stale record.
+    for _attempt in range(2):
+        again = ClientStorage(address=memory_server.address)
+        again.begin()
+        again.store(ROOT_OID, stale)
+        with pytest.raises(ConflictError):
+            again.end(None)
+        again.close()
+    good.abort()
+    assert good.get_root()["v"] == "good-change"
+    assert "writes 1 oids this connection has not loaded" in memory_server.log()
+
+    # A Connection reconnecting reloads before it writes: it commits.
+    other = Connection(ClientStorage(address=memory_server.address))
+    other.get_root()["w"] = 1
+    other.commit()
+    other.get_storage()._drop_socket()  # the connection is lost
+    with pytest.raises(ConnectionLostError):
+        other.get_root()["w"] = 2
+        other.commit()
+    other.abort()
+    other.get_root()["w"] = 3
+    other.commit()
+    good.abort()
+    assert good.get_root()["w"] == 3
+    other.close()
+    good.close()
+
+
+def test_past_max_known_a_connection_still_commits(socket_path, serve_in_thread):
+    serve_in_thread(MemoryStorage(), address=socket_path, max_known=3)
+    writer = Connection(ClientStorage(address=socket_path))
+    root = writer.get_root()
+    for number in range(6):
+        root[number] = PersistentDict(n=0)
+    writer.commit()
+    reader = Connection(ClientStorage(address=socket_path))
+    counters = [reader.get_root()[number] for number in range(6)]
+    assert [counter["n"] for counter in counters] == [0] * 6  # 7 loads
+    reader.commit()  # a new transaction
+    writer.get_root()[0]["n"] = 1
+    writer.commit()
+    counters[5]["n"] = 5  # others' changes are told first, then it commits
+    reader.commit()
+    counters[0]["n"] += 1  # read again since
+    reader.commit()
+    writer.abort()
+    assert writer.get_root()[5]["n"] == 5
+    assert writer.get_root()[0]["n"] == 2
+    reader.close()
+    writer.close()

@@ -186,6 +186,26 @@ class Committer:
 
         check_records(staged)
         old = await self._check_allocated(client, staged)
+        # An existing object this connection never read: its record comes
+        # from an earlier connection (a client resending what it was refused)
+        # and may overwrite others' changes.
+        unknown = sorted(
+            oid
+            for oid, record in old.items()
+            if record is not None
+            and oid not in client.unused_oids
+            and not client.may_have_read(oid)
+        )
+        if unknown:
+            log.warning(
+                "commit from %s refused: it writes %d oids this connection has "
+                "not loaded (first: %d)",
+                client.peer,
+                len(unknown),
+                oid_int(unknown[0]),
+            )
+            return [STATUS_CONFLICT + b"".join(unknown[:MAX_OIDS_PER_FRAME])]
+
         # Write in the worker. Until the commit is published, loads of these
         # oids get the records from before it.
         written = _Written(client, staged, size, asyncio.Event())
