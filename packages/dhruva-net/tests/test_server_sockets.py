@@ -252,10 +252,44 @@ def test_tls_with_client_certificates(run_server, certificates):
         tls_cert=str(c / "client.pem"),
         tls_key=str(c / "client.key"),
     )
-    with pytest.raises((StorageError, ProtocolError)):
+    with pytest.raises(ProtocolError, match="requires a client certificate"):
         # No client certificate: the server ends the handshake.
         client = ClientStorage(address=server.address, tls_ca=str(c / "ca.pem"))
         client.load(ROOT_OID)
+
+
+def test_a_certificate_without_its_key_names_tls_key(certificates, start_failing):
+    message = start_failing(
+        "--storage", "memory", "--port", "0",
+        "--tls-cert", str(certificates / "server.pem"),
+    )  # fmt: skip
+    assert "--tls-key" in message
+
+
+def test_an_address_in_use_leaves_no_database_file(
+    memory_server, tmp_path, start_failing
+):
+    path = tmp_path / "new.durus"
+    message = start_failing(
+        "--file", str(path), "--port", str(memory_server.address[1])
+    )
+    assert str(memory_server.address[1]) in message
+    assert not path.exists()
+    assert list(tmp_path.glob("new.durus*")) == []
+
+
+def test_server_stop_prints_no_info_line(run_server):
+    server = run_server("--storage", "memory", "--port", "0")
+    done = subprocess.run(
+        [sys.executable, "-m", "dhruva.cli", "server", "--stop"]
+        + ["--port", str(server.address[1])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "connected to" not in done.stderr + done.stdout
+    assert server.process.wait(20) == 0
 
 
 def test_tls_and_auth_together(run_server, certificates, tmp_path):
@@ -345,6 +379,27 @@ def test_systemd_socket_activation(run_server, socket_path):
         )
         assert server.address == socket_path
         assert serves(socket_path)
+    finally:
+        listener.close()
+
+
+def test_a_refused_systemd_socket_is_named(start_failing):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(16)
+    try:
+        fd = listener.fileno()
+        done = subprocess.run(
+            [sys.executable, "-c", SYSTEMD_WRAPPER, str(fd)]
+            + [sys.executable, "-m", "dhruva.cli", "server", "--storage", "memory"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=(fd,),
+        )
+        assert done.returncode != 0
+        assert "socket passed by systemd" in done.stderr
+        assert "2972" not in done.stderr  # the unused --port
     finally:
         listener.close()
 

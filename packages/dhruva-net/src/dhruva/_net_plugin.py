@@ -156,8 +156,8 @@ def make_server_command() -> click.Command:
         )
         import os
 
-        from dhruva.net_protocol import check_auth_key, read_auth_file
-        from dhruva.server_sockets import parse_mode, systemd_socket
+        from dhruva.net_protocol import check_auth_key, format_address, read_auth_file
+        from dhruva.server_sockets import bound_address, parse_mode, systemd_socket
 
         where = make_address(host, port, address)
         with library_errors("reading the authentication key"):
@@ -186,6 +186,14 @@ def make_server_command() -> click.Command:
         with library_errors("setting up the listening socket"):
             mode = None if socket_mode is None else parse_mode(socket_mode)
             inherited = systemd_socket()
+        if inherited is not None:
+            # --host/--port/--address are not used: name the socket served.
+            shown = (
+                "the socket passed by systemd "
+                f"({format_address(bound_address(inherited))})"
+            )
+        else:
+            shown = describe_address(where)
 
         if file is None and storage is None:
             storage = "file"
@@ -195,13 +203,15 @@ def make_server_command() -> click.Command:
                     "but the file storage is not installed: `pip install "
                     "dhruva-file`, or give --storage (e.g. --storage memory)"
                 )
+        before = _files_of(file)
         opened = open_file_storage(
             file, storage, readonly=readonly, repair=repair, ctx=ctx
         )
+        server: Any = None
         try:
             from dhruva.storage_server import StorageServer
 
-            with library_errors(f"serving on {describe_address(where)}"):
+            with library_errors(f"serving on {shown}"):
                 server = StorageServer(
                     opened,
                     address=where,
@@ -225,13 +235,40 @@ def make_server_command() -> click.Command:
                 server.serve(stop_signals=(signal.SIGTERM, signal.SIGINT))
             except (DhruvaError, OSError) as error:
                 raise click.ClickException(
-                    f"serving on {describe_address(where)}: "
-                    f"{as_cli_message(str(error))}"
+                    f"serving on {shown}: {as_cli_message(str(error))}"
                 ) from error
         finally:
             opened.close()
+            if server is None or server.bound_address is None:
+                # It never served: remove the files it made (a new, empty
+                # database), so that an address in use leaves nothing behind.
+                _remove_new_files(file, before)
 
     return server_command
+
+
+def _files_of(file: str | None) -> set[str]:
+    """The paths of ``file`` and its companions (``file.*``) that exist."""
+    import glob
+
+    if file is None:
+        return set()
+    return set(glob.glob(glob.escape(file))) | set(glob.glob(glob.escape(file) + ".*"))
+
+
+def _remove_new_files(file: str | None, before: set[str]) -> None:
+    """Remove the files of ``file`` that were not there ``before``."""
+    import os
+
+    for path in _files_of(file) - before:
+        if not os.path.isfile(path):
+            continue
+        try:
+            os.remove(path)
+        except OSError as exc:
+            log.warning(
+                "could not remove %s, made by a server that never served: %s", path, exc
+            )
 
 
 def _ignore_cache_size(ctx: click.Context, param: click.Parameter, value: Any) -> None:

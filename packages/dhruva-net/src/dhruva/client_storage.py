@@ -244,6 +244,7 @@ class ClientStorage(Storage):
             client_tls_context(tls_ca, tls_cert, tls_key) if tls or tls_ca else None
         )
         self._tls_hostname = tls_hostname
+        self._tls_has_cert = tls_cert is not None
         self.prefetch = max(0, min(int(prefetch), MAX_PREFETCH))
         #: Requests sent to the server (each waits for its replies).
         self.round_trips = 0
@@ -285,6 +286,20 @@ class ClientStorage(Storage):
         try:
             reply = self._receive()
         except StorageError as exc:
+            cause = exc.__cause__
+            if self._tls is not None and isinstance(cause, ssl.SSLError):
+                raise tls_refused(self.address, cause) from None
+            if self._tls is not None and not self._tls_has_cert:
+                # TLS 1.3: the server checks the client's certificate after
+                # the handshake, then hangs up before answering the hello.
+                raise ProtocolError(
+                    f"the server at {format_address(self.address)} closed the "
+                    "TLS connection before answering the dhruva-net hello: it "
+                    "requires a client certificate, most likely (give "
+                    "--tls-cert and --tls-key, or tls_cert= and tls_key=, with "
+                    "a certificate signed by the CA the server trusts), or it "
+                    f"does not speak protocol version {PROTOCOL_VERSION}"
+                ) from None
             if self._tls is None:
                 # A TLS server takes the hello for a broken TLS handshake and
                 # hangs up (or answers with a TLS alert).
@@ -316,7 +331,9 @@ class ClientStorage(Storage):
         self.readonly = bool(flags & FLAG_READONLY)
         self.packable = bool(flags & FLAG_PACKABLE)
         self.iterable = bool(flags & FLAG_ITERABLE)
-        log.info("connected to the dhruva server at %s", format_address(self.address))
+        # Quiet for a tool that connects once (dhruva server --stop); a
+        # reconnect is worth an INFO line (see _socket).
+        log.debug("connected to the dhruva server at %s", format_address(self.address))
 
     def _authenticate(self) -> None:
         where = format_address(self.address)
@@ -699,6 +716,28 @@ def stop_server(
     :raises StorageError: when no server listens at ``address``.
     """
     ClientStorage(address=address, timeout=timeout, **options).stop_server()
+
+
+def tls_refused(address: Address, exc: ssl.SSLError) -> ProtocolError:
+    """The error for a TLS handshake the server ended with an alert."""
+    reason = str(exc.reason or exc)
+    if "CERTIFICATE_REQUIRED" in reason:
+        hint = (
+            "the server requires a client certificate: give --tls-cert and "
+            "--tls-key (tls_cert=, tls_key=) with a certificate signed by the "
+            "CA the server trusts (its --tls-ca)"
+        )
+    elif "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+        hint = (
+            "the server did not accept this client's certificate: give one "
+            "signed by the CA the server trusts (its --tls-ca)"
+        )
+    else:
+        hint = "check the TLS options of both sides"
+    return ProtocolError(
+        f"the server at {format_address(address)} refused the TLS handshake "
+        f"({reason}): {hint}"
+    )
 
 
 def wait_for_server(

@@ -252,6 +252,12 @@ def server_tls_context(
             context.load_verify_locations(cafile)
             context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
+        if keyfile is None and isinstance(exc, ssl.SSLError):
+            raise StorageError(
+                f"cannot load the TLS certificate {certfile}: {exc}; it holds "
+                "no private key (or not the certificate's): give the key's "
+                "PEM file with --tls-key (tls_key=)"
+            ) from exc
         raise StorageError(
             f"cannot load the TLS certificate {certfile} (key {keyfile}, CA "
             f"{cafile}): {exc}; give PEM files"

@@ -33,8 +33,11 @@ Limitations:
   pack waits for the listing of a scan that started first.
 - The server answers only clients of its own protocol version.
 - Once a client fell ``max_unread`` changed oids behind, the stale-write check
-  knows only of the changes made after its "everything" sync: a client that
-  ignores that answer and resends records it held before is not caught.
+  knows only of the changes made after its "everything" sync; a client that
+  ignores that answer and resends records it held before is still refused
+  for the oids it has not loaded since (its known oids were dropped too).
+- A connection that loaded more than ``max_known`` oids is no longer checked
+  for writing oids it has not loaded (see :mod:`dhruva.server_session`).
 """
 
 from __future__ import annotations
@@ -641,6 +644,8 @@ class StorageServer:
                 client.invalidate(oids)
 
     async def _handle_sync(self, client: ClientState, body: bytes) -> list[bytes]:
+        if body:
+            raise ProtocolError(f"sync: expected no body, got {len(body)} bytes")
         await self.sync_storage()
         if client.invalid_overflow:
             client.invalid_overflow = False
@@ -688,6 +693,8 @@ class StorageServer:
         return [pack_records_reply(records, more)]
 
     async def _handle_size(self, client: ClientState, body: bytes) -> list[bytes]:
+        if body:
+            raise ProtocolError(f"size: expected no body, got {len(body)} bytes")
         size = await self.call(self.storage.get_size)
         return [STATUS_OKAY + (b"" if size is None else size.to_bytes(8, "big"))]
 
