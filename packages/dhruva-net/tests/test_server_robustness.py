@@ -509,10 +509,11 @@ def test_a_stale_record_resent_on_a_new_connection_is_refused(memory_server):
     assert "writes 1 oids this connection has not loaded" in memory_server.log()
 
     # A Connection reconnecting reloads before it writes: it commits.
-    other = Connection(ClientStorage(address=memory_server.address))
+    other_storage = ClientStorage(address=memory_server.address)
+    other = Connection(other_storage)
     other.get_root()["w"] = 1
     other.commit()
-    other.get_storage()._drop_socket()  # the connection is lost
+    other_storage._drop_socket()  # the connection is lost
     with pytest.raises(ConnectionLostError):
         other.get_root()["w"] = 2
         other.commit()
