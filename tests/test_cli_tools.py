@@ -502,7 +502,7 @@ def test_backup_through_a_server_is_one_moment_of_the_database(
     server = dhruva_server("--file", str(path))
 
     # Another client keeps the invariant a == b while the copy runs.
-    stop = threading.Event()
+    stop, first_commit = threading.Event(), threading.Event()
 
     def commit_pairs() -> None:
         connection = Connection(ClientStorage(address=server.address))
@@ -513,6 +513,7 @@ def test_backup_through_a_server_is_one_moment_of_the_database(
             root["items"][i % 3000].append(i)
             root["b"] = PersistentDict(value=i)
             connection.commit()
+            first_commit.set()
             i += 1
             time.sleep(0.05)  # a busy server, not one that never pauses
         connection.close()
@@ -520,7 +521,8 @@ def test_backup_through_a_server_is_one_moment_of_the_database(
     writer = threading.Thread(target=commit_pairs)
     writer.start()
     try:
-        time.sleep(0.1)
+        # The copy starts once the pairs exist, so that it has some to compare.
+        assert first_commit.wait(60), "the writer never committed"
         result = run("backup", *server.options, str(copy))
     finally:
         stop.set()
