@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import re
 import shutil
 import signal
@@ -188,3 +189,46 @@ def dhruva_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
+
+
+#: Runs ``python -m dhruva.cli ARGS`` with stderr on a pseudo-terminal.
+OnATerminal = Callable[[list[str]], tuple[subprocess.CompletedProcess[str], bytes]]
+
+
+@pytest.fixture
+def on_a_terminal() -> OnATerminal:
+    """Run a ``dhruva`` command as if its user watched stderr on a terminal.
+
+    The command's stderr is a pseudo-terminal (what makes progress bars show);
+    stdout is captured. Returns the finished process and every byte the
+    terminal showed.
+    """
+
+    def run(args: list[str]) -> tuple[subprocess.CompletedProcess[str], bytes]:
+        leader, follower = pty.openpty()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "dhruva.cli", *args],
+                stdout=subprocess.PIPE,
+                stderr=follower,
+                text=True,
+                timeout=120,
+            )
+            os.close(follower)
+            follower = -1
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the terminal was read to its end
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            if follower >= 0:
+                os.close(follower)
+            os.close(leader)
+        return result, seen
+
+    return run

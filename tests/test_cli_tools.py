@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pty
 import sqlite3
 import subprocess
 import sys
@@ -565,27 +564,12 @@ def test_a_piped_backup_and_verify_print_no_progress(tmp_path: Path) -> None:
     assert verify.returncode == 0 and verify.stderr == ""
 
 
-def test_a_backup_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:
+def test_a_backup_on_a_terminal_shows_a_progress_bar(
+    tmp_path: Path, on_a_terminal: Any
+) -> None:
     path = tmp_path / "db"
     make_database(path, "file", objects=2000)
-    leader, follower = pty.openpty()
-    try:
-        result = _backup_process([str(path), str(tmp_path / "copy")], follower)
-        os.close(follower)
-        follower = -1
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        if follower >= 0:
-            os.close(follower)
-        os.close(leader)
+    result, seen = on_a_terminal(["backup", str(path), str(tmp_path / "copy")])
     assert result.returncode == 0
     assert b"backing up" in seen and b"100%" in seen
     assert result.stdout.startswith("backed up")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pty
 import shutil
 import subprocess
 import sys
@@ -293,38 +291,8 @@ def test_piped_output_has_no_progress_bar(made, tmp_path):
     assert result.stdout.startswith(f"converted {made}")
 
 
-def test_a_terminal_gets_a_progress_bar(made, tmp_path):
-    leader, follower = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dhruva.cli",
-                "convert",
-                str(made),
-                str(tmp_path / "d"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=follower,
-            text=True,
-            timeout=120,
-        )
-        os.close(follower)
-        follower = -1
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        if follower >= 0:
-            os.close(follower)
-        os.close(leader)
+def test_a_terminal_gets_a_progress_bar(made, tmp_path, on_a_terminal):
+    proc, seen = on_a_terminal(["convert", str(made), str(tmp_path / "d")])
     assert proc.returncode == 0
     assert b"copying" in seen and b"100%" in seen
     assert proc.stdout.startswith("converted")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pty
 import random
 import re
 import subprocess
@@ -167,29 +165,6 @@ def pack_process(args: list[str], stderr: int) -> subprocess.CompletedProcess[st
     )
 
 
-def on_a_terminal(args: list[str]) -> tuple[subprocess.CompletedProcess[str], bytes]:
-    """Run ``dhruva -p ARGS``, stderr on a pseudo-terminal; return what it showed."""
-    leader, follower = pty.openpty()
-    try:
-        result = pack_process(args, follower)
-        os.close(follower)
-        follower = -1
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        if follower >= 0:
-            os.close(follower)
-        os.close(leader)
-    return result, seen
-
-
 def test_a_piped_pack_prints_no_progress(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "db"
     fill(KINDS[kind](path))
@@ -199,10 +174,12 @@ def test_a_piped_pack_prints_no_progress(tmp_path: Path, kind: str) -> None:
     assert result.stdout == f"packed {path}: 32 objects before, 12 after\n"
 
 
-def test_a_pack_on_a_terminal_shows_a_progress_bar(tmp_path: Path, kind: str) -> None:
+def test_a_pack_on_a_terminal_shows_a_progress_bar(
+    tmp_path: Path, kind: str, on_a_terminal: Any
+) -> None:
     path = tmp_path / "db"
     fill_many(KINDS[kind](path))
-    result, seen = on_a_terminal(["--file", str(path)])
+    result, seen = on_a_terminal(["-p", "--file", str(path)])
     assert result.returncode == 0
     assert f"packing {path}".encode() in seen
     assert re.search(rb" [1-9][0-9]?%", seen), seen  # the bar moves as it packs
@@ -215,12 +192,12 @@ def test_a_pack_on_a_terminal_shows_a_progress_bar(tmp_path: Path, kind: str) ->
 
 
 def test_a_server_pack_on_a_terminal_shows_a_status_and_the_result(
-    tmp_path: Path, dhruva_server: Callable[..., Any]
+    tmp_path: Path, dhruva_server: Callable[..., Any], on_a_terminal: Any
 ) -> None:
     path = tmp_path / "db"
     fill_many(FileStorage(path))
     server = dhruva_server("--file", str(path))
-    result, seen = on_a_terminal(server.options)
+    result, seen = on_a_terminal(["-p", *server.options])
     assert result.returncode == 0, seen
     where = f"the server at {server.host}:{server.port}"
     assert f"packing {where}".encode() in seen
