@@ -450,6 +450,7 @@ def _count_records(storage: Storage) -> tuple[dict[str, int], int, int | None]:
     the number reachable from the root (None when there is no root)."""
     from dhruva.record import ROOT_OID, split_oids, unpack_record
     from dhruva.serialize import extract_class_name
+    from dhruva.verify import reachable_oids
 
     census: dict[str, int] = {}
     refs_of: dict[bytes, list[bytes]] = {}
@@ -459,14 +460,7 @@ def _count_records(storage: Storage) -> tuple[dict[str, int], int, int | None]:
         refs_of[oid] = split_oids(unpack_record(record)[2])
     if ROOT_OID not in refs_of:
         return census, len(refs_of), None
-    seen = {ROOT_OID}
-    todo = [ROOT_OID]
-    while todo:
-        for ref in refs_of[todo.pop()]:
-            if ref not in seen and ref in refs_of:
-                seen.add(ref)
-                todo.append(ref)
-    return census, len(refs_of), len(seen)
+    return census, len(refs_of), len(reachable_oids(refs_of))
 
 
 def _print_info_head(data: dict[str, Any], description: str) -> None:

@@ -339,8 +339,11 @@ def _walk(
     return set(refs_of), refs_of, missing
 
 
-def _reachable(refs_of: dict[bytes, list[bytes]]) -> set[bytes]:
-    """Return the oids of the records reachable from the root."""
+def reachable_oids(refs_of: dict[bytes, list[bytes]]) -> set[bytes]:
+    """Return the oids of the records reachable from the root.
+
+    :param refs_of: each record's oid and the oids it refers to.
+    """
     if ROOT_OID not in refs_of:
         return set()
     seen = {ROOT_OID}
@@ -370,7 +373,7 @@ def verify_storage(
         report.complete = True
         report.records = len(refs_of)
         report.has_root = ROOT_OID in refs_of
-        report.reachable = len(_reachable(refs_of))
+        report.reachable = len(reachable_oids(refs_of))
         report.unreachable = report.records - report.reachable
         missing = {
             ref for refs in refs_of.values() for ref in refs if ref not in refs_of
