@@ -493,3 +493,81 @@ def test_a_fast_reads_class_shows_its_ghost_class_until_first_access() -> None:
         obj.__class__.__name__ for obj in gen_every_instance(fresh, FastItem)
     )
     assert classes == ["FastChild", "FastItem"]
+
+
+# --- an empty storage whose oid 0 went to someone else -------------------------
+
+
+def root_record(**items):
+    """The record of a PersistentDict root holding ``items``."""
+    template = MemoryStorage()
+    connection = Connection(template)
+    connection.get_root().update(items)
+    connection.commit()
+    return template.load(ROOT_OID)
+
+
+def test_a_local_storage_without_root_past_oid_0_fails_at_once(monkeypatch):
+    storage = MemoryStorage()
+    assert storage.new_oid() == ROOT_OID  # taken, and no root stored
+
+    def no_waiting(seconds):
+        raise AssertionError("a local storage must not wait for a root")
+
+    monkeypatch.setattr("dhruva.connection.time.sleep", no_waiting)
+    with pytest.raises(StorageError) as raised:
+        Connection(storage)
+    message = str(raised.value)
+    assert "MemoryStorage" in message
+    assert "handed out oid 1 first; it is not a valid database" in message
+
+
+def test_a_shared_storage_waits_for_the_root_another_client_is_creating(
+    monkeypatch,
+):
+    hub = _Hub()
+    creator = HubClient(hub)
+    assert creator.new_oid() == ROOT_OID  # the creator is about to commit
+    record = root_record(made_by="creator")
+    sleeps = []
+
+    def creator_commits_meanwhile(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            creator.begin()
+            creator.store(ROOT_OID, record)
+            creator.end()
+
+    monkeypatch.setattr("dhruva.connection.time.sleep", creator_commits_meanwhile)
+    waiter = Connection(HubClient(hub))
+    assert len(sleeps) == 3 and sleeps[0] < sleeps[1] < sleeps[2]
+    assert waiter.get_root()["made_by"] == "creator"
+
+    # The waiter commits as any client does; its new objects get fresh oids.
+    waiter.get_root()["item"] = item = Item("from the waiter")
+    waiter.commit()
+    assert item._p_oid not in (ROOT_OID, None)
+    assert Connection(HubClient(hub)).get_root()["item"].name == "from the waiter"
+
+
+def test_a_shared_storage_whose_root_never_comes_fails_after_a_bounded_wait(
+    monkeypatch,
+):
+    hub = _Hub()
+    assert HubClient(hub).new_oid() == ROOT_OID  # taken, never committed
+    monkeypatch.setattr("dhruva.connection._ROOT_WAIT", 0.2)
+    with pytest.raises(StorageError) as raised:
+        Connection(HubClient(hub))
+    message = str(raised.value)
+    assert "HubClient" in message and "handed out oid 1 first" in message
+    assert "no other client committed a root within 0.2 seconds" in message
+    assert "took oid 0" in message
+
+
+class ReadOnlyMemory(MemoryStorage):
+    readonly = True
+
+
+def test_a_read_only_empty_storage_has_no_root():
+    with pytest.raises(StorageError, match="ReadOnlyMemory is empty and read-only"):
+        Connection(ReadOnlyMemory())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -71,11 +72,31 @@ __all__ = [
 #: How often a load is retried while other clients keep changing what it reads.
 _LOAD_ATTEMPTS = 100
 
+#: Seconds a connection to a shared storage waits for another client to commit
+#: the root object it is creating.
+_ROOT_WAIT = 10.0
+
+#: The first and the longest pause between two looks for that root, in seconds.
+_ROOT_POLL_FIRST = 0.005
+_ROOT_POLL_MAX = 0.2
+
 
 def _as_oid(oid: bytes | int) -> bytes:
     if isinstance(oid, int):
         return oid.to_bytes(8, "big")
     return oid
+
+
+def _describe(storage: Storage) -> str:
+    """Name a storage for an error message: its class and where it lives."""
+    name = type(storage).__name__
+    for attribute in ("address", "filename", "path"):
+        where = getattr(storage, attribute, None)
+        if isinstance(where, tuple) and len(where) == 2:
+            return f"{name} at {where[0]}:{where[1]}"
+        if isinstance(where, str | os.PathLike):
+            return f"{name} at {os.fspath(where)}"
+    return name
 
 
 class Connection(ConnectionBase):
@@ -145,35 +166,93 @@ class Connection(ConnectionBase):
 
     def _open_root(self, root_class: type | None) -> Any:
         try:
-            data: bytes | None = self.get_stored_pickle(ROOT_OID)
+            data = self.get_stored_pickle(ROOT_OID)
         except KeyError:
-            data = None
-        if data is not None:
-            cls = self.reader.get_class(data)
-            if root_class is not None and cls is not root_class:
+            if self.storage.readonly:
                 raise StorageError(
-                    f"the root object is a {cls.__module__}.{cls.__qualname__}, "
-                    f"not the {root_class.__module__}.{root_class.__qualname__} "
-                    "asked for; leave root_class out to open it"
-                )
-            # A ghost: the state is loaded at first use, so a connection that
-            # has not read the root cannot conflict on it.
-            return self.cache.get_instance(ROOT_OID, cls, self)
-        if self.storage.readonly:
-            raise StorageError("the storage is empty and read-only: it has no root")
-        oid = self.storage.new_oid()
-        if oid != ROOT_OID:
+                    f"the storage {_describe(self.storage)} is empty and "
+                    "read-only: it has no root"
+                ) from None
+            return self._create_or_await_root(root_class)
+        return self._root_ghost(data, root_class)
+
+    def _root_ghost(self, data: bytes, root_class: type | None) -> Any:
+        """Return the stored root, as a ghost, after checking its class."""
+        cls = self.reader.get_class(data)
+        if root_class is not None and cls is not root_class:
             raise StorageError(
-                f"the storage has no root object but handed out oid "
-                f"{int.from_bytes(oid, 'big')} first; it is not a valid database"
+                f"the root object is a {cls.__module__}.{cls.__qualname__}, "
+                f"not the {root_class.__module__}.{root_class.__qualname__} "
+                "asked for; leave root_class out to open it"
             )
-        cls = root_class or PersistentDict
-        root = self.cache.get_instance(ROOT_OID, cls, self)
-        _setattribute(root, "_p_status", 0)
-        cls.__init__(root)
-        root._p_note_change()
-        self.commit()
-        return root
+        # A ghost: the state is loaded at first use, so a connection that
+        # has not read the root cannot conflict on it.
+        return self.cache.get_instance(ROOT_OID, cls, self)
+
+    def _create_or_await_root(self, root_class: type | None) -> Any:
+        """Create the root of an empty storage, or wait for another client's.
+
+        :raises StorageError: when the storage handed out another oid than the
+            root's first and no root appears: a local storage at once, a
+            shared one after waiting :data:`_ROOT_WAIT` seconds.
+        """
+        oid = self.storage.new_oid()
+        if oid == ROOT_OID:
+            cls: Any = root_class or PersistentDict
+            root = self.cache.get_instance(ROOT_OID, cls, self)
+            _setattribute(root, "_p_status", 0)
+            cls.__init__(root)
+            root._p_note_change()
+            self.commit()
+            return root
+
+        # Oid 0 went to someone else. On a storage shared by several clients,
+        # one of them is creating the root right now: wait for its commit. The
+        # oid this connection was given stays unused (oids never repeat, so
+        # it is a gap, nothing worse).
+        first = int.from_bytes(oid, "big")
+        if self.storage.invalidating:
+            log.debug(
+                "no root yet and oid %d handed out first: waiting for another "
+                "client to commit the root",
+                first,
+            )
+            data = self._await_root()
+            if data is not None:
+                return self._root_ghost(data, root_class)
+            raise StorageError(
+                f"the storage {_describe(self.storage)} has no root object and "
+                f"handed out oid {first} first, and no other client committed a "
+                f"root within {_ROOT_WAIT:g} seconds. Check that the client that "
+                "took oid 0 (the first to connect to the new database) is still "
+                "running and can commit, and that the server's storage is a "
+                "valid database"
+            )
+        raise StorageError(
+            f"the storage {_describe(self.storage)} has no root object but handed "
+            f"out oid {first} first; it is not a valid database. Check that it "
+            "is the database meant, or run `dhruva verify` on it"
+        )
+
+    def _await_root(self) -> bytes | None:
+        """Poll a shared storage for its root record, with a growing pause.
+
+        :return: the root's record data, or None if none came in time.
+        """
+        deadline = time.monotonic() + _ROOT_WAIT
+        pause = _ROOT_POLL_FIRST
+        while True:
+            # Take in others' commits, so the load sees the newest root.
+            self._storage_sync()
+            try:
+                return self.get_stored_pickle(ROOT_OID)
+            except KeyError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _ROOT_POLL_MAX)
 
     # --- access --------------------------------------------------------------
 
