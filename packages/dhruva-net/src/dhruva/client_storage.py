@@ -73,6 +73,7 @@ from dhruva.net_protocol import (
     SYNC_MORE,
     Address,
     AuthenticationError,
+    CommitOutcomeUnknownError,
     ConnectionLostError,
     auth_proof,
     check_auth_key,
@@ -180,7 +181,11 @@ class ClientStorage(Storage):
     (retryable) and the next one connects again. What this client knew may be
     out of date then: loads are refused with ReadConflictError and commits with
     ConnectionLostError until :meth:`sync`, which answers "everything may have
-    changed" (a Connection ghosts its whole cache).
+    changed" (a Connection ghosts its whole cache). A connection lost after
+    a commit was sent and before its answer is settled by loading what the
+    commit wrote: the commit succeeds if the server holds it all as sent,
+    otherwise :class:`~dhruva.net_protocol.CommitOutcomeUnknownError` (not
+    retryable) names its oids.
 
     :param host: the server's host, when ``address`` is not given.
     :param port: the server's port, when ``address`` is not given.
@@ -592,7 +597,9 @@ class ClientStorage(Storage):
         try:
             for payload in pack_records(records.items()):
                 self._send(payload)
-            self._commit(handle_invalidations)
+            self._commit(handle_invalidations, records)
+        except CommitOutcomeUnknownError:
+            raise
         except BaseException:
             # Oids of a failed commit are still ours: use them next time, as
             # long as the connection that was given them is still there.
@@ -603,9 +610,20 @@ class ClientStorage(Storage):
         for oid in records:
             self._prefetched.pop(oid, None)
 
-    def _commit(self, handle_invalidations: InvalidationHandler | None) -> None:
+    def _commit(
+        self,
+        handle_invalidations: InvalidationHandler | None,
+        records: dict[bytes, bytes],
+    ) -> None:
         while True:
-            status, body = self._request(CMD_COMMIT)
+            self._send(CMD_COMMIT)  # lost here: not sent, so retryable
+            self.round_trips += 1
+            try:
+                status, body = self._reply()
+            except ConnectionLostError as exc:
+                # Sent, not answered: the server may have written it.
+                self._settle_in_doubt(records, exc)
+                return
             if status == STATUS_OKAY:
                 return
             if status == STATUS_CONFLICT:
@@ -629,6 +647,52 @@ class ClientStorage(Storage):
             except BaseException:
                 self._send(CMD_ABANDON)
                 raise
+
+    def _settle_in_doubt(
+        self, records: dict[bytes, bytes], lost: ConnectionLostError
+    ) -> None:
+        """Find out whether a commit whose answer was lost happened: it did
+        when every record it wrote is on the server exactly as sent.
+
+        :raises CommitOutcomeUnknownError: otherwise (or when the server
+            cannot be reached to ask).
+        """
+        oids = sorted(records)
+        try:
+            self._socket()  # connects again
+            found: list[bytes] = []
+            for start in range(0, len(oids), BULK_BATCH):
+                batch = oids[start : start + BULK_BATCH]
+                self._send(CMD_BULK_LOAD + b"".join(batch))
+                self.round_trips += 1
+                found.extend(self._receive() for _oid in batch)
+        except (StorageError, OSError) as exc:
+            self._drop_socket()
+            why = f"the server could not be asked ({exc})"
+        else:
+            if all(
+                reply == STATUS_OKAY + records[oid]
+                for oid, reply in zip(oids, found, strict=True)
+            ):
+                log.info(
+                    "the answer to a commit of %d records was lost; the "
+                    "server holds them all as sent, so it was committed",
+                    len(oids),
+                )
+                return
+            why = "the server does not hold all of its records as sent"
+        numbers = ", ".join(str(int.from_bytes(oid, "big")) for oid in oids[:10])
+        more = f" and {len(oids) - 10} more" if len(oids) > 10 else ""
+        raise CommitOutcomeUnknownError(
+            f"the outcome of a commit to the dhruva server at "
+            f"{format_address(self.address)} is unknown: the connection was "
+            f"lost after the commit was sent and before its answer ({lost}), "
+            f"and {why}. It wrote oids {numbers}{more}; it may or may not "
+            "have been applied (another client may have changed them since). "
+            "Do not simply run the transaction again: call connection.abort(), "
+            "then check those objects",
+            oids,
+        ) from lost
 
     def sync(self) -> list[bytes]:
         self._socket()
@@ -778,6 +842,7 @@ def wait_for_server(
 __all__ = [
     "AuthenticationError",
     "ClientStorage",
+    "CommitOutcomeUnknownError",
     "ConnectionLostError",
     "stop_server",
     "wait_for_server",

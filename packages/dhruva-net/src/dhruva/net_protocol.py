@@ -133,6 +133,23 @@ class ConnectionLostError(StorageError):
     retryable = True
 
 
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection broke after a commit request was sent and before its
+    answer, and the records it wrote are not all on the server as sent.
+
+    The commit may or may not have happened (another client may have changed
+    those objects since): it is not retryable, since running the transaction
+    again could apply it twice. Check the objects named by :attr:`oids`.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, oids: list[bytes]) -> None:
+        super().__init__(message)
+        #: The oids the commit wrote.
+        self.oids = oids
+
+
 def auth_proof(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     """Return the HMAC-SHA256 proof that the sender of ``role`` knows ``key``.
 

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 from dhruva.error import ProtocolError, StorageError
 from dhruva.net_protocol import (
     CMD_AUTH,
+    CMD_COMMIT,
     MAX_FRAME_SIZE,
     MAX_HELLO_SIZE,
     MAX_OIDS_PER_FRAME,
@@ -140,6 +141,9 @@ class ClientState:
     staged_bytes: int = 0
     #: Oids still to send in a full scan, or None when no scan is running.
     scan: list[bytes] | None = None
+    #: True from reading a commit request until its answer is sent: a
+    #: graceful stop waits for it (a written commit is never left in doubt).
+    answering_commit: bool = False
 
     def invalidate(self, oids: Iterable[bytes]) -> None:
         """Note that other clients changed ``oids``."""
@@ -250,11 +254,17 @@ class Session:
                 payload = await self.read_request()
                 if payload is None:
                     break
-                replies = await server.dispatch(client, payload)
-                if isinstance(replies, AsyncIterator):
-                    await self.send_stream(replies)
-                else:
-                    await self.send_all(replies)
+                client.answering_commit = payload[:1] == CMD_COMMIT
+                try:
+                    replies = await server.dispatch(client, payload)
+                    if isinstance(replies, AsyncIterator):
+                        await self.send_stream(replies)
+                    else:
+                        await self.send_all(replies)
+                finally:
+                    client.answering_commit = False
+                if server.stopping:
+                    break  # answered; the server is closing every connection
         except (ProtocolError, AuthenticationError) as exc:
             log.warning("closing the connection from %s: %s", peer, exc)
             await self.send_quietly(pack_error(exc))

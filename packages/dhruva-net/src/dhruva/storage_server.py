@@ -136,6 +136,9 @@ DEFAULT_GCBYTES = 0
 SHUTDOWN_TURNS = 8
 SHUTDOWN_ROUNDS = 5
 
+#: Seconds a graceful stop waits for the commits under way to be answered.
+SHUTDOWN_COMMIT_WAIT = 30.0
+
 
 class StorageServer:
     """Serve ``storage`` to ClientStorage clients over TCP or a unix socket.
@@ -372,6 +375,19 @@ class StorageServer:
             server.close()
         elif sock is not None:
             sock.close()
+        # A commit read before the stop is written, made durable and
+        # answered: cut off, its client could not tell whether it happened.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_COMMIT_WAIT
+        while any(client.answering_commit for client in self.clients):
+            if loop.time() > deadline:
+                log.warning(
+                    "stopping with commits still unanswered after %s seconds; "
+                    "their clients will report their outcome as unknown",
+                    SHUTDOWN_COMMIT_WAIT,
+                )
+                break
+            await asyncio.sleep(0.01)
         for _round in range(SHUTDOWN_ROUNDS):
             for _turn in range(SHUTDOWN_TURNS):
                 await asyncio.sleep(0)
@@ -388,6 +404,12 @@ class StorageServer:
         if server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
+
+    @property
+    def stopping(self) -> bool:
+        """True once the server was asked to stop."""
+        stopping = self._stopping
+        return stopping is not None and stopping.is_set()
 
     def _on_signal(self, signum: int) -> None:
         log.info("stopping on signal %s", signal.Signals(signum).name)
