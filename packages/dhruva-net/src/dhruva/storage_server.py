@@ -136,6 +136,10 @@ DEFAULT_GCBYTES = 0
 SHUTDOWN_TURNS = 8
 SHUTDOWN_ROUNDS = 5
 
+#: Bytes of records one prefetch reply carries at most, besides the record
+#: asked for (always sent).
+PREFETCH_BYTES = 4 * 1024 * 1024
+
 #: Seconds a graceful stop waits for the commits under way to be answered.
 SHUTDOWN_COMMIT_WAIT = 30.0
 
@@ -576,17 +580,31 @@ class StorageServer:
                 and not self.commits.is_unpublished(ref)
             ][:limit]
             if refs and not client.invalid_overflow:
-                records = await self.call(self.load_records, refs)
-                # A record that cannot be read is not prefetched: its own
-                # load reports the damage.
-                prefetched = [
-                    (r, rec)
-                    for r, rec in zip(refs, records, strict=True)
-                    if isinstance(rec, bytes) and rec
-                ]
+                prefetched = await self.call(self.load_prefetched, refs, PREFETCH_BYTES)
                 client.unread.difference_update(r for r, _rec in prefetched)
                 client.note_known(r for r, _rec in prefetched)
         return [reply, pack_records_reply(prefetched, False)]
+
+    def load_prefetched(
+        self, oids: list[bytes], budget: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Storage call: the records of ``oids``, in order, as long as their
+        sizes add up to at most ``budget`` bytes (a reply stays well under
+        the frame limit, and the server's memory bounded).
+
+        A missing record, or one that cannot be read, is left out: its own
+        load reports it.
+        """
+        result: list[tuple[bytes, bytes]] = []
+        for oid in oids:
+            [record] = self.load_records([oid])  # one at a time: memory bounded
+            if not isinstance(record, bytes) or not record:
+                continue
+            budget -= 12 + len(record)
+            if budget < 0:
+                break
+            result.append((oid, record))
+        return result
 
     async def _handle_bulk_load(
         self, client: ClientState, body: bytes
