@@ -95,9 +95,21 @@ class Committer:
             await self._durability.stop()
 
     async def handle_stage(self, client: ClientState, body: bytes) -> list[bytes]:
+        over = client.staged_bytes > MAX_STAGED_BYTES
         for oid, record in unpack_records(body):
             client.staged_bytes += 12 + len(record)
-            client.staged[oid] = record
+            if not over:
+                client.staged[oid] = record
+        if not over and client.staged_bytes > MAX_STAGED_BYTES:
+            # Past the limit: keep counting, hold nothing; the commit that
+            # follows is refused (the server's memory stays bounded).
+            log.warning(
+                "client %s staged over %d bytes of records for one commit; "
+                "they are discarded and the commit will be refused",
+                client.peer,
+                MAX_STAGED_BYTES,
+            )
+            client.staged = {}
         return []
 
     async def handle_abandon(self, client: ClientState, body: bytes) -> list[bytes]:
@@ -150,6 +162,14 @@ class Committer:
         if client.invalid_overflow:
             client.drop_staged()
             return [STATUS_RESYNC]
+        if client.staged_bytes > MAX_STAGED_BYTES:
+            size = client.staged_bytes
+            client.drop_staged()
+            raise StorageError(
+                f"commit refused: {size} bytes of records, over the server's "
+                f"limit of {MAX_STAGED_BYTES} per transaction; commit in smaller "
+                "transactions"
+            )
         staged = client.staged
         if any(oid in staged or client.may_have_read(oid) for oid in client.invalid):
             # Refused before anything is written; the staged records wait for
@@ -162,12 +182,6 @@ class Committer:
         client.drop_staged()
         if not staged:
             return [STATUS_OKAY]
-        if size > MAX_STAGED_BYTES:
-            raise StorageError(
-                f"commit refused: {size} bytes of records, over the server's "
-                f"limit of {MAX_STAGED_BYTES} per transaction; commit in smaller "
-                "transactions"
-            )
 
         # Records staged before the client learned that others changed these
         # oids, or for oids it has not loaded since, would overwrite those
