@@ -74,6 +74,7 @@ from dhruva.net_protocol import (
     parse_hello,
     version_mismatch,
 )
+from dhruva.record import ROOT_OID
 
 if TYPE_CHECKING:
     from dhruva.storage_server import StorageServer
@@ -291,6 +292,9 @@ class Session:
             log.debug(
                 "released %d oids reserved by %s", len(client.unused_oids), self.peer
             )
+            if ROOT_OID in client.unused_oids:
+                server.root_oid_released = True
+            client.unused_oids = set()
         if writer.transport.get_write_buffer_size():
             writer.transport.abort()  # a client that does not read
         else:

@@ -93,7 +93,7 @@ from dhruva.net_protocol import (
     split_oid_list,
     unpack_uint32,
 )
-from dhruva.record import split_oids, unpack_record
+from dhruva.record import ROOT_OID, split_oids, unpack_record
 from dhruva.server_commit import Committer
 from dhruva.server_pack import PackRunner
 from dhruva.server_session import (
@@ -211,6 +211,10 @@ class StorageServer:
         #: Bytes committed since the last pack.
         self.bytes_since_pack = 0
         self.clients: set[ClientState] = set()
+        #: True when a client that was handed the root oid left without
+        #: committing it: the next asker gets it again, if there is still
+        #: no root record (else no Connection could ever make the root).
+        self.root_oid_released = False
         self.auth_key = auth_key
         self.tls: ssl.SSLContext | None = (
             server_tls_context(tls_cert, tls_key, tls_ca) if tls_cert else None
@@ -646,6 +650,16 @@ class StorageServer:
 
     # --- oids, sync ------------------------------------------------------------
 
+    def _has_root(self) -> bool:
+        """Storage call: False when the storage holds no root record."""
+        try:
+            self.storage.load(ROOT_OID)
+        except KeyError:
+            return False
+        except DhruvaError:
+            return True  # damaged, say: surely not to be handed out again
+        return True
+
     def _new_oids(self, count: int) -> list[bytes]:
         return [self.storage.new_oid() for _ in range(count)]
 
@@ -663,6 +677,11 @@ class StorageServer:
                 "which releases them) before asking for more"
             )
         oids: list[bytes] = []
+        if self.root_oid_released:
+            self.root_oid_released = False
+            if not await self.call(self._has_root):
+                log.info("handing the root oid to %s again", client.peer)
+                oids.append(ROOT_OID)
         while len(oids) < count:
             for oid in await self.call(self._new_oids, count - len(oids)):
                 # Never hand out an oid some client still holds as invalid.
