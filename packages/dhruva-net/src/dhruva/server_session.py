@@ -145,6 +145,8 @@ class ClientState:
     #: True from reading a commit request until its answer is sent: a
     #: graceful stop waits for it (a written commit is never left in doubt).
     answering_commit: bool = False
+    #: new_oids requests refused (only the first is logged as it happens).
+    oid_refusals: int = 0
 
     def invalidate(self, oids: Iterable[bytes]) -> None:
         """Note that other clients changed ``oids``."""
@@ -288,6 +290,13 @@ class Session:
     async def _close(self) -> None:
         server, writer, client = self.server, self.writer, self.client
         server.clients.discard(client)
+        if client.oid_refusals > 1:
+            log.info(
+                "client %s had %d new_oids requests refused (over its reserved "
+                "oids limit)",
+                self.peer,
+                client.oid_refusals,
+            )
         if client.unused_oids:
             log.debug(
                 "released %d oids reserved by %s", len(client.unused_oids), self.peer

@@ -464,6 +464,10 @@ class StorageServer:
             connection is then closed.
         """
         code, body = payload[:1], payload[1:]
+        if body and code in _NO_BODY:
+            raise ProtocolError(
+                f"{_NO_BODY[code]}: expected no body, got {len(body)} bytes"
+            )
         try:
             if code == CMD_PACK:
                 await self.packs.pack()
@@ -670,12 +674,20 @@ class StorageServer:
                 f"new_oids: asked for {count}, allowed 1 to {MAX_NEW_OIDS}"
             )
         if len(client.unused_oids) + count > self.max_reserved:
-            raise StorageError(
+            error = StorageError(
                 f"new_oids refused: this connection holds {len(client.unused_oids)} "
                 f"oids it was given and has not committed, and may hold at most "
                 f"{self.max_reserved}; commit the new objects (or reconnect, "
                 "which releases them) before asking for more"
             )
+            # One line per connection, not one per request of a flood; the
+            # rest are counted and reported when it closes.
+            client.oid_refusals += 1
+            if client.oid_refusals == 1:
+                log.warning(
+                    "command %r from %s refused: %s", CMD_NEW_OIDS, client.peer, error
+                )
+            return [pack_error(error)]
         oids: list[bytes] = []
         if self.root_oid_released:
             self.root_oid_released = False
@@ -756,6 +768,10 @@ class StorageServer:
             raise ProtocolError(f"size: expected no body, got {len(body)} bytes")
         size = await self.call(self.storage.get_size)
         return [STATUS_OKAY + (b"" if size is None else size.to_bytes(8, "big"))]
+
+
+#: Commands whose request is the code alone (the others check their body).
+_NO_BODY = {CMD_PACK: "pack", CMD_QUIT: "quit", CMD_ABANDON: "abandon"}
 
 
 class Damaged:
