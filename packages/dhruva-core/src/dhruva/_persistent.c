@@ -316,6 +316,43 @@ ghost_class_of(PyTypeObject *type)
 }
 
 /* Load a ghost, note the access, and give the object its own class back. */
+/* Call connection.note_access(self) when _p_serial differs from the
+ * connection's transaction serial.  Returns -1 with an exception set. */
+static int
+note_access(PersistentBaseObject *self)
+{
+    PyObject *connection = self->connection;
+    if (connection == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, str_p_connection);
+        return -1;
+    }
+    if (connection == Py_None) {
+        return 0;
+    }
+    int differs;
+    Py_INCREF(connection);
+    if (self->serial_source != NULL) {
+        differs = *self->serial_source != self->serial;
+    }
+    else {
+        PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
+        PyObject *serial = PyLong_FromLongLong(self->serial);
+        differs = (current == NULL || serial == NULL)
+                      ? -1
+                      : PyObject_RichCompareBool(serial, current, Py_NE);
+        Py_XDECREF(current);
+        Py_XDECREF(serial);
+    }
+    if (differs > 0) {
+        PyObject *result =
+            PyObject_CallMethodOneArg(connection, str_note_access, (PyObject *)self);
+        differs = result == NULL ? -1 : 0;
+        Py_XDECREF(result);
+    }
+    Py_DECREF(connection);
+    return differs < 0 ? -1 : 0;
+}
+
 static int
 touch(PersistentBaseObject *self)
 {
@@ -328,37 +365,8 @@ touch(PersistentBaseObject *self)
         }
         Py_DECREF(result);
     }
-    PyObject *connection = self->connection;
-    if (connection == NULL) {
-        PyErr_SetObject(PyExc_AttributeError, str_p_connection);
+    if (note_access(self) < 0) {
         return -1;
-    }
-    if (connection != Py_None) {
-        int differs;
-        Py_INCREF(connection);
-        if (PyObject_TypeCheck(connection, &ConnectionBase_Type)) {
-            differs =
-                ((ConnectionBaseObject *)connection)->transaction_serial != self->serial;
-        }
-        else {
-            PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
-            PyObject *serial = PyLong_FromLongLong(self->serial);
-            differs = (current == NULL || serial == NULL)
-                          ? -1
-                          : PyObject_RichCompareBool(serial, current, Py_NE);
-            Py_XDECREF(current);
-            Py_XDECREF(serial);
-        }
-        if (differs > 0) {
-            PyObject *result = PyObject_CallMethodOneArg(connection, str_note_access,
-                                                         (PyObject *)self);
-            differs = result == NULL ? -1 : 0;
-            Py_XDECREF(result);
-        }
-        Py_DECREF(connection);
-        if (differs < 0) {
-            return -1;
-        }
     }
     if (Py_TYPE(self) == type && is_ghost_type(type)) {
         return set_class((PyObject *)self, type->tp_base);
@@ -400,43 +408,6 @@ is_hooked_name(PyObject *name)
     }
     return !(same_name(name, str_class) || same_name(name, str_repr) ||
              same_name(name, str_setstate));
-}
-
-/* Call connection.note_access(self) when _p_serial differs from the
- * connection's transaction serial.  Returns -1 with an exception set. */
-static int
-note_access(PersistentBaseObject *self)
-{
-    PyObject *connection = self->connection;
-    if (connection == NULL) {
-        PyErr_SetObject(PyExc_AttributeError, str_p_connection);
-        return -1;
-    }
-    if (connection == Py_None) {
-        return 0;
-    }
-    int differs;
-    Py_INCREF(connection);
-    if (self->serial_source != NULL) {
-        differs = *self->serial_source != self->serial;
-    }
-    else {
-        PyObject *current = PyObject_GetAttr(connection, str_transaction_serial);
-        PyObject *serial = PyLong_FromLongLong(self->serial);
-        differs = (current == NULL || serial == NULL)
-                      ? -1
-                      : PyObject_RichCompareBool(serial, current, Py_NE);
-        Py_XDECREF(current);
-        Py_XDECREF(serial);
-    }
-    if (differs > 0) {
-        PyObject *result =
-            PyObject_CallMethodOneArg(connection, str_note_access, (PyObject *)self);
-        differs = result == NULL ? -1 : 0;
-        Py_XDECREF(result);
-    }
-    Py_DECREF(connection);
-    return differs < 0 ? -1 : 0;
 }
 
 static PyObject *
